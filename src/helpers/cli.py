@@ -1,0 +1,167 @@
+"""The `tablora` command (also `python -m helpers`). Each sub-command is a thin call into helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value (value read as YAML: 5 -> int, 1e-5 -> float via the params loader)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set {pair!r}: expected KEY=VALUE, e.g. --set num_iters=50")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("params", type=Path, help="a params YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key (dotted for sections: dataset.test_size=0.3)")
+
+
+def cmd_model(a: argparse.Namespace) -> int:
+    from helpers import models
+
+    return models.cli_model(a.model_id, prompt=a.prompt, max_tokens=a.max_tokens,
+                            dequantize=a.dequantize)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from helpers import data
+    from helpers.config import load_params
+
+    data.cli_prepare(load_params(a.params, _overrides(a.overrides)))
+    return 0
+
+
+def _notebook(name: str, a: argparse.Namespace, **extra: Any) -> int:
+    from helpers import notebooks
+
+    res = notebooks.execute(name, a.params, _overrides(a.overrides), run_id=a.run_id or "",
+                            **extra)
+    print(f"{name}: done in {res.seconds:.0f}s; executed notebook: {res.output}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    return _notebook("train", a)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    return _notebook("evaluate", a, adapter=a.adapter or "")
+
+
+def cmd_baselines(a: argparse.Namespace) -> int:
+    return _notebook("baselines", a)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from helpers import batch
+
+    return batch.cli_batch(a)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from helpers import report
+
+    return report.cli_compare(a)
+
+
+def cmd_recommend(a: argparse.Namespace) -> int:
+    from helpers import report
+
+    return report.cli_recommend(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tablora",
+        description="LoRA-fine-tune LLMs on a tabular yes/no task and compare them, honestly, "
+        "with classical baselines. Every run is logged to MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model", help="build/load a model and answer a prompt (smoke test)")
+    p.add_argument("model_id", nargs="?", default="builtin:smollm2-135m-instruct")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dequantize", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("prepare", help="split the data, serialize prompts, print the budget")
+    _add_params(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="LoRA fine-tune (runs notebooks/train.ipynb)")
+    _add_params(p)
+    p.add_argument("--run-id", help="continue this MLflow run (resume from its checkpoint)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score zero-shot and fine-tuned (notebooks/evaluate.ipynb)")
+    _add_params(p)
+    p.add_argument("--run-id", help="the training run whose adapter to score (default: the "
+                   "latest finished run named after the params file)")
+    p.add_argument("--adapter", help="score this adapter directory instead")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baselines", help="fit the classical baselines (notebooks/baselines.ipynb)")
+    _add_params(p)
+    p.add_argument("--run-id", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("batch", help="run params files (or folders of them): train + evaluate "
+                       "each, baselines once per split")
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--resume", action="store_true",
+                   help="skip models already FINISHED with identical params")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this model (repeatable)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides the files)")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("compare", help="tables, statistics and plots from the MLflow runs")
+    p.add_argument("--experiment", default="tablora")
+    p.add_argument("--batch", help="only the runs of this batch id (default: all)")
+    p.add_argument("--against", help="an earlier batch id or experiment to compare with")
+    p.add_argument("--out", type=Path, help="folder for the report and figures")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("recommend", help="diagnose the runs and write next-round params files")
+    p.add_argument("--experiment", default="tablora")
+    p.add_argument("--batch", help="only the runs of this batch id (default: all)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the next round's files")
+    p.set_defaults(func=cmd_recommend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from helpers.config import ParamsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ParamsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Known failure types carry a message written for the user; others get a traceback.
+        if getattr(e, "user_facing", False):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Paths, defaults and the params schema: one YAML file per model run, validated when loaded.
+
+Precedence: overrides (papermill / command line) > the model's YAML > `_defaults.yaml` beside it >
+the dataclass defaults below. Key names are the same everywhere: YAML, these dataclasses, MLflow
+params (nested keys flattened with ".").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+# src/helpers/config.py -> the repository root (the package is installed editable).
+PROJECT_ROOT = Path(os.environ.get("TABLORA_HOME", Path(__file__).resolve().parents[2])).resolve()
+CACHE_DIR = Path(os.environ.get("TABLORA_CACHE", PROJECT_ROOT / ".cache")).resolve()
+RUNS_DIR = PROJECT_ROOT / "runs"
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+PARAMS_DIR = PROJECT_ROOT / "params"
+DEMO_PARAMS = PARAMS_DIR / "demo" / "smollm2-135m.yaml"
+DEFAULTS_FILE_NAME = "_defaults.yaml"
+KERNEL_NAME = "tablora"
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class ParamsError(ValueError):
+    """A params file (or override) that cannot be used; the message names the file, key and fix."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    # CSV/Parquet path (relative to the params file or the project root) or "builtin:<name>".
+    source: str = "builtin:breast_cancer"
+    target: str = "target"
+    # The target value that means "Yes".
+    positive_label: Any = "malignant"
+    # A subset of feature columns, in prompt order; empty = all columns but the target.
+    features: list[str] = field(default_factory=list)
+    # Human names (with units) used in prompts instead of raw column names.
+    feature_descriptions: dict[str, str] = field(default_factory=dict)
+    test_size: float = 0.2
+    valid_size: float = 0.1
+    split_seed: int = 42
+    # "none", or "oversample" the minority class of the training split only.
+    balance: Literal["none", "oversample"] = "none"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    # "sentence" ("The mean radius is 18.0."), "list" ("mean radius: 18.0"), or a Jinja2 template
+    # (inline text containing "{{", or a path ending in .j2/.jinja).
+    template: str = "sentence"
+    # Significant digits for numbers in prompts.
+    digits: int = 3
+    missing: str = "unknown"
+    # Added before the serialized row (shared by all rows: computed once and cached in scoring).
+    task_description: str = "Here is a patient's breast tumour biopsy, measured from a digitized image."
+    question: str = "Is this tumour malignant? Answer Yes or No."
+    answer_yes: str = "Yes"
+    answer_no: str = "No"
+    system_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    # Which classical models to fit (names from helpers.baselines.BASELINES).
+    models: list[str] = field(
+        default_factory=lambda: [
+            "random_forest",
+            "lasso",
+            "logistic_l2",
+            "hist_gradient_boosting",
+            "majority",
+            "stratified",
+        ]
+    )
+    # "cv": choose hyperparameters by stratified CV on train; "fixed": use `fixed` as given.
+    mode: Literal["cv", "fixed"] = "cv"
+    cv_folds: int = 5
+    # {model name: {hyperparameter: value}} for mode "fixed".
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Params:
+    name: str = "smollm2-135m"
+    # Hub id (mlx-community/...), a local mlx-lm model directory, or "builtin:smollm2-135m-instruct".
+    model_id: str = BUILTIN_MODEL
+    # Where adapters and checkpoints go; empty = runs/adapters/<name>[-seed<k>].
+    output_dir: str = ""
+    experiment: str = "tablora"
+    seed: int = 0
+    # Repeats: the batch runs the model once per seed (empty = just `seed`).
+    seeds: list[int] = field(default_factory=list)
+    # Model loading: on MLX's CPU backend quantized weights are ~20x slower, so "auto" dequantizes
+    # to float32 there and keeps them quantized on Metal.
+    dequantize: Literal["auto", "always", "never"] = "auto"
+
+    # LoRA. mlx-lm's `scale` = lora_alpha / lora_rank (its default scale 20 = alpha 160 at rank 8).
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    # LoRA on the top `num_layers` transformer blocks (-1 = all).
+    num_layers: int = 8
+    # Which linear layers get adapters (empty = mlx-lm's default for the architecture).
+    lora_keys: list[str] = field(default_factory=list)
+
+    # Optimisation.
+    learning_rate: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    num_iters: int = 100
+    batch_size: int = 4
+    grad_accumulation_steps: int = 1
+    max_seq_length: int = 512
+    # Loss on the answer tokens only.
+    mask_prompt: bool = True
+    steps_per_report: int = 10
+    steps_per_eval: int = 50
+    # Validation batches per evaluation (-1 = the whole validation split).
+    val_batches: int = -1
+    # Adapter checkpoint (with optimizer state) every N iterations.
+    save_every: int = 50
+    # Stop when validation loss has not improved for this many evaluations (0 = off).
+    early_stopping_patience: int = 0
+
+    # Evaluation.
+    scoring: Literal["logprob", "generate"] = "logprob"
+    length_normalize: bool = False
+    # "fixed" uses `threshold`; "tune" picks the threshold maximising balanced accuracy on valid.
+    threshold_mode: Literal["fixed", "tune"] = "fixed"
+    threshold: float = 0.5
+    eval_batch_size: int = 8
+    max_new_tokens: int = 8
+    eval_zeroshot: bool = True
+    n_bootstrap: int = 1000
+
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    baselines: BaselineSpec = field(default_factory=BaselineSpec)
+
+    # Where the params came from (not a hyperparameter; not part of the hash).
+    source_file: str = field(default="", compare=False)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    @property
+    def adapter_dir(self) -> Path:
+        if self.output_dir:
+            return resolve_path(self.output_dir)
+        return RUNS_DIR / "adapters" / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file")
+        return d
+
+    def flat(self) -> dict[str, Any]:
+        """Resolved params flattened with "." (what MLflow logs)."""
+        return flatten(self.to_dict())
+
+    def hash(self) -> str:
+        """Content hash of the resolved params (for --resume)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def replace(self, **overrides: Any) -> Params:
+        """A copy with dotted-key overrides applied and validated."""
+        data = self.to_dict()
+        _apply_overrides(data, overrides, "overrides")
+        return _build(Params, data, self.source_file or "overrides", "")
+
+
+# Range checks: key -> (predicate, what is allowed).
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "num_layers": (lambda v: v == -1 or v >= 1, "-1 (all) or an integer >= 1"),
+    "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1), e.g. 1e-5"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "num_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "grad_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "max_seq_length": (lambda v: v >= 8, "an integer >= 8"),
+    "steps_per_report": (lambda v: v >= 1, "an integer >= 1"),
+    "steps_per_eval": (lambda v: v >= 1, "an integer >= 1"),
+    "save_every": (lambda v: v >= 1, "an integer >= 1"),
+    "early_stopping_patience": (lambda v: v >= 0, "an integer >= 0"),
+    "threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "n_bootstrap": (lambda v: v >= 100, "an integer >= 100"),
+    "name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "dataset.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "dataset.valid_size": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "dataset.split_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "prompt.digits": (lambda v: 1 <= v <= 12, "an integer from 1 to 12"),
+    "baselines.cv_folds": (lambda v: v >= 2, "an integer >= 2"),
+}
+
+
+def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
+    """Absolute paths stay; relative ones are taken from `relative_to` if the file is there,
+    else from the project root."""
+    p = Path(p).expanduser()
+    if p.is_absolute():
+        return p
+    if relative_to is not None and (relative_to / p).exists():
+        return (relative_to / p).resolve()
+    return (PROJECT_ROOT / p).resolve()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k in _SECTIONS:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_SECTIONS = {"dataset", "prompt", "baselines"}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found. Check the path (it is taken relative "
+                          f"to the current directory {Path.cwd()}).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if k in _SECTIONS and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str) -> None:
+    for key, value in (overrides or {}).items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            if section not in _SECTIONS:
+                raise ParamsError(f"{origin}: unknown key {key!r}: only {sorted(_SECTIONS)} "
+                                  "have sub-keys")
+            data.setdefault(section, {})
+            data[section] = {**data[section], sub: value}
+        elif key in _SECTIONS and isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Load a params YAML (merged over `_defaults.yaml` in its folder) and apply overrides.
+
+    `overrides` takes top-level or dotted keys: {"num_iters": 5, "dataset.test_size": 0.3}.
+    """
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path).expanduser().resolve()
+        defaults = path.parent / DEFAULTS_FILE_NAME
+        if defaults.is_file() and defaults != path:
+            data = _build_dict_checked(_read_yaml(defaults), defaults)
+        data = _merge(data, _build_dict_checked(_read_yaml(path), path))
+        origin = str(path)
+        data.setdefault("name", path.stem)
+    _apply_overrides(data, overrides or {}, f"{origin} (overrides)")
+    return _build(Params, data, origin, str(path) if path else "")
+
+
+def _build_dict_checked(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    # Validate keys of each file on its own so the error names the file that holds the typo.
+    _check_keys(Params, data, str(path), "")
+    return data
+
+
+def _check_keys(cls: type, data: dict[str, Any], origin: str, prefix: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_file"}
+    for key in data:
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ParamsError(f"{origin}: unknown key {prefix}{key!r}.{hint} "
+                              f"Known keys: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ParamsError(f"{origin}: {prefix}{key!r} must be a mapping of its own keys, "
+                                  f"got {value!r}")
+            _check_keys(sub, value, origin, f"{prefix}{key}.")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`; convert the few safe cases (YAML's '1e-5')."""
+    bad = ParamsError(f"{origin}: {key!r} = {value!r} ({type(value).__name__}) "
+                      f"but it must be {_describe(tp)}")
+    origin_tp = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin_tp is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin_tp in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, origin)
+            except ParamsError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-5 as a string: it needs a dot (1.0e-5) to be a float.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin_tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if origin_tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        ktp, vtp = typing.get_args(tp)
+        return {_coerce(k, ktp, key, origin): _coerce(v, vtp, f"{key}.{k}", origin)
+                for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _describe(tp: Any) -> str:
+    origin_tp = typing.get_origin(tp)
+    if origin_tp is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin_tp is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin_tp is dict:
+        return "a mapping"
+    if tp is Any:
+        return "any value"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefix: str = ""):
+    _check_keys(cls, data, origin, prefix)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, origin, "", f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", origin)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        if full in _CHECKS:
+            ok, allowed = _CHECKS[full]
+            if not ok(getattr(obj, f.name)):
+                raise ParamsError(f"{origin}: {full!r} = {getattr(obj, f.name)!r} is out of "
+                                  f"range: it must be {allowed}")
+    if cls is Params:
+        obj = dataclasses.replace(obj, source_file=source_file)
+        if obj.dataset.test_size + obj.dataset.valid_size >= 1:
+            raise ParamsError(f"{origin}: dataset.test_size + dataset.valid_size = "
+                              f"{obj.dataset.test_size + obj.dataset.valid_size} leaves no "
+                              "training rows: make their sum < 1")
+    return obj

@@ -1,0 +1,119 @@
+"""Run the project's notebooks with papermill, the way `tablora train|evaluate|baselines|batch` do.
+
+Every notebook takes the same parameters (see NOTEBOOK_PARAMETERS): the params file, overrides of
+its keys, and the MLflow run to write into. papermill only warns about a misspelled parameter, so
+the names are checked against the notebook's `parameters` cell first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from helpers.config import KERNEL_NAME, NOTEBOOKS_DIR, RUNS_DIR, load_params
+
+NOTEBOOKS = ("train", "evaluate", "baselines", "compare")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: carries the failing cell and the exception, for the batch summary."""
+
+    def __init__(self, notebook: str, output: Path, ename: str, evalue: str, cell: str):
+        self.notebook, self.output, self.ename, self.evalue, self.cell = (
+            notebook, output, ename, evalue, cell)
+        first = cell.strip().splitlines()[0] if cell.strip() else "?"
+        super().__init__(f"{notebook}: {ename}: {evalue} (in cell starting `{first[:80]}`; "
+                         f"executed notebook: {output})")
+
+
+@dataclass
+class NotebookResult:
+    notebook: str
+    output: Path
+    seconds: float
+
+
+def notebook_path(name: str) -> Path:
+    path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: notebook not found (known: {', '.join(NOTEBOOKS)})")
+    return path
+
+
+def ensure_kernel() -> str:
+    """The Jupyter kernel papermill uses: `tablora`, registered by `make setup` for .venv."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    except NoSuchKernel:
+        # Not registered (e.g. installed without `make setup`): register this interpreter.
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name="Python (tablora)", prefix=sys.prefix)
+    return KERNEL_NAME
+
+
+def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
+    import papermill
+
+    declared = papermill.inspect_notebook(str(path))
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ValueError(f"{path}: unknown notebook parameter(s) {unknown}; the notebook's "
+                         f"parameters cell declares {sorted(declared)}")
+
+
+def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None = None,
+            run_id: str = "", output: str | Path | None = None, progress: bool = True,
+            **extra: Any) -> NotebookResult:
+    """Execute notebooks/<name>.ipynb with a params file; returns where the executed copy is.
+
+    Raises NotebookFailed (with the failing cell) when a cell raises. The params file is loaded
+    here first, so that a bad file fails fast with its own message instead of inside a kernel.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    params_path = Path(params_path).expanduser().resolve()
+    load_params(params_path, overrides)  # fail fast, with the file and key named
+    src = notebook_path(name)
+    parameters = {"params_path": str(params_path), "overrides": dict(overrides or {}),
+                  "run_id": run_id, **extra}
+    check_parameters(src, parameters)
+    if output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = RUNS_DIR / "notebooks" / f"{stamp}-{name}-{params_path.stem}.ipynb"
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    from helpers import tracking
+
+    # The kernel inherits our environment: give it the absolute tracking URI.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(src), str(output), parameters=parameters,
+                                   kernel_name=ensure_kernel(), cwd=str(src.parent),
+                                   progress_bar=progress and sys.stderr.isatty(),
+                                   log_output=True, stdout_file=sys.stdout,
+                                   stderr_file=sys.stderr)
+    except PapermillExecutionError as e:
+        raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e)) from None
+    return NotebookResult(name, output, time.perf_counter() - t0)
+
+
+def _failing_cell(output: Path, e: Any) -> str:
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(output), as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and cell.get("execution_count") == e.exec_count:
+                return cell.source
+    except Exception:  # the executed copy may be unreadable after a crash
+        pass
+    return ""
