@@ -25,6 +25,7 @@ TAG_BATCH_ID = "tablora.batch_id"
 TAG_MODEL_FAMILY = "tablora.model_family"
 TAG_MODEL_SIZE = "tablora.model_size"
 TAG_SEED = "tablora.seed"
+TAG_MODEL_NAME = "tablora.model_name"  # the params name, without a seed suffix
 TAG_ERROR = "tablora.error"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
