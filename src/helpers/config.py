@@ -176,7 +176,7 @@ class Params:
         """A copy with dotted-key overrides applied and validated."""
         data = self.to_dict()
         _apply_overrides(data, overrides, "overrides")
-        return _build(Params, data, self.source_file or "overrides", "")
+        return _build(Params, data, self.source_file or "overrides", self.source_file)
 
 
 # Range checks: key -> (predicate, what is allowed).
@@ -306,14 +306,14 @@ def _check_keys(cls: type, data: dict[str, Any], origin: str, prefix: str) -> No
 
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ParamsError(f"{origin}: unknown key {prefix}{key!r}.{hint} "
+            raise ParamsError(f"{origin}: unknown key {prefix + key!r}.{hint} "
                               f"Known keys: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
-                raise ParamsError(f"{origin}: {prefix}{key!r} must be a mapping of its own keys, "
+                raise ParamsError(f"{origin}: {prefix + key!r} must be a mapping of its own keys, "
                                   f"got {value!r}")
             _check_keys(sub, value, origin, f"{prefix}{key}.")
 

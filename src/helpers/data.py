@@ -1,0 +1,660 @@
+"""Data and prompts: one deterministic split for every model, rows serialized to prompts.
+
+`prepare(params)` loads the table, checks it, splits it (stratified, saved under a content hash so
+LLM runs and baselines score the very same test rows) and writes the prompts as mlx-lm chat
+JSONL. Every cached file is written to a temporary file first and then renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from helpers import config
+from helpers.config import Params
+
+SPLITS = ("train", "valid", "test")
+ID_COLUMNS = ("id", "row_id")
+BUILTIN_TEMPLATES = ("sentence", "list")
+SPLIT_FORMAT = 1  # bump when the split JSON layout or the splitting procedure changes
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file, the column and the fix."""
+
+    user_facing = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _breast_cancer() -> pd.DataFrame:
+    """scikit-learn's bundled breast-cancer data; target as "malignant"/"benign" strings."""
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    frame = bunch.frame.copy()
+    frame["target"] = np.asarray(bunch.target_names)[bunch.target.to_numpy()]
+    return frame
+
+
+# Built-in data sets by name ("builtin:<name>"): each returns a fresh DataFrame.
+BUILTINS: dict[str, Callable[[], pd.DataFrame]] = {"breast_cancer": _breast_cancer}
+
+
+def _params_dir(params: Params) -> Path | None:
+    return Path(params.source_file).parent if params.source_file else None
+
+
+def describe_source(params: Params) -> str:
+    """The source as a user would recognise it: "builtin:<name>" or the resolved file path."""
+    src = params.dataset.source
+    if src.startswith("builtin:"):
+        return src
+    return str(config.resolve_path(src, _params_dir(params)))
+
+
+def load_source(params: Params) -> pd.DataFrame:
+    """The raw table of `params.dataset.source` (a fresh copy: callers may not mutate a cache)."""
+    src = params.dataset.source
+    if src.startswith("builtin:"):
+        name = src.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise DataError(f"dataset.source {src!r}: no such built-in data set. Built-ins: "
+                            f"{', '.join('builtin:' + b for b in BUILTINS)}; or give a CSV or "
+                            "Parquet path.")
+        return BUILTINS[name]()
+    path = config.resolve_path(src, _params_dir(params))
+    if not path.is_file():
+        here = _params_dir(params)
+        where = f"{here} (the params file's folder) and " if here else ""
+        raise DataError(f"dataset.source {src!r}: file not found (looked in {where}"
+                        f"{config.PROJECT_ROOT}). Fix dataset.source in "
+                        f"{params.source_file or 'the params'}.")
+    return _read_table(path)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV/TSV/Parquet file; any failure becomes a DataError naming the file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as e:  # pandas/pyarrow raise many types for a bad file
+        raise DataError(f"{path}: could not read it as {suffix[1:].upper()}: "
+                        f"{type(e).__name__}: {e}. Check that it is a valid, non-empty "
+                        f"{suffix[1:].upper()} file with a header row.") from None
+    raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: use .csv, .tsv or "
+                    ".parquet.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+
+
+def _with_row_ids(raw: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """A copy indexed by row id: an `id`/`row_id` column if there is one, else the row index."""
+    table = raw.copy()
+    for col in ID_COLUMNS:
+        if col in table.columns:
+            ids = table[col]
+            if ids.isna().any() or ids.duplicated().any():
+                dup = ids[ids.duplicated()].head(5).tolist()
+                raise DataError(f"{origin}: column {col!r} is used as the row id but has missing "
+                                f"or repeated values (e.g. {dup}). Make it unique, or rename it "
+                                "to use the row number instead.")
+            table = table.set_index(col)
+            break
+    table.index.name = "row_id"
+    return table
+
+
+def _check_target(table: pd.DataFrame, params: Params, origin: str) -> Any:
+    """Check the target column; returns the positive label as it appears in the data."""
+    spec = params.dataset
+    if spec.target not in table.columns:
+        raise DataError(f"{origin}: target column {spec.target!r} not found. Columns there "
+                        f"are: {', '.join(map(repr, table.columns))}. Set dataset.target to one "
+                        "of them.")
+    target = table[spec.target]
+    if target.isna().any():
+        missing = target.index[target.isna()].tolist()
+        raise DataError(f"{origin}: target column {spec.target!r} is empty in {len(missing)} rows "
+                        f"(row ids {missing[:10]}). Drop those rows or fill in their class.")
+    values = list(pd.unique(target))
+    if len(values) != 2:
+        shown = ", ".join(repr(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+        raise DataError(f"{origin}: target column {spec.target!r} has {len(values)} classes "
+                        f"({shown}) but a yes/no task needs exactly 2. Pick a binary column or "
+                        "recode it to two values.")
+    for v in values:
+        if v == spec.positive_label:
+            return v
+    # YAML `positive_label: 1` against a column read as strings (or the reverse).
+    for v in values:
+        if str(v) == str(spec.positive_label):
+            return v
+    raise DataError(f"{origin}: dataset.positive_label {spec.positive_label!r} is not a value of "
+                    f"column {spec.target!r}; its values are {', '.join(map(repr, values))}. Set "
+                    "dataset.positive_label to the one that means 'Yes'.")
+
+
+def _check_features(table: pd.DataFrame, params: Params, origin: str) -> list[str]:
+    """The feature columns in prompt order (all but the target when none are given)."""
+    spec = params.dataset
+    columns = [str(c) for c in table.columns]
+    for name in [*spec.features, *spec.feature_descriptions]:
+        if name not in columns:
+            close = difflib.get_close_matches(name, columns, n=3, cutoff=0.5)
+            hint = f"Close matches: {', '.join(map(repr, close))}." if close else (
+                f"Columns there are: {', '.join(map(repr, columns))}.")
+            raise DataError(f"{origin}: feature {name!r} (in dataset.features or "
+                            f"dataset.feature_descriptions) is not a column. {hint}")
+    if spec.target in spec.features:
+        raise DataError(f"{origin}: the target {spec.target!r} is also listed in "
+                        "dataset.features: remove it (the model would be told the answer).")
+    repeated = sorted({f for f in spec.features if spec.features.count(f) > 1})
+    if repeated:
+        raise DataError(f"{origin}: dataset.features lists {repeated} more than once.")
+    if not spec.features:
+        return [c for c in table.columns if c != spec.target]
+    return list(spec.features)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split
+
+
+def split_hash(table: pd.DataFrame, params: Params) -> str:
+    """Content hash of the table (ids, columns, values incl. target) and the split settings."""
+    spec = params.dataset
+    h = hashlib.sha256()
+    h.update(json.dumps([str(c) for c in table.columns]).encode())
+    h.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
+    settings = {"format": SPLIT_FORMAT, "target": spec.target,
+                "positive_label": str(spec.positive_label), "test_size": spec.test_size,
+                "valid_size": spec.valid_size, "split_seed": spec.split_seed,
+                "balance": spec.balance}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _counts(y: np.ndarray) -> str:
+    return f"{int(y.sum())} positive / {int(len(y) - y.sum())} negative"
+
+
+def _compute_split(table: pd.DataFrame, y: np.ndarray, params: Params,
+                   origin: str) -> dict[str, list]:
+    """Stratified train/valid/test ids (fractions of the whole table), in table order."""
+    from sklearn.model_selection import train_test_split
+
+    spec = params.dataset
+    pos = np.arange(len(table))
+    fix = (f"Whole table: {len(y)} rows, {_counts(y)}. Use a larger dataset.test_size / "
+           "dataset.valid_size (e.g. 0.3) or more rows.")
+    try:
+        rest, test = train_test_split(pos, test_size=spec.test_size, stratify=y,
+                                      random_state=spec.split_seed)
+        valid = np.array([], dtype=int)
+        if spec.valid_size > 0:
+            frac = spec.valid_size / (1 - spec.test_size)
+            rest, valid = train_test_split(rest, test_size=frac, stratify=y[rest],
+                                           random_state=spec.split_seed)
+    except ValueError as e:  # sklearn: too few rows of a class, or an empty split
+        raise DataError(f"{origin}: cannot split with dataset.test_size={spec.test_size}, "
+                        f"dataset.valid_size={spec.valid_size}: {e} {fix}") from None
+    parts = {"train": rest, "valid": valid, "test": test}
+    for name, idx in parts.items():
+        if name == "valid" and spec.valid_size == 0:
+            continue
+        if len(idx) == 0 or len(np.unique(y[idx])) < 2:
+            raise DataError(f"{origin}: the {name} split would hold {len(idx)} rows "
+                            f"({_counts(y[idx])}): it needs both classes. {fix}")
+    # Table order: readable, and the same for baselines and prompts by construction.
+    return {name: table.index[np.sort(idx)].tolist() for name, idx in parts.items()}
+
+
+def _oversample(train: list, y_train: np.ndarray, seed: int) -> list:
+    """Train ids plus random repeats of the minority class until the classes are even."""
+    n_pos = int(y_train.sum())
+    n_neg = len(y_train) - n_pos
+    if n_pos == n_neg:
+        return list(train)
+    minority = 1 if n_pos < n_neg else 0
+    pool = [i for i, yi in zip(train, y_train, strict=True) if yi == minority]
+    rng = np.random.default_rng(seed)
+    extra = rng.choice(len(pool), size=abs(n_pos - n_neg), replace=True)
+    return list(train) + [pool[i] for i in extra]
+
+
+def _jsonable(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename it: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_split(path: Path, table: pd.DataFrame) -> dict[str, list] | None:
+    """A saved split, or None when it is missing or does not fit the table (then recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        split = {name: list(saved["split"][name]) for name in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):
+        warnings.warn(f"{path}: unreadable saved split; computing it again", stacklevel=3)
+        return None
+    known = set(table.index)
+    if not all(i in known for ids in split.values() for i in ids):
+        warnings.warn(f"{path}: saved split names unknown row ids; computing it again",
+                      stacklevel=3)
+        return None
+    return split
+
+
+def _duplicates(table: pd.DataFrame, columns: list[str], split: dict[str, list]) -> dict:
+    """Rows identical (on `columns`) in train and test: leakage that flatters every model."""
+    row_hash = pd.util.hash_pandas_object(table[columns], index=False)
+    train_ids = list(dict.fromkeys(split["train"]))
+    train_by_hash: dict[int, list] = {}
+    for i in train_ids:
+        train_by_hash.setdefault(int(row_hash.loc[i]), []).append(i)
+    test_ids = [i for i in split["test"] if int(row_hash.loc[i]) in train_by_hash]
+    matched = sorted({j for i in test_ids for j in train_by_hash[int(row_hash.loc[i])]},
+                     key=train_ids.index)
+    return {"count": len(test_ids), "test_ids": [_jsonable(i) for i in test_ids],
+            "train_ids": [_jsonable(i) for i in matched]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization
+
+
+def format_number(x: Any, digits: int) -> str:
+    """`digits` significant digits without exponent for ordinary magnitudes: 17.99 -> "18.0"."""
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    # Round first: 9.996 rounds up to 10.0, which changes how many decimals are left.
+    rounded = float(f"{x:.{digits - 1}e}")
+    if not 1e-4 <= abs(rounded) < 1e15:
+        return f"{x:.{digits - 1}e}"
+    decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
+    if decimals <= 0:
+        return str(int(round(rounded, decimals)))
+    return f"{rounded:.{decimals}f}"
+
+
+def _integral(col: pd.Series) -> bool:
+    """A float column holding whole numbers only (ints that became floats because of NaNs)."""
+    if not pd.api.types.is_float_dtype(col):
+        return False
+    vals = col.dropna().to_numpy(dtype=float)
+    return len(vals) > 0 and bool(np.all(np.isfinite(vals) & (vals == np.round(vals)))
+                                  and np.all(np.abs(vals) < 1e15))
+
+
+def format_values(table: pd.DataFrame, features: list[str], params: Params) -> pd.DataFrame:
+    """Every feature value as prompt text: numbers rounded, missing as `prompt.missing`."""
+    p = params.prompt
+    out = pd.DataFrame(index=table.index)
+    for col in features:
+        s = table[col]
+        if _integral(s):
+            fmt: Callable[[Any], str] = lambda v: str(int(v))  # noqa: E731
+        elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            fmt = lambda v: format_number(v, p.digits)  # noqa: E731
+        else:
+            fmt = str
+        out[col] = [p.missing if _is_missing(v) else fmt(v) for v in s]
+    return out
+
+
+def _is_missing(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # lists and other containers
+        return False
+
+
+def _template_source(params: Params) -> str:
+    """The template: "sentence", "list", or Jinja2 text (inline or read from a .j2/.jinja file)."""
+    t = params.prompt.template
+    if t in BUILTIN_TEMPLATES or "{{" in t or "{%" in t:
+        return t
+    if t.endswith((".j2", ".jinja")):
+        path = config.resolve_path(t, _params_dir(params))
+        if not path.is_file():
+            raise DataError(f"prompt.template {t!r}: template file not found (looked beside "
+                            f"{params.source_file or 'the params file'} and in "
+                            f"{config.PROJECT_ROOT}). Fix the path.")
+        return path.read_text(encoding="utf-8")
+    raise DataError(f"prompt.template {t!r}: unknown template. Use 'sentence', 'list', inline "
+                    "Jinja2 text containing '{{ ... }}', or a path ending in .j2 or .jinja.")
+
+
+def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]], str]:
+    """A function from one row's formatted values ({column: text}) to the serialized row."""
+    names = {f: params.dataset.feature_descriptions.get(f, f) for f in features}
+    source = _template_source(params)
+    if source == "sentence":
+        return lambda row: " ".join(f"The {names[f]} is {row[f]}." for f in features)
+    if source == "list":
+        return lambda row: "\n".join(f"{names[f]}: {row[f]}" for f in features)
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"prompt.template: Jinja2 syntax error on line {e.lineno}: {e.message}. "
+                        "Fix the template.") from None
+
+    def render(row: dict[str, str]) -> str:
+        items = [{"name": f, "description": names[f], "value": row[f]} for f in features]
+        ctx = {k: v for k, v in row.items() if k.isidentifier()}
+        try:
+            return template.render(ctx, row=row, items=items, names=names).strip()
+        except jinja2.UndefinedError as e:
+            raise DataError(f"prompt.template: {e.message}. Variables: `row` (column -> value "
+                            "text), `items` (name, description, value), `names`, and each column "
+                            "whose name is an identifier.") from None
+
+    return render
+
+
+def user_message(serialized: str, params: Params) -> str:
+    """task_description, blank line, the serialized row, blank line, question (empties skipped)."""
+    p = params.prompt
+    return "\n\n".join(part for part in (p.task_description, serialized, p.question) if part)
+
+
+def prompt_hash(params: Params, features: list[str]) -> str:
+    """Hash of everything that changes the prompt text (template file contents included)."""
+    blob = {"prompt": dataclasses.asdict(params.prompt), "features": features,
+            "descriptions": params.dataset.feature_descriptions,
+            "template": _template_source(params)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A checked table, its saved split and the prompts written for mlx-lm."""
+
+    params: Params
+    table: pd.DataFrame  # features + target, index = row id
+    features: list[str]
+    split: dict[str, list]  # "train"/"valid"/"test" -> row ids (train oversampled if asked)
+    split_hash: str
+    data_dir: Path  # train.jsonl, valid.jsonl, test.jsonl
+    split_file: Path
+    source: str
+    positive_label: Any
+    duplicates: dict  # {"count", "test_ids", "train_ids"}
+    user_texts: dict = dataclasses.field(repr=False, default_factory=dict)  # row id -> prompt
+    token_budget: dict | None = None  # filled in by token_stats()
+
+    @property
+    def target(self) -> str:
+        return self.params.dataset.target
+
+    def y(self, split: str) -> np.ndarray:
+        """0/1 labels of a split (1 = positive_label), in split order."""
+        return (self.table.loc[self.split[split], self.target] == self.positive_label).to_numpy(
+            dtype=int)
+
+    def X(self, split: str) -> pd.DataFrame:  # noqa: N802 (the usual name for features)
+        """The feature columns of a split, in split order (index = row id)."""
+        return self.table.loc[self.split[split], self.features]
+
+    def prompts(self, split: str) -> list[str]:
+        """The user message text of each row of a split."""
+        return [self.user_texts[i] for i in self.split[split]]
+
+    def answers(self, split: str) -> list[str]:
+        p = self.params.prompt
+        return [p.answer_yes if yi else p.answer_no for yi in self.y(split)]
+
+    def messages(self, split: str, with_answer: bool = True) -> list[list[dict[str, str]]]:
+        """Chat messages per row: [system], user, [assistant answer]."""
+        p = self.params.prompt
+        system = [{"role": "system", "content": p.system_prompt}] if p.system_prompt else []
+        out = []
+        for text, answer in zip(self.prompts(split), self.answers(split), strict=True):
+            msgs = [*system, {"role": "user", "content": text}]
+            if with_answer:
+                msgs.append({"role": "assistant", "content": answer})
+            out.append(msgs)
+        return out
+
+    def class_counts(self, split: str) -> dict[str, int]:
+        y = self.y(split)
+        return {"positive": int(y.sum()), "negative": int(len(y) - y.sum())}
+
+
+def prepare(params: Params) -> Prepared:
+    """Load, check, split (or reload the saved split) and write the prompts of `params`."""
+    origin = describe_source(params)
+    raw = load_source(params)
+    table = _with_row_ids(raw, origin)
+    positive = _check_target(table, params, origin)
+    features = _check_features(table, params, origin)
+    y_all = (table[params.dataset.target] == positive).to_numpy(dtype=int)
+
+    shash = split_hash(table, params)
+    split_dir = config.CACHE_DIR / "splits" / shash
+    split_file = split_dir / "split.json"
+    split = _load_split(split_file, table)
+    if split is None:
+        split = _compute_split(table, y_all, params, origin)
+        if params.dataset.balance == "oversample":
+            y_train = (table.loc[split["train"], params.dataset.target] == positive).to_numpy()
+            split["train"] = _oversample(split["train"], y_train.astype(int),
+                                         params.dataset.split_seed)
+        _save_split(split_file, split, shash, params, origin)
+
+    slim = table[[*features, params.dataset.target]]
+    duplicates = _duplicates(slim, [*features, params.dataset.target], split)
+    if duplicates["count"]:
+        warnings.warn(f"{duplicates['count']} test rows also appear identically in train "
+                      f"(test ids {duplicates['test_ids'][:10]}): test scores are optimistic.",
+                      stacklevel=2)
+    serialize = _serializer(params, features)
+    texts = format_values(slim, features, params)
+    user_texts = {i: user_message(serialize(row), params)
+                  for i, row in zip(texts.index, texts.to_dict("records"), strict=True)}
+    data_dir = split_dir / f"prompts-{prompt_hash(params, features)}"
+    prepared = Prepared(params=params, table=slim, features=features, split=split,
+                        split_hash=shash, data_dir=data_dir, split_file=split_file,
+                        source=origin, positive_label=positive, duplicates=duplicates,
+                        user_texts=user_texts)
+    _write_jsonl(prepared)
+    return prepared
+
+
+def _save_split(path: Path, split: dict[str, list], shash: str, params: Params,
+                origin: str) -> None:
+    spec = params.dataset
+    doc = {"split_hash": shash, "source": origin, "target": spec.target,
+           "positive_label": _jsonable(spec.positive_label), "test_size": spec.test_size,
+           "valid_size": spec.valid_size, "split_seed": spec.split_seed, "balance": spec.balance,
+           "split": {name: [_jsonable(i) for i in ids] for name, ids in split.items()}}
+    _atomic_write(path, json.dumps(doc, indent=1) + "\n")
+
+
+def _write_jsonl(prepared: Prepared) -> None:
+    """train/valid/test.jsonl in mlx-lm chat format (plus the row id), unless already there."""
+    for name in SPLITS:
+        path = prepared.data_dir / f"{name}.jsonl"
+        if path.is_file():
+            continue  # keyed by split and prompt hashes: same content
+        lines = [json.dumps({"messages": m, "row_id": _jsonable(i)}, ensure_ascii=False)
+                 for m, i in zip(prepared.messages(name), prepared.split[name], strict=True)]
+        _atomic_write(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file (as written by prepare)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Token budget
+
+
+def _n_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # older/other tokenizers
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def token_stats(prepared: Prepared, tokenizer: Any, max_seq_length: int) -> dict[str, Any]:
+    """Token lengths of the full training sequences (chat template + answer), all splits.
+
+    Warns when the longest exceeds max_seq_length: mlx-lm truncates such rows silently.
+    """
+    lengths = np.array([_n_tokens(tokenizer, m) for name in SPLITS
+                        for m in prepared.messages(name, with_answer=True)])
+    stats = {"n": int(len(lengths)), "min": int(lengths.min()),
+             "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
+             "max": int(lengths.max()), "max_seq_length": int(max_seq_length),
+             "over_max_seq_length": int((lengths > max_seq_length).sum())}
+    if stats["max"] > max_seq_length:
+        warnings.warn(f"{stats['over_max_seq_length']} of {stats['n']} prompts are longer than "
+                      f"max_seq_length={max_seq_length} tokens (longest {stats['max']}): mlx-lm "
+                      "truncates them silently, cutting off the answer. Raise max_seq_length or "
+                      "use fewer features / a shorter template.", stacklevel=2)
+    prepared.token_budget = stats
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow and the command line
+
+
+def log_to_mlflow(prepared: Prepared) -> None:
+    """Into the active run: split hash tag, the splits as inputs, class counts, the split file."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    from helpers.tracking import TAG_SPLIT_HASH
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("data.log_to_mlflow needs an active MLflow run (tracking.run(...))")
+    mlflow.set_tag(TAG_SPLIT_HASH, prepared.split_hash)
+    source = CodeDatasetSource(tags={"tablora.source": prepared.source,
+                                     TAG_SPLIT_HASH: prepared.split_hash})
+    name = Path(prepared.source.split(":", 1)[-1]).stem
+    metrics: dict[str, float] = {"data_duplicates_train_test": prepared.duplicates["count"]}
+    for split in SPLITS:
+        if not prepared.split[split]:
+            continue
+        frame = prepared.table.loc[prepared.split[split]].reset_index()
+        with warnings.catch_warnings():  # MLflow's own schema/pandas hints: noise here
+            warnings.filterwarnings("ignore", message=".*integer column")
+            warnings.filterwarnings("ignore", message=".*will be keyword-only")
+            ds = mlflow.data.from_pandas(frame, source=source, targets=prepared.target,
+                                         name=f"{name}-{split}-{prepared.split_hash[:8]}")
+            mlflow.log_input(ds, context=split)
+        counts = prepared.class_counts(split)
+        metrics[f"data_{split}_rows"] = len(prepared.split[split])
+        metrics[f"data_{split}_positive"] = counts["positive"]
+        metrics[f"data_{split}_negative"] = counts["negative"]
+    for key, value in (prepared.token_budget or {}).items():
+        if key != "max_seq_length":
+            metrics[f"data_prompt_tokens_{key}"] = value
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(prepared.split_file), artifact_path="data")
+    if prepared.duplicates["count"]:
+        mlflow.log_dict(prepared.duplicates, "data/duplicates.json")
+
+
+def summary_lines(prepared: Prepared) -> list[str]:
+    """Split sizes, class counts, hash and duplicates as printable lines."""
+    lines = [f"source:      {prepared.source} ({len(prepared.table)} rows, "
+             f"{len(prepared.features)} features, target {prepared.target!r}, positive = "
+             f"{prepared.positive_label!r})",
+             f"split hash:  {prepared.split_hash}  ({prepared.split_file})"]
+    for split in SPLITS:
+        c = prepared.class_counts(split)
+        note = ""
+        if split == "train" and prepared.params.dataset.balance == "oversample":
+            note = f"  (oversampled; {len(set(prepared.split[split]))} distinct rows)"
+        lines.append(f"{split + ':':<12} {len(prepared.split[split]):>5} rows  "
+                     f"{c['positive']:>5} positive  {c['negative']:>5} negative{note}")
+    d = prepared.duplicates
+    lines.append(f"duplicates:  {d['count']} test rows identical to a train row"
+                 + (f" (test ids {d['test_ids'][:20]})" if d["count"] else ""))
+    lines.append(f"prompts:     {prepared.data_dir}")
+    return lines
+
+
+def _load_tokenizer(model_id: str) -> Any:
+    """The model's tokenizer only (no weights): via helpers.models.resolve."""
+    from transformers import AutoTokenizer
+
+    from helpers import models
+
+    return AutoTokenizer.from_pretrained(str(models.resolve(model_id)))
+
+
+def cli_prepare(params: Params) -> int:
+    """`tablora prepare`: split, write prompts, print the budget and two examples."""
+    prepared = prepare(params)
+    for line in summary_lines(prepared):
+        print(line)
+    try:
+        tokenizer = _load_tokenizer(params.model_id)
+    except Exception as e:  # models not available: the rest of the report still stands
+        print(f"prompt tokens: skipped (could not load the tokenizer of {params.model_id}: "
+              f"{type(e).__name__}: {e})")
+    else:
+        s = token_stats(prepared, tokenizer, params.max_seq_length)
+        print(f"prompt tokens: min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  "
+              f"max {s['max']}  (max_seq_length {s['max_seq_length']}, "
+              f"{s['over_max_seq_length']} over)  [{params.model_id}, chat template + answer]")
+    # One example of each class (the first positive and the first negative training row).
+    y, msgs_all = prepared.y("train"), prepared.messages("train")
+    picks = [int(np.argmax(y == label)) for label in (1, 0)]
+    for n, k in enumerate(picks, 1):
+        print(f"\n--- example {n} (train row {prepared.split['train'][k]}) ---")
+        for m in msgs_all[k]:
+            print(f"[{m['role']}]\n{m['content']}")
+    return 0

@@ -1,0 +1,427 @@
+"""helpers.data: sources, checks, the split, serialization, JSONL, token budget, MLflow."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import config, data
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own cache: no shared splits or prompt files."""
+    d = tmp_path / "cache"
+    monkeypatch.setattr(config, "CACHE_DIR", d)
+    return d
+
+
+def table(n_pos: int = 24, n_neg: int = 36, seed: int = 0) -> pd.DataFrame:
+    """A small mixed-type table: ints, floats with a gap, strings, and a yes/no target."""
+    rng = np.random.default_rng(seed)
+    n = n_pos + n_neg
+    bmi = rng.normal(27, 4, n).round(2)
+    bmi[3] = np.nan
+    return pd.DataFrame({
+        "age": rng.integers(20, 80, n),
+        "bmi": bmi,
+        "smoker": rng.choice(["yes", "no"], n),
+        "outcome": ["sick"] * n_pos + ["well"] * n_neg,
+    })
+
+
+def make_params(tmp_path: Path, df: pd.DataFrame | None = None, file: str = "data.csv",
+                **overrides):
+    """A params YAML in tmp_path pointing (relatively) at `df` written as a CSV."""
+    if df is None:
+        df = table()
+    df.to_csv(tmp_path / file, index=False)
+    dataset = {"source": file, "target": "outcome", "positive_label": "sick",
+               "test_size": 0.25, "valid_size": 0.15, "split_seed": 7}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "dataset": dataset}))
+    return config.load_params(path, overrides)
+
+
+def error_of(params) -> str:
+    with pytest.raises(data.DataError) as e:
+        data.prepare(params)
+    return str(e.value)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path, cache):
+    msg = error_of(make_params(tmp_path, **{"dataset.source": "nope.csv"}))
+    assert "nope.csv" in msg and "not found" in msg and "dataset.source" in msg
+    assert not cache.exists()  # nothing half-written
+
+
+def test_missing_target_lists_columns(tmp_path, cache):
+    msg = error_of(make_params(tmp_path, **{"dataset.target": "label"}))
+    assert "'label' not found" in msg and "'outcome'" in msg and "'bmi'" in msg
+    assert "data.csv" in msg
+    assert not cache.exists()
+
+
+def test_three_classes(tmp_path):
+    df = table()
+    df.loc[:4, "outcome"] = "maybe"
+    msg = error_of(make_params(tmp_path, df))
+    assert "3 classes" in msg and "'maybe'" in msg and "'outcome'" in msg
+
+
+def test_one_class(tmp_path):
+    msg = error_of(make_params(tmp_path, table(n_pos=0)))
+    assert "1 classes" in msg and "'well'" in msg
+
+
+def test_missing_target_values(tmp_path):
+    df = table()
+    df.loc[5, "outcome"] = None
+    msg = error_of(make_params(tmp_path, df))
+    assert "empty in 1 rows" in msg and "[5]" in msg
+
+
+def test_positive_label_not_a_value(tmp_path):
+    msg = error_of(make_params(tmp_path, **{"dataset.positive_label": "ill"}))
+    assert "'ill'" in msg and "'sick'" in msg and "'well'" in msg and "positive_label" in msg
+
+
+def test_positive_label_matched_across_types(tmp_path):
+    df = table()
+    df["outcome"] = (df["outcome"] == "sick").astype(int)
+    prepared = data.prepare(make_params(tmp_path, df, **{"dataset.positive_label": "1"}))
+    assert prepared.y("train").sum() > 0 and prepared.positive_label == 1
+
+
+def test_feature_not_found_suggests(tmp_path):
+    msg = error_of(make_params(tmp_path, **{"dataset.features": ["age", "bmii"]}))
+    assert "'bmii'" in msg and "Close matches: 'bmi'" in msg
+
+
+def test_description_for_unknown_column(tmp_path):
+    msg = error_of(make_params(tmp_path, **{"dataset.feature_descriptions": {"agee": "Age"}}))
+    assert "'agee'" in msg and "'age'" in msg
+
+
+def test_target_listed_as_feature(tmp_path):
+    assert "also listed" in error_of(make_params(tmp_path, **{"dataset.features": ["outcome"]}))
+
+
+def test_split_too_small(tmp_path, cache):
+    msg = error_of(make_params(tmp_path, table(n_pos=2, n_neg=6),
+                               **{"dataset.test_size": 0.1, "dataset.valid_size": 0.1}))
+    assert "test_size" in msg and "2 positive / 6 negative" in msg
+    assert not cache.exists()
+
+
+def test_single_class_split(tmp_path):
+    # 3 positives: the validation split (8% of 40 rows) can get at most one class.
+    msg = error_of(make_params(tmp_path, table(n_pos=3, n_neg=37),
+                               **{"dataset.test_size": 0.5, "dataset.valid_size": 0.08}))
+    assert "split" in msg and "positive" in msg and "test_size" in msg
+
+
+def test_unreadable_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    msg = error_of(make_params(tmp_path, **{"dataset.source": "empty.csv"}))
+    assert "empty.csv" in msg and "could not read" in msg
+    (tmp_path / "bad.parquet").write_text("a,b\n1,2\n")
+    msg = error_of(make_params(tmp_path, **{"dataset.source": "bad.parquet"}))
+    assert "bad.parquet" in msg and "could not read" in msg
+    (tmp_path / "x.xlsx").write_text("")
+    assert "unsupported file type" in error_of(make_params(tmp_path, **{"dataset.source":
+                                                                        "x.xlsx"}))
+
+
+def test_unknown_builtin(tmp_path):
+    msg = error_of(make_params(tmp_path, **{"dataset.source": "builtin:iris"}))
+    assert "builtin:iris" in msg and "builtin:breast_cancer" in msg
+
+
+def test_bad_template(tmp_path):
+    assert "unknown template" in error_of(make_params(tmp_path, **{"prompt.template": "fancy"}))
+    msg = error_of(make_params(tmp_path, **{"prompt.template": "{{ nope }}"}))
+    assert "'nope' is undefined" in msg
+
+
+def test_repeated_ids(tmp_path):
+    df = table()
+    df["id"] = 1
+    assert "'id'" in error_of(make_params(tmp_path, df))
+
+
+# --- the split ---------------------------------------------------------------------------------
+
+
+def test_split_deterministic_and_saved(tmp_path, cache, monkeypatch):
+    params = make_params(tmp_path)
+    a = data.prepare(params)
+    assert a.split_file == cache / "splits" / a.split_hash / "split.json"
+    saved = json.loads(a.split_file.read_text())
+    assert saved["split"] == a.split and saved["split_hash"] == a.split_hash
+
+    # Reloaded, not recomputed.
+    def boom(*args, **kwargs):
+        raise AssertionError("split recomputed")
+
+    monkeypatch.setattr(data, "_compute_split", boom)
+    b = data.prepare(params)
+    assert (b.split, b.split_hash) == (a.split, a.split_hash)
+    monkeypatch.undo()
+
+    # Recomputed from scratch (fresh cache): the same ids.
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "other")
+    c = data.prepare(params)
+    assert (c.split, c.split_hash) == (a.split, a.split_hash)
+
+    d = data.prepare(make_params(tmp_path, **{"dataset.split_seed": 8}))
+    assert d.split_hash != a.split_hash and d.split["test"] != a.split["test"]
+
+
+def test_split_partitions_and_stratifies(tmp_path):
+    p = data.prepare(make_params(tmp_path))
+    ids = [i for s in data.SPLITS for i in p.split[s]]
+    assert sorted(ids) == list(range(60))  # disjoint and complete
+    assert [len(p.split[s]) for s in data.SPLITS] == [36, 9, 15]
+    for s in data.SPLITS:
+        assert abs(p.y(s).mean() - 0.4) < 0.07
+
+
+def test_hash_follows_the_data(tmp_path):
+    a = data.prepare(make_params(tmp_path))
+    df = table()
+    df.loc[0, "age"] += 1
+    b = data.prepare(make_params(tmp_path, df))
+    assert a.split_hash != b.split_hash
+
+
+def test_id_column_is_row_id(tmp_path):
+    df = table()
+    df.insert(0, "id", [f"p{i:03d}" for i in range(len(df))])
+    p = data.prepare(make_params(tmp_path, df))
+    assert p.table.index.name == "row_id" and "id" not in p.features
+    assert all(i.startswith("p") for i in p.split["test"])
+    assert list(p.X("test").index) == p.split["test"]
+
+
+def test_baselines_and_llm_see_the_same_test_rows(tmp_path):
+    p = data.prepare(make_params(tmp_path))
+    rows = data.read_jsonl(p.data_dir / "test.jsonl")
+    assert [r["row_id"] for r in rows] == p.split["test"] == list(p.X("test").index)
+    assert [r["messages"][-2]["content"] for r in rows] == p.prompts("test")
+    answers = [r["messages"][-1]["content"] for r in rows]
+    assert answers == ["Yes" if yi else "No" for yi in p.y("test")]
+    # The same again from the saved split (another process: baselines after training).
+    q = data.prepare(make_params(tmp_path))
+    assert list(q.X("test").index) == p.split["test"] and (q.y("test") == p.y("test")).all()
+
+
+def test_oversample_touches_train_only(tmp_path):
+    base = data.prepare(make_params(tmp_path))
+    over = data.prepare(make_params(tmp_path, **{"dataset.balance": "oversample"}))
+    assert over.split_hash != base.split_hash
+    assert over.split["test"] == base.split["test"] and over.split["valid"] == base.split["valid"]
+    assert sorted(set(over.split["train"])) == sorted(base.split["train"])
+    c = over.class_counts("train")
+    assert c["positive"] == c["negative"] == base.class_counts("train")["negative"]
+    again = data.prepare(make_params(tmp_path, **{"dataset.balance": "oversample"}))
+    assert again.split == over.split
+    assert len(data.read_jsonl(over.data_dir / "train.jsonl")) == len(over.split["train"])
+
+
+def test_duplicates_reported(tmp_path):
+    df = table()
+    df = pd.concat([df, df.iloc[:20]], ignore_index=True)  # rows 60..79 copy rows 0..19
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        p = data.prepare(make_params(tmp_path, df))
+    train, test = set(p.split["train"]), p.split["test"]
+    copies = {i: i + 60 for i in range(20)} | {i + 60: i for i in range(20)}
+    expected = [i for i in test if copies.get(i) in train]
+    assert expected, "the fixture should put some copies across train and test"
+    assert p.duplicates["count"] == len(expected) and p.duplicates["test_ids"] == expected
+    assert any("appear identically" in str(x.message) for x in w)
+    assert f"{len(expected)} test rows identical" in "\n".join(data.summary_lines(p))
+
+
+def test_breast_cancer_builtin(tmp_path):
+    p = data.prepare(config.load_params(config.DEMO_PARAMS))
+    assert len(p.features) == 10 and p.duplicates["count"] == 0
+    assert len(p.table) == 569 and set(p.table["target"]) == {"malignant", "benign"}
+    assert p.y("train").sum() + p.y("valid").sum() + p.y("test").sum() == 212  # malignant
+    assert p.prompts("train")[0].count("The mean") == 10
+
+
+# --- serialization -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "digits", "text"), [
+    (17.99, 3, "18.0"), (1001.0, 3, "1000"), (0.07864, 3, "0.0786"), (9.996, 3, "10.0"),
+    (123456.0, 3, "123000"), (-2.345, 2, "-2.3"), (0.0, 3, "0"), (0.3001, 3, "0.300"),
+    (5, 3, "5"), (np.int64(1234567), 3, "1234567"), (1e-7, 3, "1.00e-07"), (True, 3, "True"),
+    (2.5, 1, "2"), (0.00012345, 2, "0.00012"),
+])
+def test_format_number(value, digits, text):
+    assert data.format_number(value, digits) == text
+
+
+def test_int_columns_with_gaps_stay_ints(tmp_path):
+    df = table()
+    df["age"] = df["age"].astype(float)
+    df.loc[0, "age"] = np.nan
+    p = data.prepare(make_params(tmp_path, df, **{"prompt.template": "list"}))
+    texts = data.format_values(p.table, p.features, p.params)
+    assert texts.loc[0, "age"] == "unknown"
+    assert texts.loc[1, "age"] == str(int(df.loc[1, "age"]))
+
+
+def first_user_text(p) -> str:
+    return p.user_texts[0]
+
+
+def test_sentence_template(tmp_path):
+    p = data.prepare(make_params(tmp_path, **{
+        "dataset.feature_descriptions": {"bmi": "body-mass index (kg/m2)"},
+        "prompt.task_description": "A patient.", "prompt.question": "Sick?"}))
+    df = table()
+    row = df.iloc[0]
+    assert first_user_text(p) == (
+        f"A patient.\n\nThe age is {row['age']}. The body-mass index (kg/m2) is "
+        f"{data.format_number(row['bmi'], 3)}. The smoker is {row['smoker']}.\n\nSick?")
+
+
+def test_list_template_and_missing(tmp_path):
+    p = data.prepare(make_params(tmp_path, **{"prompt.template": "list",
+                                              "prompt.missing": "n/a",
+                                              "dataset.features": ["bmi", "age"]}))
+    body = p.user_texts[3].split("\n\n")[1]
+    assert body == f"bmi: n/a\nage: {table().loc[3, 'age']}"
+
+
+def test_missing_is_unknown_by_default(tmp_path):
+    p = data.prepare(make_params(tmp_path))
+    assert "The bmi is unknown." in p.user_texts[3]
+
+
+def test_jinja_templates_inline_and_file(tmp_path):
+    inline = "Age {{ age }}; {% for it in items %}{{ it.description }}={{ it.value }} {% endfor %}"
+    p = data.prepare(make_params(tmp_path, **{"prompt.template": inline,
+                                              "prompt.task_description": "",
+                                              "dataset.feature_descriptions": {"age": "Age"}}))
+    row = table().iloc[0]
+    bmi = data.format_number(row["bmi"], 3)
+    expected = f"Age {row['age']}; Age={row['age']} bmi={bmi} smoker={row['smoker']}"
+    assert first_user_text(p).split("\n\n")[0] == expected
+
+    (tmp_path / "row.j2").write_text("BMI {{ row['bmi'] }}\n")
+    q = data.prepare(make_params(tmp_path, **{"prompt.template": "row.j2"}))
+    assert f"\n\nBMI {bmi}\n\n" in first_user_text(q)
+    assert q.data_dir != p.data_dir and q.split_hash == p.split_hash
+
+
+def test_messages_and_system_prompt(tmp_path):
+    p = data.prepare(make_params(tmp_path))
+    assert [m["role"] for m in p.messages("test")[0]] == ["user", "assistant"]
+    assert [m["role"] for m in p.messages("test", with_answer=False)[0]] == ["user"]
+    q = data.prepare(make_params(tmp_path, **{"prompt.system_prompt": "Be brief."}))
+    rows = data.read_jsonl(q.data_dir / "train.jsonl")
+    assert rows[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert len(rows) == len(q.split["train"])
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def test_no_temporary_files_left(tmp_path, cache):
+    p = data.prepare(make_params(tmp_path))
+    assert sorted(f.name for f in p.data_dir.iterdir()) == ["test.jsonl", "train.jsonl",
+                                                            "valid.jsonl"]
+    assert not [f for f in cache.rglob("*") if f.name.endswith(".tmp")]
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data.os, "replace", fail)
+    with pytest.raises(OSError):
+        data._atomic_write(tmp_path / "out" / "x.json", "{}")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_source_file_not_mutated(tmp_path):
+    params = make_params(tmp_path, **{"dataset.balance": "oversample"})
+    before = (tmp_path / "data.csv").read_bytes()
+    data.prepare(params)
+    assert (tmp_path / "data.csv").read_bytes() == before
+
+
+# --- token budget and MLflow -------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word of the rendered chat."""
+
+    def apply_chat_template(self, messages, tokenize=True, return_dict=False, **kw):
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
+        return text.split()
+
+
+def test_token_stats_and_warning(tmp_path):
+    p = data.prepare(make_params(tmp_path))
+    s = data.token_stats(p, WordTokenizer(), max_seq_length=512)
+    assert s["n"] == 60 and s["min"] <= s["median"] <= s["p95"] <= s["max"] < 512
+    assert p.token_budget == s
+    with pytest.warns(UserWarning, match="truncates them silently"):
+        s = data.token_stats(p, WordTokenizer(), max_seq_length=10)
+    assert s["over_max_seq_length"] == 60
+
+
+def test_token_stats_real_tokenizer(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    s = data.token_stats(data.prepare(make_params(tmp_path)), tok, max_seq_length=2048)
+    assert 20 < s["min"] <= s["max"] < 2048
+
+
+def test_log_to_mlflow(tmp_path, mlflow_store):
+    import mlflow
+
+    from helpers.tracking import TAG_SPLIT_HASH
+
+    p = data.prepare(make_params(tmp_path))
+    mlflow.set_tracking_uri(mlflow_store)
+    with mlflow.start_run() as run:
+        data.log_to_mlflow(p)
+    r = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id)
+    assert r.data.tags[TAG_SPLIT_HASH] == p.split_hash
+    assert r.data.metrics["data_test_rows"] == 15
+    assert r.data.metrics["data_train_positive"] == p.class_counts("train")["positive"]
+    assert sorted(i.tags[0].value for i in r.inputs.dataset_inputs) == ["test", "train", "valid"]
+    arts = mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "data")
+    assert [a.path for a in arts] == ["data/split.json"]
+
+
+def test_cli_prepare_prints_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "_load_tokenizer", lambda model_id: WordTokenizer())
+    data.cli_prepare(make_params(tmp_path))
+    out = capsys.readouterr().out
+    for needle in ("split hash:", "train:", "valid:", "test:", "positive", "duplicates:",
+                   "prompt tokens: min", "--- example 1", "--- example 2"):
+        assert needle in out
+
+
+def test_no_validation_split(tmp_path):
+    p = data.prepare(make_params(tmp_path, **{"dataset.valid_size": 0.0}))
+    assert p.split["valid"] == [] and len(p.split["test"]) == 15
+    assert (p.data_dir / "valid.jsonl").read_text() == ""
