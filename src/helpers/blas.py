@@ -37,6 +37,36 @@ def _venv_candidates() -> list[str]:
     return sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
 
 
+def _openblas_coretype() -> str:
+    """A kernel family for OpenBLAS builds too old to recognise this CPU.
+
+    Debian 12's OpenBLAS 0.3.21 does not know recent Xeons and falls back to its slowest generic
+    ("Prescott") kernels: 5-13 GFLOP/s instead of 100+. The CPU flags tell which kernels are safe.
+    """
+    try:
+        flags = set(open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return ""
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return ""
+
+
+def _load(path: str) -> ctypes.CDLL:
+    # OpenBLAS picks its kernels when it is loaded: set the core type for that moment only, unless
+    # the user chose one (numpy's own, newer OpenBLAS must not be affected).
+    coretype = "" if "OPENBLAS_CORETYPE" in os.environ else _openblas_coretype()
+    if coretype and "openblas" in os.path.basename(path):
+        os.environ["OPENBLAS_CORETYPE"] = coretype
+    try:
+        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if coretype and "openblas" in os.path.basename(path):
+            os.environ.pop("OPENBLAS_CORETYPE", None)
+
+
 def ensure_blas() -> str:
     """Load an optimized BLAS globally (Linux only, once). Returns what is active."""
     global active
@@ -55,7 +85,7 @@ def ensure_blas() -> str:
     for path in ([choice] if choice else CANDIDATES + _venv_candidates()):
         if path and os.path.exists(path):
             try:
-                lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib = _load(path)
                 lib.cblas_sgemm  # noqa: B018 - raises AttributeError if the symbol is missing
             except (OSError, AttributeError) as e:
                 log.debug("cannot use %s as BLAS: %s", path, e)

@@ -1,0 +1,143 @@
+"""helpers.config: params files are validated with messages that name the file, key and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers.config import DEMO_PARAMS, Params, ParamsError, load_params
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_demo_params_load():
+    p = load_params(DEMO_PARAMS)
+    assert p.name == "smollm2-135m" and p.model_id.startswith("builtin:")
+    assert p.source_file == str(DEMO_PARAMS.resolve())
+
+
+def test_typo_names_the_file_and_suggests_the_key(tmp_path):
+    f = write(tmp_path / "m.yaml", "lora_rnak: 8\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(f)
+    assert str(f) in str(err.value) and "'lora_rnak'" in str(err.value)
+    assert "Did you mean 'lora_rank'?" in str(err.value)
+
+
+def test_typo_in_a_section(tmp_path):
+    f = write(tmp_path / "m.yaml", "dataset:\n  tset_size: 0.3\n")
+    with pytest.raises(ParamsError, match=r"'dataset\.tset_size'.*Did you mean 'test_size'"):
+        load_params(f)
+
+
+def test_wrong_type(tmp_path):
+    f = write(tmp_path / "m.yaml", "num_iters: many\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(f)
+    assert str(f) in str(err.value)
+    assert "'num_iters' = 'many'" in str(err.value) and "an integer" in str(err.value)
+
+
+def test_wrong_choice_lists_the_choices(tmp_path):
+    f = write(tmp_path / "m.yaml", "scoring: vibes\n")
+    with pytest.raises(ParamsError, match="one of 'logprob', 'generate'"):
+        load_params(f)
+
+
+@pytest.mark.parametrize("line, key", [
+    ("lora_dropout: 1.5", "lora_dropout"),
+    ("lora_rank: 0", "lora_rank"),
+    ("learning_rate: 3", "learning_rate"),
+    ("dataset:\n  test_size: 1.2", "dataset.test_size"),
+])
+def test_out_of_range(tmp_path, line, key):
+    f = write(tmp_path / "m.yaml", line + "\n")
+    with pytest.raises(ParamsError, match=f"{str(f)}: '{key}' = .* out of range"):
+        load_params(f)
+
+
+def test_splits_must_leave_training_rows(tmp_path):
+    f = write(tmp_path / "m.yaml", "dataset:\n  test_size: 0.5\n  valid_size: 0.5\n")
+    with pytest.raises(ParamsError, match="leaves no training rows"):
+        load_params(f)
+
+
+def test_yaml_1e_minus_5_is_a_float(tmp_path):
+    # PyYAML reads `1e-5` (no dot) as a string; the loader turns it into the number meant.
+    f = write(tmp_path / "m.yaml", "learning_rate: 1e-5\nlora_alpha: 32\n")
+    p = load_params(f)
+    assert p.learning_rate == 1e-5 and isinstance(p.learning_rate, float)
+    assert p.lora_alpha == 32.0 and isinstance(p.lora_alpha, float)
+
+
+def test_defaults_file_is_merged_under_the_model_file(tmp_path):
+    write(tmp_path / "_defaults.yaml", """\
+        num_iters: 7
+        batch_size: 2
+        dataset:
+          test_size: 0.3
+          split_seed: 1
+    """)
+    f = write(tmp_path / "small.yaml", """\
+        batch_size: 8
+        dataset:
+          split_seed: 3
+    """)
+    p = load_params(f)
+    assert p.name == "small"  # the file name when the file has none
+    assert (p.num_iters, p.batch_size) == (7, 8)
+    assert (p.dataset.test_size, p.dataset.split_seed) == (0.3, 3)
+    assert p.dataset.target == "target"  # untouched section keys keep their defaults
+
+
+def test_typo_in_the_defaults_file_names_that_file(tmp_path):
+    defaults = write(tmp_path / "_defaults.yaml", "num_itres: 7\n")
+    f = write(tmp_path / "m.yaml", "num_iters: 5\n")
+    with pytest.raises(ParamsError, match=f"{defaults}: unknown key 'num_itres'"):
+        load_params(f)
+
+
+def test_dotted_overrides(tmp_path):
+    f = write(tmp_path / "m.yaml", "num_iters: 5\ndataset:\n  test_size: 0.3\n")
+    p = load_params(f, {"num_iters": 9, "dataset.test_size": 0.25, "learning_rate": "2e-4"})
+    assert (p.num_iters, p.dataset.test_size, p.learning_rate) == (9, 0.25, 2e-4)
+    assert p.flat()["dataset.test_size"] == 0.25
+    assert p.replace(**{"prompt.digits": 2}).prompt.digits == 2
+    with pytest.raises(ParamsError, match="unknown key 'foo.bar'"):
+        load_params(f, {"foo.bar": 1})
+    with pytest.raises(ParamsError, match="Did you mean 'valid_size'"):
+        load_params(f, {"dataset.valid_sise": 0.1})
+
+
+def test_hash_follows_the_values_not_the_file(tmp_path):
+    a = load_params(write(tmp_path / "a" / "m.yaml", "num_iters: 5\n"))
+    b = load_params(write(tmp_path / "b" / "m.yaml", "num_iters: 5\n"))
+    assert a.hash() == b.hash() != a.replace(num_iters=6).hash()
+    assert isinstance(a, Params) and a.lora_scale == a.lora_alpha / a.lora_rank
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_not_a_mapping(tmp_path):
+    f = write(tmp_path / "m.yaml", "- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(f)
+
+
+def test_cli_prepare_missing_file_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "helpers", "prepare", "missing.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "missing.yaml: params file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
