@@ -65,7 +65,25 @@ def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
         raise ValueError(f"{path}: unknown notebook parameter(s) {unknown}; the notebook's "
-                         f"parameters cell declares {sorted(declared)}")
+                         f"parameters cell declares {sorted(declared)}"
+                         f"{_unparsed_hint(path, unknown)}")
+
+
+def _unparsed_hint(path: Path, names: list[str]) -> str:
+    """papermill skips a parameter line whose comment holds a '=' ("Unable to parse line"):
+    the name is then missing although the cell assigns it. Say so, since the cell looks fine."""
+    import re
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    source = cells[0].source if cells else ""
+    assigned = [n for n in names if re.search(rf"^\s*{re.escape(n)}\s*(:[^=]*)?=", source, re.M)]
+    if not assigned:
+        return ""
+    return (f". The cell does assign {assigned}, but papermill could not parse those lines: "
+            "a '=' inside a comment breaks its parser; remove it from the comment")
 
 
 def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None = None,

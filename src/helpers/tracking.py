@@ -39,7 +39,11 @@ def tracking_uri() -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
-def artifact_root() -> str:
+def artifact_root(uri: str = "") -> str:
+    """Artifacts of a local SQLite store live in `mlruns/` beside its database file."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
     return (PROJECT_ROOT / "mlruns").resolve().as_uri()
 
 
@@ -57,7 +61,7 @@ def setup(experiment: str = "tablora") -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         # Remote servers choose their own artifact store; locally keep artifacts under mlruns/.
-        location = artifact_root() if uri.startswith("sqlite:") else None
+        location = artifact_root(uri) if uri.startswith("sqlite:") else None
         try:
             exp_id = client.create_experiment(experiment, artifact_location=location)
         except Exception:  # another process created it first
@@ -130,7 +134,7 @@ def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
     if run_id:
         active = mlflow.start_run(run_id=run_id)
     else:
-        all_tags = {TAG_KIND: kind, **(tags or {})}
+        all_tags = {TAG_KIND: kind, **_batch_tags(), **(tags or {})}
         if nested_in:
             all_tags[TAG_PARENT] = nested_in
         active = mlflow.start_run(run_name=run_name or params.name, tags=all_tags)
@@ -145,6 +149,21 @@ def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+# Set by `tablora batch` for the notebooks it runs (kernels inherit the environment): every run a
+# notebook starts on its own (the baselines, the comparison) joins the batch and nests under it.
+ENV_BATCH_ID = "TABLORA_BATCH_ID"
+ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
+
+
+def _batch_tags() -> dict[str, str]:
+    tags = {}
+    if os.environ.get(ENV_BATCH_ID):
+        tags[TAG_BATCH_ID] = os.environ[ENV_BATCH_ID]
+    if os.environ.get(ENV_PARENT_RUN_ID):
+        tags[TAG_PARENT] = os.environ[ENV_PARENT_RUN_ID]
+    return tags
 
 
 def record_failure(e: BaseException, run_id: str = "") -> None:
@@ -170,3 +189,34 @@ def find_run(experiment: str, name: str, status: str | None = "FINISHED") -> Any
                                              order_by=["attributes.start_time DESC"],
                                              max_results=1)
     return runs[0] if runs else None
+
+
+class TrainingLogger:
+    """An mlx-lm training callback that writes its reports to the active MLflow run.
+
+    Duck-types mlx_lm.tuner.callbacks.TrainingCallback (helpers.finetune is the only module that
+    imports mlx_lm.tuner). Metric names follow mlx-lm's report keys, with the units spelled out:
+    train_loss, val_loss, learning_rate, tokens_per_sec, peak_memory_gb. `step_offset` shifts
+    mlx-lm's iteration numbers, so that a resumed run continues its curves.
+    """
+
+    # mlx-lm report key -> MLflow metric name
+    METRICS = {"train_loss": "train_loss", "val_loss": "val_loss",
+               "learning_rate": "learning_rate", "tokens_per_second": "tokens_per_sec",
+               "peak_memory": "peak_memory_gb"}
+
+    def __init__(self, step_offset: int = 0):
+        self.step_offset = step_offset
+
+    def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+        self._log(train_info)
+
+    def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
+        self._log(val_info)
+
+    def _log(self, info: dict[str, Any]) -> None:
+        import mlflow
+
+        metrics = {name: float(info[key]) for key, name in self.METRICS.items() if key in info}
+        if metrics:
+            mlflow.log_metrics(metrics, step=self.step_offset + int(info["iteration"]))

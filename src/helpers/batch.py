@@ -1,0 +1,716 @@
+"""`tablora batch`: each params file through train.ipynb then evaluate.ipynb, failures isolated.
+
+A batch is one MLflow parent run (tablora.kind=batch) with a child run per model and seed, the
+baselines run once per distinct split, then the comparison. A model that fails is recorded (FAILED
+run, cause in a tag, the executed notebook as an artifact) and the batch goes on; the summary at
+the end says which failed and why, and the exit code is non-zero when any did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers import config, notebooks, tracking
+from helpers.config import Params, ParamsError, load_params
+
+MODEL_NOTEBOOKS = ("train", "evaluate")
+# Every notebook the batch runs must declare these (see notes/CONTRACTS.md).
+NOTEBOOK_PARAMETERS = ("params_path", "overrides", "run_id")
+# Tags only the batch writes: which plan a parent run ran (for --resume), which split a baselines
+# run belongs to, and the first line of the cell that failed (the UI then shows what the terminal
+# showed).
+TAG_PLAN_HASH = "tablora.plan_hash"
+TAG_BASELINES_KEY = "tablora.baselines_key"
+TAG_ERROR_CELL = "tablora.error_cell"
+# Cause texts are cut to this in the terminal table (the full text is in MLflow and summary.json).
+CAUSE_CHARS = 300
+
+
+@dataclass
+class Job:
+    """One model run: a params file at one seed (or a params file that could not be loaded)."""
+
+    file: Path
+    name: str  # the params name: tablora.model_name
+    run_name: str  # name + "-seed<k>" when the file runs with several seeds
+    params: Params | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # why the file cannot be used
+
+
+@dataclass
+class Outcome:
+    """What happened to a Job (or to a baselines split): the summary's row."""
+
+    label: str
+    status: str = "pending"  # "ok", "failed", "skipped"
+    run_id: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # notebook -> wall time
+    cause: str = ""
+    note: str = ""
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+@dataclass
+class BaselineGroup:
+    """Models sharing a split: the baselines notebook runs once for all of them."""
+
+    key: str
+    file: Path  # the first model file of the group: its dataset and baselines sections
+    params: Params
+    models: list[str]
+
+
+# ---------------------------------------------------------------- planning (no MLflow, no kernels)
+
+
+def new_batch_id() -> str:
+    """20261128-231500-ab12: sortable by time, unique across machines."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Params files from files and folders; `_defaults.yaml` (any `_*` file) is not a model."""
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.y*ml")
+                           if p.suffix in (".yaml", ".yml") and not p.name.startswith("_"))
+            if not found:
+                raise FileNotFoundError(f"{path}: no params files (*.yaml) in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such params file or folder")
+    # The same file named twice (a folder and a file in it) runs once.
+    return list(dict.fromkeys(p.resolve() for p in files))
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, "
+                         "e.g. 0,1,2") from None
+
+
+def plan_jobs(files: list[Path], seeds: list[int] | None = None) -> list[Job]:
+    """A Job per file and seed; a file that does not load is a Job with its error."""
+    jobs: list[Job] = []
+    for file in files:
+        try:
+            params = load_params(file)
+        except ParamsError as e:
+            jobs.append(Job(file, file.stem, file.stem, error=str(e)))
+            continue
+        jobs.extend(_seed_jobs(file, params, seeds or params.seeds))
+    return jobs
+
+
+def _seed_jobs(file: Path, params: Params, seeds: list[int]) -> list[Job]:
+    if not seeds:
+        return [Job(file, params.name, params.name, params)]
+    jobs = []
+    for seed in dict.fromkeys(seeds):
+        # `seeds: []` so that a run's params (and hash) describe that one run, whichever seed
+        # list it came from: --resume then recognises it.
+        overrides: dict[str, Any] = {"seed": seed, "seeds": []}
+        run_name = params.name
+        if len(set(seeds)) > 1:
+            run_name = f"{params.name}-seed{seed}"
+            # Each seed trains its own adapter; a relative path keeps the hash machine-independent.
+            base = params.output_dir or f"runs/adapters/{params.name}"
+            overrides["output_dir"] = f"{base}-seed{seed}"
+        jobs.append(Job(file, params.name, run_name, params.replace(**overrides), overrides))
+    return jobs
+
+
+def select(jobs: list[Job], only: list[str]) -> list[Job]:
+    """--only NAME: a params name, a run name (name-seed1) or a file name without .yaml."""
+    if not only:
+        return jobs
+    wanted = set(only)
+    picked = [j for j in jobs if wanted & {j.name, j.run_name, j.file.stem}]
+    unknown = wanted - {n for j in jobs for n in (j.name, j.run_name, j.file.stem)}
+    if unknown:
+        known = ", ".join(sorted({j.name for j in jobs}))
+        raise ValueError(f"--only {', '.join(sorted(unknown))}: no such model in this batch "
+                         f"(models: {known})")
+    return picked
+
+
+def baselines_key(params: Params) -> str:
+    """Same dataset section, baselines settings and experiment = same baselines runs."""
+    blob = json.dumps({"experiment": params.experiment,
+                       "dataset": dataclasses.asdict(params.dataset),
+                       "baselines": dataclasses.asdict(params.baselines)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
+    groups: dict[str, BaselineGroup] = {}
+    for job in jobs:
+        if job.params is None:
+            continue
+        key = baselines_key(job.params)
+        if key not in groups:
+            groups[key] = BaselineGroup(key, job.file, load_params(job.file), [])
+        if job.name not in groups[key].models:
+            groups[key].models.append(job.name)
+    return list(groups.values())
+
+
+def experiment_of(jobs: list[Job]) -> str:
+    names = {j.params.experiment for j in jobs if j.params is not None}
+    if len(names) > 1:
+        raise ParamsError(f"a batch writes to one MLflow experiment, but its files name "
+                          f"{sorted(names)}: give them the same `experiment`, or run them apart")
+    return names.pop() if names else Params().experiment
+
+
+def plan_hash(jobs: list[Job]) -> str:
+    """Identifies "the same batch command" for --resume: the resolved params of every run."""
+    items = sorted(j.params.hash() if j.params else f"broken:{j.file}" for j in jobs)
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def _notebook_file(name: str) -> Path | None:
+    try:
+        return notebooks.notebook_path(name)
+    except FileNotFoundError:
+        return None
+
+
+def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
+                compare: bool, skips: dict[str, str] | None = None) -> str:
+    """The dry-run text: runs, notebooks, the baselines per split."""
+    skips = skips or {}
+    n_files = len({j.file for j in jobs})
+    lines = [f"batch plan: {len(jobs)} model run(s) from {n_files} params file(s), "
+             f"MLflow experiment {experiment!r}"]
+    nbs = [f"{n}.ipynb{'' if _notebook_file(n) else ' (MISSING)'}" for n in MODEL_NOTEBOOKS]
+    lines.append(f"each run: {' -> '.join(nbs)}, in one MLflow run nested under the batch run")
+    for i, job in enumerate(jobs, 1):
+        lines.append(f"  [{i}/{len(jobs)}] {_describe_job(job)}")
+        if job.run_name in skips:
+            lines.append(f"        --resume: skipped, {skips[job.run_name]}")
+    lines.append(_baselines_plan(groups))
+    lines.extend(f"  split {g.key}: {_describe_split(g.params)} for {', '.join(g.models)}"
+                 f" (with {_rel(g.file)})" for g in groups)
+    if not compare:
+        lines.append("compare: skipped (--no-compare)")
+    else:
+        found = _notebook_file("compare")
+        lines.append("compare: compare.ipynb over the batch's runs" if found else
+                     "compare: notebooks/compare.ipynb not found, skipped")
+    return "\n".join(lines)
+
+
+def _describe_job(job: Job) -> str:
+    if job.params is None:
+        return f"{job.run_name}: BROKEN params file ({_rel(job.file)}): {job.error}"
+    p = job.params
+    return (f"{job.run_name}: {p.model_id} seed {p.seed}, lr {p.learning_rate:g}, "
+            f"{p.num_iters} iters, LoRA r{p.lora_rank}/a{p.lora_alpha:g}, batch {p.batch_size}"
+            f" ({_rel(job.file)})")
+
+
+def _baselines_plan(groups: list[BaselineGroup]) -> str:
+    if not _notebook_file("baselines"):
+        return "baselines: notebooks/baselines.ipynb not found, skipped"
+    return f"baselines: baselines.ipynb once per distinct split ({len(groups)})"
+
+
+def _describe_split(p: Params) -> str:
+    d = p.dataset
+    features = f"{len(d.features)} features" if d.features else "all features"
+    return (f"{d.source} -> {d.target}={d.positive_label!r}, {features}, test {d.test_size:g}, "
+            f"valid {d.valid_size:g}, split_seed {d.split_seed}")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Batch:
+    """The MLflow side of one batch: where its runs and executed notebooks go."""
+
+    batch_id: str
+    experiment_id: str
+    parent_id: str
+    out_dir: Path
+    client: Any
+
+    def model_tags(self, job: Job) -> dict[str, str]:
+        p = job.params
+        tags = {tracking.TAG_KIND: "llm", tracking.TAG_PARENT: self.parent_id,
+                tracking.TAG_BATCH_ID: self.batch_id, tracking.TAG_MODEL_NAME: job.name}
+        if p is not None:
+            tags.update({tracking.TAG_SEED: str(p.seed), tracking.TAG_PARAMS_HASH: p.hash(),
+                         **tracking.model_tags(p.model_id)})
+        return tags
+
+
+def cli_batch(args: Any) -> int:
+    """`tablora batch PATH... [--resume] [--dry-run] [--only NAME] [--seeds 0,1] [--no-compare]`"""
+    jobs = select(plan_jobs(expand_paths(args.paths), parse_seeds(args.seeds)), args.only)
+    groups = baseline_groups(jobs)
+    experiment = experiment_of(jobs)
+    compare = not args.no_compare
+    if args.dry_run:
+        skips = _resume_skips_readonly(jobs, experiment) if args.resume else {}
+        print(format_plan(jobs, groups, experiment, compare, skips))
+        return 0
+    _preflight()
+    return run_batch(jobs, groups, experiment, resume=args.resume, compare=compare)
+
+
+def _preflight() -> None:
+    """Refuse to start a batch whose notebooks are missing or take other parameters."""
+    for name in (*MODEL_NOTEBOOKS, "baselines", "compare"):
+        path = _notebook_file(name)
+        if path is None and name in MODEL_NOTEBOOKS:
+            notebooks.notebook_path(name)  # raises FileNotFoundError with the path
+        if path is not None:
+            notebooks.check_parameters(path, dict.fromkeys(NOTEBOOK_PARAMETERS))
+
+
+def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
+              resume: bool = False, compare: bool = True) -> int:
+    import mlflow
+
+    t0 = time.perf_counter()
+    # Create the store and the experiment here, once: kernels creating a new SQLite store at the
+    # same time crash in its schema set-up. setup() also exports the absolute tracking URI.
+    exp_id = tracking.setup(experiment)
+    client = mlflow.MlflowClient()
+    batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
+    print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
+          f"executed notebooks in {batch.out_dir}", flush=True)
+    outcomes: list[Outcome] = []
+    baseline_outcomes: list[Outcome] = []
+    compare_outcome: Outcome | None = None
+    try:
+        with _batch_env(batch):
+            baseline_outcomes = [_run_baselines(batch, g, resume) for g in groups]
+            for i, job in enumerate(jobs, 1):
+                outcomes.append(_run_model(batch, job, f"[{i}/{len(jobs)}]", resume))
+            if compare:
+                compare_outcome = _run_compare(batch, jobs)
+    except KeyboardInterrupt:
+        client.set_terminated(batch.parent_id, "KILLED")
+        raise
+    summary = Summary(batch.batch_id, experiment, outcomes, baseline_outcomes, compare_outcome,
+                      time.perf_counter() - t0)
+    _log_summary(batch, summary)
+    print()
+    print(summary.text())
+    if compare_outcome is not None and compare_outcome.status == "ok":
+        table = results_table(batch.out_dir / "compare.ipynb")
+        if table:
+            print("\nResults (from compare.ipynb):\n" + table)
+    print(f"\nBrowse the runs:    make ui   then http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
+          f"\nOpen the notebooks: make lab  (this batch's executed copies: {batch.out_dir})")
+    return 1 if summary.failed else 0
+
+
+def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
+    """The parent run: a new one, or with --resume the latest batch that ran the same plan, so
+    that the finished runs it skips and the new ones end up in one batch for the comparison."""
+    previous = _previous_batch(client, exp_id, plan) if resume else None
+    if previous is not None:
+        batch_id = previous.data.tags[tracking.TAG_BATCH_ID]
+        client.update_run(previous.info.run_id, status="RUNNING")
+        parent_id = previous.info.run_id
+        print(f"--resume: continuing batch {batch_id}")
+    else:
+        batch_id = new_batch_id()
+        parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
+            tracking.TAG_KIND: "batch", tracking.TAG_BATCH_ID: batch_id, TAG_PLAN_HASH: plan,
+            tracking.TAG_GIT_COMMIT: tracking.git_commit()})
+        parent_id = parent.info.run_id
+    out_dir = config.RUNS_DIR / batch_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Batch(batch_id, exp_id, parent_id, out_dir, client)
+
+
+def _previous_batch(client: Any, exp_id: str, plan: str) -> Any | None:
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'batch' and "
+        f"tags.`{TAG_PLAN_HASH}` = '{plan}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+@contextmanager
+def _batch_env(batch: Batch) -> Iterator[None]:
+    """Runs a notebook starts by itself (baselines, comparison) join the batch: tracking.run()
+    reads these; kernels inherit the environment."""
+    saved = {k: os.environ.get(k) for k in (tracking.ENV_BATCH_ID, tracking.ENV_PARENT_RUN_ID)}
+    os.environ[tracking.ENV_BATCH_ID] = batch.batch_id
+    os.environ[tracking.ENV_PARENT_RUN_ID] = batch.parent_id
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _finished_run(client: Any, exp_id: str, params_hash: str) -> Any | None:
+    """A FINISHED LLM run with these exact params that got as far as test metrics (a run that
+    ended after train.ipynb alone is FINISHED too, but not done)."""
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{tracking.TAG_PARAMS_HASH}` = '{params_hash}' and "
+        f"tags.`{tracking.TAG_KIND}` = 'llm' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if any(k.startswith("test_") for k in run.data.metrics):
+            return run
+    return None
+
+
+def _skip_note(run: Any) -> str:
+    batch_id = run.data.tags.get(tracking.TAG_BATCH_ID, "no batch")
+    return f"FINISHED run {run.info.run_id} ({batch_id}) has the same params"
+
+
+def _resume_skips_readonly(jobs: list[Job], experiment: str) -> dict[str, str]:
+    """--dry-run --resume: which runs would be skipped, without creating a store."""
+    import mlflow
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return {}
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    skips = {}
+    for job in jobs:
+        run = _finished_run(client, exp.experiment_id, job.params.hash()) if job.params else None
+        if run is not None:
+            skips[job.run_name] = _skip_note(run)
+    return skips
+
+
+def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
+    outcome = Outcome(job.run_name)
+    if job.params is None:
+        return _broken_file(batch, job, counter, outcome)
+    if resume:
+        done = _finished_run(batch.client, batch.experiment_id, job.params.hash())
+        if done is not None:
+            outcome.status, outcome.run_id, outcome.note = "skipped", done.info.run_id, (
+                _skip_note(done))
+            print(f"{counter} {job.run_name}: skipped (--resume: {outcome.note})", flush=True)
+            return outcome
+    # The batch creates the run so that train.ipynb and evaluate.ipynb both write into it.
+    run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
+                                  tags=batch.model_tags(job))
+    outcome.run_id = run.info.run_id
+    for name in MODEL_NOTEBOOKS:
+        print(f"{counter} {job.run_name}: {name} ...", flush=True)
+        output = batch.out_dir / job.run_name / f"{name}.ipynb"
+        error = _execute(batch, outcome, name, job.file, job.overrides, outcome.run_id, output)
+        _log_notebook(batch, outcome.run_id, output)
+        secs = outcome.seconds[name]
+        if error is not None:
+            _fail(batch, outcome, error)
+            print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s FAILED: "
+                  f"{_short(outcome.cause)}", flush=True)
+            return outcome
+        print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s ok", flush=True)
+    outcome.status = "ok"
+    # A notebook that did not end the run itself leaves it RUNNING forever in the UI.
+    if batch.client.get_run(outcome.run_id).info.status == "RUNNING":
+        batch.client.set_terminated(outcome.run_id, "FINISHED")
+    return outcome
+
+
+def _execute(batch: Batch, outcome: Outcome, name: str, file: Path, overrides: dict[str, Any],
+             run_id: str, output: Path, **extra: Any) -> BaseException | None:
+    """Run one notebook; its wall time goes to outcome.seconds; returns the error, if any."""
+    t0 = time.perf_counter()
+    try:
+        notebooks.execute(name, file, overrides, run_id=run_id, output=output, **extra)
+    except KeyboardInterrupt:
+        if run_id:
+            batch.client.set_terminated(run_id, "KILLED")
+        raise
+    except Exception as e:  # isolation: any failure is this model's, never the batch's
+        return e
+    finally:
+        outcome.seconds[name] = time.perf_counter() - t0
+    return None
+
+
+def describe_error(e: BaseException) -> tuple[str, str]:
+    """(the exception, the failing cell's first line) for the summary and the run's tags."""
+    if isinstance(e, notebooks.NotebookFailed):
+        lines = e.cell.strip().splitlines()
+        return f"{e.ename}: {_one_line(e.evalue)}", (lines[0] if lines else "")
+    return f"{type(e).__name__}: {_one_line(str(e))}", ""
+
+
+def _fail(batch: Batch, outcome: Outcome, error: BaseException) -> None:
+    """The run ends FAILED with its cause, whether or not the notebook got as far as saying so."""
+    exc, cell = describe_error(error)
+    outcome.status = "failed"
+    outcome.cause = f"{exc} (cell: `{cell}`)" if cell else exc
+    client = batch.client
+    if tracking.TAG_ERROR not in client.get_run(outcome.run_id).data.tags:
+        client.set_tag(outcome.run_id, tracking.TAG_ERROR, exc[:4000])
+    if cell:
+        client.set_tag(outcome.run_id, TAG_ERROR_CELL, cell[:500])
+    client.set_terminated(outcome.run_id, "FAILED")
+
+
+def _broken_file(batch: Batch, job: Job, counter: str, outcome: Outcome) -> Outcome:
+    """A params file that does not load is still a FAILED run, so the UI lists it too."""
+    run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
+                                  tags={**batch.model_tags(job), tracking.TAG_ERROR: job.error})
+    outcome.run_id = run.info.run_id
+    if job.file.is_file():
+        batch.client.log_artifact(outcome.run_id, str(job.file), "params")
+    batch.client.set_terminated(outcome.run_id, "FAILED")
+    outcome.status, outcome.cause = "failed", f"ParamsError: {_one_line(job.error)}"
+    print(f"{counter} {job.run_name}: FAILED before training: {_short(outcome.cause)}",
+          flush=True)
+    return outcome
+
+
+def _log_notebook(batch: Batch, run_id: str, output: Path) -> None:
+    if output.is_file():
+        batch.client.log_artifact(run_id, str(output), "notebooks")
+
+
+def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
+    outcome = Outcome(f"baselines {group.key}")
+    if _notebook_file("baselines") is None:
+        outcome.status, outcome.note = "skipped", "notebooks/baselines.ipynb not found"
+        print(f"baselines {group.key}: skipped ({outcome.note})", flush=True)
+        return outcome
+    if resume and _baseline_runs(batch, group.key, status="FINISHED"):
+        outcome.status, outcome.note = "skipped", "--resume: already in this batch"
+        print(f"baselines {group.key}: skipped ({outcome.note})", flush=True)
+        return outcome
+    print(f"baselines {group.key}: {_describe_split(group.params)} ...", flush=True)
+    started_ms = int(time.time() * 1000)
+    output = batch.out_dir / "baselines" / f"baselines-{group.key}.ipynb"
+    # baselines.ipynb nests its runs under `run_id` and tags them with `batch_id`; the batch
+    # environment (TABLORA_*) covers a notebook that declares neither.
+    extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
+    run_id = batch.parent_id if "batch_id" in extra else ""
+    error = _execute(batch, outcome, "baselines", group.file, {}, run_id, output, **extra)
+    _log_notebook(batch, batch.parent_id, output)
+    _tag_new_baseline_runs(batch, group.key, started_ms)
+    secs = outcome.seconds["baselines"]
+    if error is None:
+        outcome.status = "ok"
+        print(f"baselines {group.key}: {secs:.0f}s ok", flush=True)
+        return outcome
+    _baselines_failed(batch, group, outcome, error)
+    print(f"baselines {group.key}: {secs:.0f}s FAILED: {_short(outcome.cause)}", flush=True)
+    return outcome
+
+
+def _baseline_runs(batch: Batch, key: str, status: str = "", since_ms: int = 0) -> list[Any]:
+    filt = (f"tags.`{tracking.TAG_PARENT}` = '{batch.parent_id}' and "
+            f"tags.`{tracking.TAG_KIND}` = 'baseline'")
+    if key:
+        filt += f" and tags.`{TAG_BASELINES_KEY}` = '{key}'"
+    if status:
+        filt += f" and attributes.status = '{status}'"
+    if since_ms:
+        filt += f" and attributes.start_time >= {since_ms}"
+    return batch.client.search_runs([batch.experiment_id], filter_string=filt, max_results=1000)
+
+
+def _tag_new_baseline_runs(batch: Batch, key: str, since_ms: int) -> None:
+    """Mark the runs this split's baselines notebook made, so --resume can find them."""
+    for run in _baseline_runs(batch, "", since_ms=since_ms):
+        if TAG_BASELINES_KEY not in run.data.tags:
+            batch.client.set_tag(run.info.run_id, TAG_BASELINES_KEY, key)
+
+
+def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
+                      error: BaseException) -> None:
+    exc, cell = describe_error(error)
+    outcome.status = "failed"
+    outcome.cause = f"{exc} (cell: `{cell}`)" if cell else exc
+    failed = _baseline_runs(batch, group.key, status="FAILED")
+    if failed:
+        outcome.run_id = failed[0].info.run_id
+        return
+    # The notebook failed before it started a run of its own: make one to carry the cause.
+    run = batch.client.create_run(batch.experiment_id, run_name=f"baselines-{group.key}", tags={
+        tracking.TAG_KIND: "baseline", tracking.TAG_PARENT: batch.parent_id,
+        tracking.TAG_BATCH_ID: batch.batch_id, TAG_BASELINES_KEY: group.key,
+        tracking.TAG_ERROR: exc[:4000], **({TAG_ERROR_CELL: cell[:500]} if cell else {})})
+    outcome.run_id = run.info.run_id
+    batch.client.set_terminated(outcome.run_id, "FAILED")
+
+
+def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
+    path = _notebook_file("compare")
+    first = next((j for j in jobs if j.params is not None), None)
+    if path is None or first is None:
+        why = "notebooks/compare.ipynb not found" if path is None else "no model to compare"
+        print(f"compare: skipped ({why})", flush=True)
+        return None
+    outcome = Outcome("compare")
+    print("compare ...", flush=True)
+    output = batch.out_dir / "compare.ipynb"
+    extra = _declared(path, batch_id=batch.batch_id, experiment=first.params.experiment,
+                      out_dir=str(batch.out_dir / "compare"))
+    error = _execute(batch, outcome, "compare", first.file, {}, "", output, **extra)
+    _log_notebook(batch, batch.parent_id, output)
+    if error is None:
+        outcome.status = "ok"
+    else:
+        exc, cell = describe_error(error)
+        outcome.status, outcome.cause = "failed", f"{exc} (cell: `{cell}`)" if cell else exc
+    print(f"compare ... {outcome.total_seconds:.0f}s {outcome.status}", flush=True)
+    return outcome
+
+
+def _declared(path: Path | None, **candidates: Any) -> dict[str, Any]:
+    """The batch-level parameters (batch id, ...) that this notebook's parameters cell declares:
+    passing others would be refused."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(path)) if path else {}
+    return {k: v for k, v in candidates.items() if k in declared}
+
+
+def results_table(executed: Path) -> str:
+    """The first table the comparison notebook displayed (else its last cell's output)."""
+    import nbformat
+
+    if not executed.is_file():
+        return ""
+    texts, first_table = [], ""
+    for cell in nbformat.read(str(executed), as_version=4).cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "<table" in data.get("text/html", "") and not first_table:
+                first_table = data.get("text/plain", "")
+            if "text/plain" in data:
+                texts.append(data["text/plain"])
+    return first_table or (texts[-1] if texts else "")
+
+
+# ---------------------------------------------------------------- the summary
+
+
+@dataclass
+class Summary:
+    batch_id: str
+    experiment: str
+    models: list[Outcome]
+    baselines: list[Outcome]
+    compare: Outcome | None
+    seconds: float
+
+    @property
+    def failed(self) -> list[Outcome]:
+        steps = [*self.models, *self.baselines, *([self.compare] if self.compare else [])]
+        return [o for o in steps if o.status == "failed"]
+
+    @property
+    def n_ok(self) -> int:
+        return sum(o.status in ("ok", "skipped") for o in self.models)
+
+    @property
+    def success_rate(self) -> float:
+        return self.n_ok / len(self.models) if self.models else 0.0
+
+    def text(self) -> str:
+        reused = sum(o.status == "skipped" for o in self.models)
+        lines = [f"batch {self.batch_id}: {self.n_ok}/{len(self.models)} models succeeded"
+                 + (f" ({reused} reused from earlier runs)" if reused else "")
+                 + f", total {_duration(self.seconds)}"]
+        width = max([len(o.label) for o in self.models + self.baselines] + [8])
+        head = f"  {'model':<{width}}  {'status':<7}  {'train':>7}  {'evaluate':>8}  {'total':>7}"
+        lines.append(head + "  run")
+        for o in self.models + self.baselines:
+            lines.append(f"  {o.label:<{width}}  {o.status:<7}  {_secs(o, 'train'):>7}  "
+                         f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
+                         f"{o.run_id or '-'}")
+        if self.compare is not None:
+            lines.append(f"  compare: {self.compare.status} in "
+                         f"{_duration(self.compare.total_seconds)}")
+        if self.failed:
+            lines.append(f"failures ({len(self.failed)}):")
+            lines.extend(f"  {o.label}: {_short(o.cause)}" for o in self.failed)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        def row(o: Outcome) -> dict[str, Any]:
+            return {"name": o.label, "status": o.status, "run_id": o.run_id,
+                    "seconds": {k: round(v, 1) for k, v in o.seconds.items()},
+                    "total_seconds": round(o.total_seconds, 1), "cause": o.cause,
+                    "note": o.note}
+
+        return {"batch_id": self.batch_id, "experiment": self.experiment,
+                "success_rate": self.success_rate, "n_models": len(self.models),
+                "n_ok": self.n_ok, "n_failed": sum(o.status == "failed" for o in self.models),
+                "total_seconds": round(self.seconds, 1),
+                "models": [row(o) for o in self.models],
+                "baselines": [row(o) for o in self.baselines],
+                "compare": row(self.compare) if self.compare else None}
+
+
+def _log_summary(batch: Batch, summary: Summary) -> None:
+    d = summary.to_dict()
+    client = batch.client
+    client.log_text(batch.parent_id, summary.text(), "summary.txt")
+    client.log_dict(batch.parent_id, d, "summary.json")
+    for key in ("success_rate", "n_failed", "n_models", "total_seconds"):
+        client.log_metric(batch.parent_id, key, d[key])
+    client.set_terminated(batch.parent_id, "FAILED" if summary.failed else "FINISHED")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= CAUSE_CHARS else text[:CAUSE_CHARS - 3] + "..."
+
+
+def _secs(o: Outcome, name: str) -> str:
+    return _duration(o.seconds[name]) if name in o.seconds else "-"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.1f}min"
+
