@@ -83,12 +83,14 @@ def new_batch_id() -> str:
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
-    """Params files from files and folders; `_defaults.yaml` (any `_*` file) is not a model."""
+    """Params files from files and folders (recursively); `_*` files such as `_defaults.yaml` are
+    not models."""
     files: list[Path] = []
     for path in paths:
         path = Path(path).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.glob("*.y*ml")
+            # Sub-folders too: `tablora recommend --out DIR` writes DIR/config-a and DIR/config-b.
+            found = sorted(p for p in path.rglob("*.y*ml")
                            if p.suffix in (".yaml", ".yml") and not p.name.startswith("_"))
             if not found:
                 raise FileNotFoundError(f"{path}: no params files (*.yaml) in this folder")
