@@ -1,0 +1,212 @@
+"""helpers.finetune on the tiny random llama model: the real mlx-lm and MLflow code path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import config, data, finetune, models, tracking
+from helpers.config import ParamsError, load_params
+
+# The toy table repeats its rows on purpose (a few rows the tiny model can learn).
+pytestmark = pytest.mark.filterwarnings("ignore:.*appear identically in train:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite file with its tables made once (the migrations take seconds)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def toy(tmp_path, tiny_model_dir, empty_store, monkeypatch):
+    """params(**overrides) for a few repeated rows of a two-class table, in temporary stores."""
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # artifacts go to tmp_path/mlruns
+    table = pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0] * 6,
+                          "label": ["no", "no", "yes", "yes"] * 6})
+    table.to_csv(tmp_path / "toy.csv", index=False)
+    spec = {"name": "toy", "model_id": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
+            "num_layers": -1, "batch_size": 2, "learning_rate": 2e-3, "steps_per_report": 5,
+            "dataset": {"source": str(tmp_path / "toy.csv"), "target": "label",
+                        "positive_label": "yes", "test_size": 0.25, "valid_size": 0.25}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return lambda **overrides: load_params(path, overrides)
+
+
+def _train(params, run_id="", **kwargs):
+    model, tokenizer = models.load(params.model_id)
+    prepared = data.prepare(params)
+    with tracking.run(params, run_id=run_id) as run:
+        result = finetune.train(model, tokenizer, prepared, params, **kwargs)
+    return result, run.info.run_id
+
+
+def _losses(run_id, key="train_loss"):
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+
+
+def _weights(folder):
+    import mlx.core as mx
+
+    return {k: np.array(v) for k, v in mx.load(str(folder / finetune.ADAPTER_FILE)).items()}
+
+
+def test_loss_falls_and_the_run_records_it(toy):
+    params = toy(num_iters=20, steps_per_eval=10, save_every=10)
+    result, run_id = _train(params)
+
+    losses = [v for _, v in sorted(_losses(run_id).items())]
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert sorted(_losses(run_id, "val_loss")) == [0, 10, 20]
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    m, tags = run.data.metrics, run.data.tags
+    assert m["trainable_parameters"] == result.trainable_parameters > 0
+    assert m["tokens_per_sec"] > 0 and m["train_seconds"] > 0 and m["peak_memory_gb"] > 0
+    assert tags[tracking.TAG_SEED] == "0" and tags[tracking.TAG_MODEL_NAME] == "toy"
+    client = mlflow.MlflowClient()
+    for folder in (finetune.ARTIFACT_BEST, finetune.ARTIFACT_LAST):
+        names = {f.path.split("/")[-1] for f in client.list_artifacts(run_id, folder)}
+        assert names == {finetune.ADAPTER_FILE, finetune.ADAPTER_CONFIG}
+
+    # The saved adapter is one mlx-lm loads as it is.
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    tuned, _ = mlx_lm.load(params.model_id, adapter_path=str(result.adapter_dir))
+    loaded = dict(tree_flatten(tuned.parameters()))
+    saved = _weights(result.adapter_dir)
+    assert all(np.allclose(w, np.array(loaded[k])) for k, w in saved.items())
+
+
+class _InterruptAfter(finetune.Batches):
+    """Training batches that stop the run (like Ctrl-C) when step `n + 1` asks for its batch."""
+
+    def __init__(self, n, **kwargs):
+        super().__init__(**kwargs)
+        self.n = n
+
+    def __call__(self, dataset, batch_size, max_seq_length, loop=False, **kwargs):
+        stream = super().__call__(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
+        for i, batch in enumerate(stream):
+            if loop and i == self.n:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(toy, tmp_path):
+    # Cosine schedule with warm-up and dropout: the LR step counter and RNG must carry over too.
+    kw = {"num_iters": 6, "save_every": 3, "steps_per_eval": 100, "lr_schedule": "cosine",
+          "warmup_steps": 2, "lora_dropout": 0.1}
+    straight, straight_id = _train(toy(**kw, output_dir=str(tmp_path / "a")))
+
+    params = toy(**kw, output_dir=str(tmp_path / "b"))
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, batches=_InterruptAfter(3, seed=params.seed))
+    run_id = mlflow.search_runs(filter_string="attributes.status = 'KILLED'",
+                                output_format="list")[0].info.run_id
+    resumed, _ = _train(params, run_id=run_id)
+
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    a, b = _losses(straight_id), _losses(run_id)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]  # one run, continuing steps
+    assert np.allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)], rtol=1e-4)
+    lr = "learning_rate"
+    assert np.isclose(_losses(straight_id, lr)[6], _losses(run_id, lr)[6])
+    wa, wb = _weights(straight.last_dir), _weights(resumed.last_dir)
+    assert all(np.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+
+
+def test_early_stopping_keeps_the_best_adapter(toy):
+    params = toy(num_iters=60, learning_rate=1e-2, steps_per_eval=3, early_stopping_patience=2)
+    result, run_id = _train(params)
+
+    val = _losses(run_id, "val_loss")
+    assert result.stopped_early and result.steps < 60
+    assert result.best_step == min(val, key=val.get) and result.best_val_loss == min(val.values())
+    assert result.steps == max(val) == result.best_step + 2 * params.steps_per_eval
+    best = json.loads((result.adapter_dir / finetune.ADAPTER_CONFIG).read_text())
+    last = json.loads((result.last_dir / finetune.ADAPTER_CONFIG).read_text())
+    assert (best["step"], last["step"]) == (result.best_step, result.steps)
+    logged = mlflow.artifacts.load_dict(
+        f"runs:/{run_id}/{finetune.ARTIFACT_BEST}/{finetune.ADAPTER_CONFIG}")
+    assert logged["step"] == result.best_step
+    wb, wl = _weights(result.adapter_dir), _weights(result.last_dir)
+    assert any(not np.allclose(wb[k], wl[k]) for k in wb)
+
+
+def test_too_many_layers_is_refused_before_training(toy):
+    params = toy(num_layers=16, num_iters=5)
+    with pytest.raises(ParamsError, match="num_layers=16 but the model has 4 layers"):
+        _train(params)
+    run = mlflow.search_runs(output_format="list")[0]
+    assert run.info.status == "FAILED"
+    assert "num_layers=16 but the model has 4 layers" in run.data.tags[tracking.TAG_ERROR]
+    assert "train_loss" not in run.data.metrics and not params.adapter_dir.exists()
+
+
+def test_nan_loss_stops_the_run_as_failed(toy):
+    # Adam moves each weight by ~lr per step: with a scale of 1.25e19 that overflows at step 2.
+    params = toy(num_iters=20, learning_rate=0.99, lora_alpha=1e20, steps_per_eval=100)
+    with pytest.raises(finetune.TrainingDiverged, match="training loss became nan at step 2"):
+        _train(params)
+    run = mlflow.search_runs(output_format="list")[0]
+    assert run.info.status == "FAILED"
+    assert "the learning rate 0.99 is too high" in run.data.tags[tracking.TAG_ERROR]
+    assert max(_losses(run.info.run_id)) == 2
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    params = config.Params(learning_rate=1e-3, lr_schedule="cosine", warmup_steps=4,
+                           num_iters=24, grad_accumulation_steps=2)  # 12 optimizer updates
+    import mlx.core as mx
+
+    schedule = finetune.learning_rate_schedule(params)
+    lrs = [schedule(mx.array(s)).item() for s in range(13)]
+    assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
+    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
+    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+
+
+class _Rows:
+    """A stand-in for mlx-lm's CacheDataset: (tokens, answer offset) per row."""
+
+    def __init__(self, lengths):
+        self.rows = [(list(range(1, n + 1)), n - 2) for n in lengths]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def itemlen(self, i):
+        return len(self.rows[i][0])
+
+
+def test_batches_skip_resumes_the_same_stream():
+    rows = _Rows([5, 9, 7, 12, 3, 8, 6, 10, 4])  # 4 batches of 2 per epoch
+
+    def stream(skip, n):
+        it = finetune.Batches(seed=3, skip=skip)(rows, 2, 16, loop=True)
+        return [np.array(next(it)[0]).tolist() for _ in range(n)]
+
+    full = stream(0, 10)
+    assert stream(6, 4) == full[6:]  # across an epoch boundary
+    assert full[:4] != full[4:8]  # each epoch has its own order
