@@ -29,12 +29,13 @@ CORPUS = [
 
 def build_tiny_model(path: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
     """Write config.json, model.safetensors and tokenizer files for mlx_lm.load into `path`."""
-    import helpers  # noqa: F401 - loads the BLAS before mlx
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
+
+    import helpers  # noqa: F401 - loads the BLAS before mlx
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
