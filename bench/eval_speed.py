@@ -1,0 +1,111 @@
+"""Evaluation speed on the embedded model: generation vs likelihood scoring, without and with the
+shared-prefix KV cache, on the same test prompts in one run.
+
+    .venv/bin/python bench/eval_speed.py [--n 64] [--batch-size 8] [--params FILE]
+
+The three modes take turns on chunks of the prompts (other processes' load then falls on all
+of them alike); prefix caching works per chunk, as it does per split in evaluation. Prints a
+table; the last line is JSON: generate_eps, logprob_eps, cached_eps (examples/s) and
+speedup_vs_generate (cached / generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from helpers import blas, data, models, scoring
+from helpers.config import DEMO_PARAMS, load_params
+
+
+def _joined(parts: list[scoring.Scores]) -> scoring.Scores:
+    """One Scores from the chunks of one mode (times added up)."""
+    cat = np.concatenate
+    raw = sum((p.raw for p in parts), []) if parts[0].raw is not None else None
+    return scoring.Scores(parts[0].mode, cat([p.p_yes for p in parts]),
+                          cat([p.parsed for p in parts]), raw,
+                          cat([p.logprob_yes for p in parts]), cat([p.logprob_no for p in parts]),
+                          sum(p.seconds for p in parts),
+                          min(p.prefix_tokens for p in parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default=str(DEMO_PARAMS), help="params YAML (default: the demo)")
+    ap.add_argument("--n", type=int, default=64, help="test prompts to score (default 64)")
+    ap.add_argument("--batch-size", type=int, help="eval_batch_size (default: the params')")
+    ap.add_argument("--chunk", type=int, default=16,
+                    help="prompts per round of the three modes (default 16)")
+    a = ap.parse_args(argv)
+
+    overrides = {"eval_batch_size": a.batch_size} if a.batch_size else {}
+    params = load_params(a.params, overrides)
+    prepared = data.prepare(params)
+    messages = prepared.messages("test", with_answer=False)
+    if len(messages) < a.n:
+        # Too few test rows: add validation rows so that every mode still sees n prompts.
+        messages += prepared.messages("valid", with_answer=False)
+    messages = messages[: a.n]
+    model, tokenizer = models.load(params.model_id, params.dequantize)
+    _, ids = scoring.encode_prompts(tokenizer, messages)
+
+    # Warm-up: first calls allocate buffers and build kernels; keep that out of every timing.
+    scoring.score(model, tokenizer, messages[:2], params, progress=False)
+    scoring.score(model, tokenizer, messages[:1], params, mode="generate", progress=False)
+
+    # The prompts in chunks, each scored by all three modes in a rotating order: load from other
+    # processes that drifts over minutes then slows every mode alike.
+    modes = {"generate": {"mode": "generate"}, "logprob": {"use_prefix_cache": False},
+             "cached": {"use_prefix_cache": True}}
+    runs: dict[str, list[scoring.Scores]] = {m: [] for m in modes}
+    chunks = [messages[i: i + a.chunk] for i in range(0, len(messages), a.chunk)]
+    for k, part in enumerate(chunks):
+        order = list(modes)[k % 3:] + list(modes)[: k % 3]
+        for name in order:
+            runs[name].append(scoring.score(model, tokenizer, part, params, progress=False,
+                                            **modes[name]))
+        print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(
+            f"{m} {runs[m][-1].examples_per_sec:.2f} ex/s" for m in modes), flush=True)
+    gen, plain, cached = (_joined(runs[m]) for m in modes)
+
+    valid = gen.parsed >= 0
+    # None (JSON null) when no generated answer parses: NaN is not valid JSON.
+    agree = float(np.mean((cached.p_yes >= params.threshold)[valid] == (gen.parsed[valid] == 1))
+                  ) if valid.any() else None
+    max_diff = float(np.max(np.abs(np.c_[cached.logprob_yes, cached.logprob_no]
+                                   - np.c_[plain.logprob_yes, plain.logprob_no])))
+    lengths = [len(x) for x in ids]
+    load = os.getloadavg()[1]  # other processes compete for the CPUs: say how much
+    print(f"\n{params.model_id} ({blas.describe()}; {os.cpu_count()} CPUs, load average "
+          f"{load:.1f} over the last 5 minutes)")
+    print(f"{len(ids)} prompts, {np.mean(lengths):.0f} tokens on average ({min(lengths)}-"
+          f"{max(lengths)}), shared prefix {cached.prefix_tokens}+ tokens; batch "
+          f"{params.eval_batch_size}, generation {params.max_new_tokens} new tokens")
+    print(f"{'mode':<34}{'seconds':>9}{'examples/s':>12}{'vs generate':>13}")
+    rows = [("(a) generate + parse", gen), ("(b) logprob, batched", plain),
+            ("(c) logprob, batched + prefix cache", cached)]
+    for name, s in rows:
+        print(f"{name:<34}{s.seconds:>9.1f}{s.examples_per_sec:>12.2f}"
+              f"{s.examples_per_sec / gen.examples_per_sec:>12.1f}x")
+    agree_text = "-" if agree is None else f"{agree:.0%}"
+    print(f"generate: {valid.mean():.0%} of answers parse; logprob agrees with them on "
+          f"{agree_text}; cached vs uncached log-probs differ by at most {max_diff:.1e}")
+    result = {"generate_eps": round(gen.examples_per_sec, 3),
+              "logprob_eps": round(plain.examples_per_sec, 3),
+              "cached_eps": round(cached.examples_per_sec, 3),
+              "speedup_vs_generate": round(cached.examples_per_sec / gen.examples_per_sec, 2),
+              "n": len(ids), "mean_prompt_tokens": round(float(np.mean(lengths)), 1),
+              "prefix_tokens": cached.prefix_tokens, "batch_size": params.eval_batch_size,
+              "max_new_tokens": params.max_new_tokens, "generate_invalid_rate": gen.invalid_rate,
+              "agreement_where_parsed": agree, "max_logprob_diff": max_diff,
+              "load_avg_5m": round(load, 2)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

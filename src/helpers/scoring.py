@@ -1,0 +1,366 @@
+"""Scoring: P(yes) for each prompt, by answer likelihood (default) or by generating and parsing.
+
+`logprob`: the chat-formatted prompt (with the generation prompt) is followed by each answer's
+tokens, "Yes" and "No" as the tokenizer splits them right after the generation prompt; the sum
+(or, with length_normalize, the mean) of their log-probabilities gives one score per answer, and
+P(yes) = softmax over the two. The token prefix that every prompt shares (chat preamble, system
+prompt, task description) goes through the model once, into a KV cache that each batch reuses;
+prompts are sorted by length and batched, right-padded (a causal model never looks at the pad
+tokens after a position, so padding changes nothing that is read).
+
+`generate`: greedy decoding of max_new_tokens tokens, then the first yes/no word (after removing
+`<think>...</think>` reasoning). An answer without one is invalid: counted, and scored as wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from helpers.config import Params
+
+Messages = list[dict[str, str]]
+# Right-padding token. Any id works: pads sit after every scored position of their row, and
+# causal attention never looks ahead.
+PAD_ID = 0
+
+
+@dataclass
+class Scores:
+    """What one scoring pass over a list of prompts produced, in prompt order."""
+
+    mode: str  # "logprob" or "generate"
+    p_yes: np.ndarray  # P(yes) in logprob mode; NaN in generate mode (no probabilities)
+    parsed: np.ndarray  # generate mode: 1 yes, 0 no, -1 invalid; logprob mode: all -1
+    raw: list[str] | None  # the generated text (generate mode)
+    logprob_yes: np.ndarray  # summed (or mean) answer log-probabilities (NaN in generate mode)
+    logprob_no: np.ndarray
+    seconds: float
+    prefix_tokens: int = 0  # length of the shared prefix computed once (0 = no prefix cache)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.p_yes)
+
+    @property
+    def examples_per_sec(self) -> float:
+        return len(self) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def invalid_rate(self) -> float:
+        """Share of generated answers without a yes/no word (0 in logprob mode)."""
+        if self.mode != "generate" or len(self) == 0:
+            return 0.0
+        return float(np.mean(self.parsed < 0))
+
+    def predict(self, labels: Iterable[int], threshold: float = 0.5) -> np.ndarray:
+        """0/1 predictions: p_yes >= threshold, or the parsed answer.
+
+        An invalid generated answer is predicted as the opposite of its label, so that it counts
+        as an error in every metric (accuracy, recall and specificity alike) instead of silently
+        leaning towards one class.
+        """
+        y = np.asarray(list(labels), dtype=int)
+        if len(y) != len(self):
+            raise ValueError(f"{len(y)} labels for {len(self)} scored prompts")
+        if self.mode == "logprob":
+            return (self.p_yes >= threshold).astype(int)
+        return np.where(self.parsed < 0, 1 - y, self.parsed).astype(int)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """tqdm.auto's bar (a widget in Jupyter, text elsewhere), showing examples/s."""
+    import importlib.util
+
+    # Without ipywidgets tqdm.auto warns in every notebook and falls back to text: go there.
+    if importlib.util.find_spec("ipywidgets") is None:
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def encode_prompts(tokenizer: Any,
+                   messages: Sequence[Messages]) -> tuple[list[str], list[list[int]]]:
+    """Chat-template text (with the generation prompt) and its token ids, per example."""
+    texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False)
+             for m in messages]
+    # The template already holds the special tokens (BOS included where the model wants one).
+    ids = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    return texts, ids
+
+
+def answer_tokens(tokenizer: Any, prompt_text: str, answer: str) -> list[int]:
+    """The tokens of `answer` as they follow the generation prompt.
+
+    Tokenised in context (prompt + answer, minus the prompt's tokens) because a tokenizer may
+    split a word differently at the start of a text ("▁Yes" vs "Yes").
+    """
+    prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+    full = tokenizer.encode(prompt_text + answer, add_special_tokens=False)
+    if full[: len(prompt)] == prompt and len(full) > len(prompt):
+        return list(full[len(prompt):])
+    # The answer merged with the prompt's last token: fall back to the answer on its own.
+    alone = tokenizer.encode(answer, add_special_tokens=False)
+    if not alone:
+        raise ValueError(f"answer {answer!r} encodes to no tokens: set prompt.answer_yes / "
+                         "prompt.answer_no to non-empty words")
+    return list(alone)
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences, leaving each sequence at
+    least one token of its own (the last prompt token's logits are what gets scored)."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+# --------------------------------------------------------------------------- prefix cache
+
+
+def build_prefix_cache(model: Any, prefix: Sequence[int]) -> list[Any] | None:
+    """The model's KV cache after running `prefix` once (batch of 1), or None for no prefix."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    if not prefix:
+        return None
+    cache = make_prompt_cache(model)
+    model(mx.array([list(prefix)]), cache=cache)
+    for c in cache:
+        # KVCache allocates in steps of 256: keep only the filled part, so that extending a
+        # broadcast copy always allocates fresh memory instead of writing into shared buffers.
+        if isinstance(c, KVCache):
+            c.keys, c.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def expand_cache(cache: list[Any], batch: int) -> list[Any]:
+    """Fresh per-batch copies of a batch-1 cache, broadcast to `batch` rows (no data copied)."""
+    import copy
+
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    def grow(x: Any) -> Any:
+        if isinstance(x, mx.array) and x.ndim >= 1 and x.shape[0] == 1:
+            return mx.broadcast_to(x, (batch, *x.shape[1:]))
+        return x
+
+    out = []
+    for c in cache:
+        new = copy.copy(c)  # keeps meta data (offsets, window sizes); state replaced below
+        new.state = tree_map(grow, c.state)
+        out.append(new)
+    return out
+
+
+# --------------------------------------------------------------------------- likelihood
+
+
+# mlx-lm model modules whose Model.__call__ is exactly head(self.model(...)) with no scaling or
+# soft-capping after the head: for these the head runs only at the positions that are scored.
+_PLAIN_HEAD_MODULES = {"llama", "qwen2", "qwen3", "phi3", "smollm3", "ministral3"}
+
+
+def _scored_logits(model: Any, x: Any, cache: Any, rows: Any, cols: Any) -> Any:
+    """Logits at (rows[i], cols[i]) of the batch `x`, as float32 (M, vocab)."""
+    import mlx.core as mx
+
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    if module in _PLAIN_HEAD_MODULES and hasattr(model, "model"):
+        # The vocabulary projection is ~20% of a small model's work per token: skip it for the
+        # ~100 prompt positions per row that are never read.
+        hidden = model.model(x, cache)[rows, cols]
+        head = getattr(model, "lm_head", None)  # absent when tied to the input embeddings
+        if head is None:
+            head = model.model.embed_tokens.as_linear
+        return head(hidden).astype(mx.float32)
+    return model(x, cache=cache)[rows, cols].astype(mx.float32)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    tokens: tuple[int, ...]
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        # Tokens fed after the prompt so that every answer token gets a prediction.
+        return self.tokens[:-1]
+
+
+def _batch_logprobs(model: Any, suffixes: list[list[int]], answers: list[_Answer],
+                    cache: list[Any] | None) -> np.ndarray:
+    """Summed answer log-probs (len(suffixes), len(answers)) for one batch of examples.
+
+    One row per example and distinct answer context: answers that differ only in their last
+    token (single-token "Yes"/"No", the usual case) share a row and so a forward pass.
+    """
+    import mlx.core as mx
+
+    contexts = list(dict.fromkeys(a.context for a in answers))
+    rows = [s + list(c) for s in suffixes for c in contexts]
+    width = max(len(r) for r in rows)
+    x = mx.array([r + [PAD_ID] * (width - len(r)) for r in rows])
+    # Which (row, position) predicts which answer token.
+    row_idx, col_idx, targets, owner = [], [], [], []
+    for i, s in enumerate(suffixes):
+        for j, a in enumerate(answers):
+            r = i * len(contexts) + contexts.index(a.context)
+            for k, tok in enumerate(a.tokens):
+                row_idx.append(r)
+                col_idx.append(len(s) - 1 + k)
+                targets.append(tok)
+                owner.append((i, j))
+    batch_cache = expand_cache(cache, len(rows)) if cache is not None else None
+    logits = _scored_logits(model, x, batch_cache, mx.array(row_idx), mx.array(col_idx))
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = np.array(mx.take_along_axis(logp, mx.array(targets)[:, None], axis=-1)[:, 0])
+    out = np.zeros((len(suffixes), len(answers)), dtype=np.float64)
+    for (i, j), v in zip(owner, picked, strict=True):
+        out[i, j] += float(v)
+    return out
+
+
+def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
+                    answers: Sequence[Sequence[int]], batch_size: int = 8,
+                    use_prefix_cache: bool = True, progress: bool = True,
+                    desc: str = "scoring") -> tuple[np.ndarray, int]:
+    """Log-probability of each answer's token sequence after each prompt: (n, len(answers)).
+
+    Returns the array and the shared-prefix length that was computed once (0 without cache).
+    """
+    n = len(prompt_ids)
+    out = np.zeros((n, len(answers)), dtype=np.float64)
+    if n == 0:
+        return out, 0
+    ans = [_Answer(tuple(a)) for a in answers]
+    prefix_len = common_prefix_len(prompt_ids) if use_prefix_cache else 0
+    cache = build_prefix_cache(model, prompt_ids[0][:prefix_len])
+    # Longest first: a memory problem shows at once, and similar lengths share a batch.
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)
+    with progress_bar(n, desc, progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = order[start: start + batch_size]
+            suffixes = [list(prompt_ids[i][prefix_len:]) for i in idx]
+            out[idx] = _batch_logprobs(model, suffixes, ans, cache)
+            bar.update(len(idx))
+    return out, prefix_len
+
+
+def p_yes_from(logprobs: np.ndarray, lengths: Sequence[int], length_normalize: bool) -> np.ndarray:
+    """P(yes) = softmax over the two answers' scores (column 0 = yes, 1 = no)."""
+    from scipy.special import expit
+
+    scores = logprobs / np.asarray(lengths, dtype=float) if length_normalize else logprobs
+    # A two-way softmax is the logistic function of the score difference (stable for any gap).
+    return expit(scores[:, 0] - scores[:, 1])
+
+
+# --------------------------------------------------------------------------- generation
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|$)", re.IGNORECASE | re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """Text without reasoning: `<think>...</think>` blocks removed, an unclosed one to the end.
+
+    Templates that open `<think>` in the generation prompt leave only the closing tag in the
+    output: everything before the last `</think>` is then reasoning too.
+    """
+    if re.search(r"</think>", text, re.IGNORECASE):
+        text = re.split(r"</think>", text, flags=re.IGNORECASE)[-1]
+    return _THINK_BLOCK.sub(" ", text)
+
+
+def parse_answer(text: str, yes_words: Iterable[str] = ("yes",),
+                 no_words: Iterable[str] = ("no",)) -> int | None:
+    """1 for yes, 0 for no, None when no answer word is found (case-insensitive, first wins)."""
+    yes = {w.strip().lower() for w in yes_words if w.strip()}
+    no = {w.strip().lower() for w in no_words if w.strip()} - yes
+    words = sorted(yes | no, key=len, reverse=True)  # longest first: "no way" before "no"
+    if not words:
+        return None
+    pattern = r"(?<!\w)(" + "|".join(re.escape(w) for w in words) + r")(?!\w)"
+    m = re.search(pattern, strip_reasoning(text), re.IGNORECASE)
+    if m is None:
+        return None
+    return 1 if m.group(1).lower() in yes else 0
+
+
+def generate_answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                     max_new_tokens: int = 8, progress: bool = True,
+                     desc: str = "generating") -> list[str]:
+    """Greedy continuations of each prompt, one prompt at a time (the reference's method)."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    greedy = make_sampler(temp=0.0)
+    texts = []
+    with progress_bar(len(prompt_ids), desc, progress) as bar:
+        for ids in prompt_ids:
+            pieces = [r.text for r in stream_generate(model, tokenizer, list(ids),
+                                                      max_tokens=max_new_tokens, sampler=greedy)]
+            texts.append("".join(pieces))
+            bar.update(1)
+    return texts
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def answer_words(params: Params) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The words that count as yes / no: the configured answers plus plain yes/no."""
+    return (tuple(dict.fromkeys([params.prompt.answer_yes, "yes"])),
+            tuple(dict.fromkeys([params.prompt.answer_no, "no"])))
+
+
+def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Params,
+          mode: str | None = None, use_prefix_cache: bool = True, progress: bool = True,
+          desc: str = "") -> Scores:
+    """Score chat prompts (without the answer) by `mode` (default params.scoring)."""
+    mode = mode or params.scoring
+    if not messages:
+        raise ValueError("nothing to score: the split is empty")
+    texts, ids = encode_prompts(tokenizer, messages)
+    n = len(ids)
+    t0 = time.perf_counter()
+    if mode == "logprob":
+        answers = [answer_tokens(tokenizer, texts[0], a)
+                   for a in (params.prompt.answer_yes, params.prompt.answer_no)]
+        if answers[0] == answers[1]:
+            raise ValueError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
+                             f"{params.prompt.answer_no!r} give the same tokens: make them differ")
+        lp, prefix_len = answer_logprobs(model, ids, answers, params.eval_batch_size,
+                                         use_prefix_cache, progress, desc or "scoring")
+        p = p_yes_from(lp, [len(a) for a in answers], params.length_normalize)
+        return Scores("logprob", p, np.full(n, -1), None, lp[:, 0], lp[:, 1],
+                      time.perf_counter() - t0, prefix_len,
+                      {"answer_tokens": answers})
+    if mode == "generate":
+        raw = generate_answers(model, tokenizer, ids, params.max_new_tokens, progress,
+                               desc or "generating")
+        yes, no = answer_words(params)
+        parsed = [parse_answer(t, yes, no) for t in raw]
+        codes = np.array([-1 if v is None else v for v in parsed], dtype=int)
+        nan = np.full(n, np.nan)
+        return Scores("generate", nan, codes, raw, nan, nan.copy(), time.perf_counter() - t0)
+    raise ValueError(f"scoring={mode!r}: expected 'logprob' or 'generate'")

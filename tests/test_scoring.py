@@ -1,0 +1,189 @@
+"""helpers.scoring on the tiny random llama: the prefix cache, batching and the answer parser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import data, scoring
+from helpers.config import load_params
+
+N = 12  # test prompts per check: enough for two batches of unequal lengths
+
+
+@pytest.fixture(scope="module")
+def params(tiny_model_dir):
+    # Three features keep the prompts short (~70 tokens): the tests stay fast.
+    return load_params(None, {"model_id": str(tiny_model_dir), "eval_batch_size": 5,
+                              "dataset.features": ["mean radius", "mean texture", "mean area"]})
+
+
+@pytest.fixture(scope="module")
+def prepared(params):
+    return data.prepare(params)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    import mlx_lm
+
+    return mlx_lm.load(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny, prepared):
+    _, tokenizer = tiny
+    texts, ids = scoring.encode_prompts(tokenizer, prepared.messages("test", False)[:N])
+    return texts, ids
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model_dir, prepared, tmp_path_factory):
+    """The tiny model with a LoRA adapter trained to answer Yes/No first (see tiny_adapter.py)."""
+    import mlx_lm
+    from tiny_adapter import train_tiny_adapter
+
+    adapter = train_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"),
+                                 prepared.messages("train")[:8], steps=30)
+    return mlx_lm.load(str(tiny_model_dir), adapter_path=str(adapter))
+
+
+def naive_logprob(model, prompt: list[int], answer: list[int]) -> float:
+    """Reference: one unbatched, uncached forward pass over prompt + answer."""
+    import mlx.core as mx
+
+    logits = model(mx.array([prompt + answer]))[0].astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(answer))
+
+
+def test_answer_tokens_follow_the_generation_prompt(tiny, prompts):
+    _, tokenizer = tiny
+    texts, ids = prompts
+    yes = scoring.answer_tokens(tokenizer, texts[0], "Yes")
+    assert tokenizer.encode(texts[0] + "Yes", add_special_tokens=False) == ids[0] + yes
+    assert yes != scoring.answer_tokens(tokenizer, texts[0], "No")
+
+
+def test_common_prefix_leaves_each_prompt_a_token():
+    assert scoring.common_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert scoring.common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
+    assert scoring.common_prefix_len([[7], [8]]) == 0
+
+
+def test_cached_equals_uncached_and_naive(tiny, prompts):
+    model, tokenizer = tiny
+    texts, ids = prompts
+    # A two-token "yes" exercises the multi-token path (one row per answer context).
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    answers.append(answers[0] + answers[1])
+    cached, prefix = scoring.answer_logprobs(model, ids, answers, 5, True, False)
+    plain, none = scoring.answer_logprobs(model, ids, answers, 5, False, False)
+    assert prefix > 20 and none == 0  # the chat preamble and task description are shared
+    np.testing.assert_allclose(cached, plain, atol=1e-4)
+    for i in (0, N - 1):
+        ref = [naive_logprob(model, ids[i], a) for a in answers]
+        np.testing.assert_allclose(cached[i], ref, atol=1e-4)
+
+
+def test_batched_equals_one_by_one(tiny, prompts):
+    model, tokenizer = tiny
+    texts, ids = prompts
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    batched, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False)
+    single, _ = scoring.answer_logprobs(model, ids, answers, 1, True, False)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+
+
+def test_head_only_at_scored_positions_matches_full_logits(tiny, prompts):
+    import mlx.core as mx
+
+    model, _ = tiny
+    _, ids = prompts
+    x = mx.array([ids[0][:40], ids[1][:40]])
+    rows, cols = mx.array([0, 1, 1]), mx.array([39, 0, 20])
+    fast = scoring._scored_logits(model, x, None, rows, cols)
+    full = model(x)[rows, cols]
+    np.testing.assert_allclose(np.array(fast), np.array(full), atol=1e-5)
+
+
+def test_p_yes_is_a_probability(tiny, prepared, params):
+    model, tokenizer = tiny
+    s = scoring.score(model, tokenizer, prepared.messages("test", False)[:N], params,
+                      progress=False)
+    assert s.mode == "logprob" and len(s) == N
+    assert np.all((s.p_yes >= 0) & (s.p_yes <= 1))
+    np.testing.assert_allclose(s.p_yes, 1 / (1 + np.exp(s.logprob_no - s.logprob_yes)))
+    # Length-normalised: -2 over two tokens ties with -1 over one.
+    norm = scoring.p_yes_from(np.array([[-2.0, -1.0]]), [2, 1], length_normalize=True)
+    np.testing.assert_allclose(norm, [0.5])
+    assert s.invalid_rate == 0 and list(s.predict(prepared.y("test")[:N], 1.0)) == [
+        int(p >= 1.0) for p in s.p_yes]
+
+
+def test_logprob_class_agrees_with_restricted_generation(tiny, prepared, params):
+    # mlx-lm's own greedy generation, allowed only the two answers' first tokens, against the
+    # batched, prefix-cached likelihood path. The random tiny model says Yes to everything
+    # (P(yes) 0.50-0.56), so No's logit gets a bias b: greedy picks Yes exactly where the
+    # log-odds exceed b, i.e. where P(yes) >= sigmoid(b). With b at the median both classes
+    # occur, and a log-odds error of a few hundredths would flip some answers.
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    model, tokenizer = tiny
+    msgs = prepared.messages("test", False)[:N]
+    lp = scoring.score(model, tokenizer, msgs, params, progress=False)
+    yes, no = (t[0] for t in lp.extra["answer_tokens"])
+    ranked = np.sort(lp.p_yes)
+    cut = (ranked[N // 2 - 1] + ranked[N // 2]) / 2
+    bias = float(np.log(cut / (1 - cut)))
+
+    def only_answers(tokens, logits):
+        keep = np.full(logits.shape[-1], -np.inf, dtype=np.float32)
+        keep[[yes, no]] = np.inf
+        shift = np.zeros(logits.shape[-1], dtype=np.float32)
+        shift[no] = bias
+        return mx.minimum(logits, mx.array(keep)) + mx.array(shift)
+
+    _, ids = scoring.encode_prompts(tokenizer, msgs)
+    raw = ["".join(r.text for r in stream_generate(model, tokenizer, x, max_tokens=1,
+                                                    logits_processors=[only_answers]))
+           for x in ids]
+    parsed = np.array([scoring.parse_answer(t) for t in raw])
+    assert sorted(set(parsed)) == [0, 1], raw
+    assert np.array_equal(lp.predict(prepared.y("test")[:N], cut), parsed)
+
+
+def test_logprob_class_agrees_with_generated_answer(tuned, prepared, params):
+    # Unrestricted greedy decoding through scoring's generate mode. The adapter teaches the
+    # tiny model to put the answer word first, but it cannot learn to stop after it (it
+    # repeats "YesYes..."): so one token is generated, the first answer token. Answers that do
+    # not parse are exempt, as the issue states.
+    model, tokenizer = tuned
+    msgs = prepared.messages("test", False)[:N]
+    one = params.replace(max_new_tokens=1)
+    lp = scoring.score(model, tokenizer, msgs, one, progress=False)
+    gen = scoring.score(model, tokenizer, msgs, one, mode="generate", progress=False)
+    valid = gen.parsed >= 0
+    assert valid.mean() >= 0.5, gen.raw
+    assert np.array_equal((lp.p_yes >= 0.5)[valid], gen.parsed[valid] == 1)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Yes", 1), ("no.", 0), ("**YES**, it is", 1), ("No, not malignant", 0),
+    ("<think>yes? maybe no</think>\nNo", 0), ("<THINK>no</THINK> yes", 1),
+    ("reasoning first... no wait</think> Yes.", 1),  # template opened <think> itself
+    ("<think>still thinking, yes or no", None),  # reasoning cut off by max_new_tokens
+    ("I cannot tell", None), ("", None), ("Nope", None), ("yesterday", None),
+    ("Malignant.", 1),
+])
+def test_parse_answer(text, expected):
+    assert scoring.parse_answer(text, ("yes", "malignant"), ("no", "benign")) == expected
+
+
+def test_invalid_answers_count_as_errors():
+    s = scoring.Scores("generate", np.full(4, np.nan), np.array([1, -1, 0, -1]),
+                       ["Yes", "?", "No", "??"], np.full(4, np.nan), np.full(4, np.nan), 1.0)
+    assert s.invalid_rate == 0.5
+    # The invalid rows get the opposite of their label: wrong either way.
+    assert list(s.predict([1, 1, 0, 0])) == [1, 0, 0, 1]
