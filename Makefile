@@ -37,9 +37,6 @@ endif
 
 demo: setup  ## the main job on the embedded model: baselines, fine-tune, evaluate, compare
 	$(VENV)/bin/tablora batch params/demo
-	@echo
-	@echo "Browse the runs:   make ui    (MLflow UI on http://127.0.0.1:5000)"
-	@echo "Open the notebooks: make lab   (JupyterLab on http://127.0.0.1:8888)"
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q

@@ -204,7 +204,7 @@ def test_unknown_notebook_parameter_refused(tmp_path):
 
 def test_batch_reports_failures_and_exits_non_zero(two_batches):
     code, out = two_batches["first"]
-    assert code == 1
+    assert code == 1, out[-4000:]
     assert "2/5 models succeeded" in out
     assert "[2/5] good-seed0: train ... " in out and "s ok" in out
     assert "[4/5] nan: train ... " in out
@@ -278,7 +278,7 @@ def test_parent_run_carries_the_summary(two_batches):
 
 def test_resume_skips_finished_and_reruns_failed(two_batches):
     code, out = two_batches["second"]
-    assert code == 1
+    assert code == 1, out[-4000:]
     first_id = out.split("--resume: continuing batch ")[1].split()[0]
     assert first_id in two_batches["first"][1]
     assert "good-seed0: skipped (--resume: FINISHED run" in out
@@ -307,7 +307,7 @@ def test_round1_hub_models_fail_cleanly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
     code, out = run_cli(str(ROOT / "params" / "round1"), "--no-compare")
-    assert code == 1
+    assert code == 1, out[-4000:]
     assert "0/5 models succeeded" in out
     failures = out.split("failures")[1]
     for name in ("llama-3.2-3b", "mistral-7b", "phi-3-mini", "llama-3.1-8b", "qwen2.5-7b"):
