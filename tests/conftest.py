@@ -37,4 +37,11 @@ def mlflow_store(tmp_path, monkeypatch, _migrated_store) -> str:
     shutil.copy(_migrated_store, db)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow keeps the active store and experiment in module globals: start each test clean.
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id="0")  # "Default", made by the migrations
     return uri

@@ -306,6 +306,9 @@ def test_round1_hub_models_fail_cleanly_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline even where the hub is reachable
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
+    # The real notebooks, even while a module-scoped fixture holds the stand-ins in place.
+    monkeypatch.setattr(config, "NOTEBOOKS_DIR", ROOT / "notebooks")
+    monkeypatch.setattr(notebooks, "NOTEBOOKS_DIR", ROOT / "notebooks")
     code, out = run_cli(str(ROOT / "params" / "round1"), "--no-compare")
     assert code == 1, out[-4000:]
     assert "0/5 models succeeded" in out
