@@ -47,8 +47,12 @@ test-fast: setup  ## the tests without the embedded-model end-to-end ones
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check src tests bench notebooks
 
-bench: setup  ## benchmarks: each prints one JSON line last
+bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each prints one JSON line last
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/blas.py
+	$(PY) bench/train_speed.py
+	$(PY) bench/eval_speed.py
+	$(PY) bench/demo.py
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port 5000

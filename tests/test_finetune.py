@@ -39,6 +39,8 @@ def toy(tmp_path, tiny_model_dir, empty_store, monkeypatch):
     table.to_csv(tmp_path / "toy.csv", index=False)
     spec = {"name": "toy", "model_id": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
             "num_layers": -1, "batch_size": 2, "learning_rate": 2e-3, "steps_per_report": 5,
+            # mlx-lm's own loss and batches: tests/test_speed.py checks the fast path equals it.
+            "fast_training": False,
             "dataset": {"source": str(tmp_path / "toy.csv"), "target": "label",
                         "positive_label": "yes", "test_size": 0.25, "valid_size": 0.25}}
     path = tmp_path / "toy.yaml"

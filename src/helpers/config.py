@@ -129,6 +129,9 @@ class Params:
     save_every: int = 50
     # Stop when validation loss has not improved for this many evaluations (0 = off).
     early_stopping_patience: int = 0
+    # helpers.speed: the same losses and gradients with less work (answer-only LM head, frozen
+    # lower layers computed once per example, faster kernels, length-bucketed batches).
+    fast_training: bool = True
 
     # Evaluation.
     scoring: Literal["logprob", "generate"] = "logprob"

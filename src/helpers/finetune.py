@@ -466,14 +466,32 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     resumed_from = state["step"]
     _tag_run(params, n_trainable)
 
+    from helpers import speed
+
+    fast = loss is None and batches is None and params.fast_training
+    if fast:
+        # Same losses and gradients as mlx-lm's default path, less work (see helpers.speed).
+        batches = speed.FastTraining(model, seed=params.seed, skip=state["step"])
+        loss = batches.loss
     loss = loss or mlx_trainer.default_loss
     batches = batches or Batches(seed=params.seed, skip=state["step"])
     remaining = params.num_iters - state["step"]
     # Wall time so far: earlier legs (from the checkpoint) + this one.
     state["_seconds_before"], state["_started"] = state["train_seconds"], time.perf_counter()
     if remaining > 0 and not state["stopped_early"]:
-        _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                     remaining)
+        try:
+            _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
+                         remaining)
+        except speed.FastPathUnsupported:
+            if not fast:
+                raise
+            # Checked on the first batch, before any update: the plain path starts clean.
+            warnings.warn("this architecture is not supported by the fast training path: "
+                          "using mlx-lm's default loss (set fast_training: false to skip the "
+                          "check)", stacklevel=2)
+            _run_trainer(model, optimizer, train_set, valid, params, out,
+                         mlx_trainer.default_loss, Batches(seed=params.seed, skip=state["step"]),
+                         state, remaining)
     return _finish(model, params, out, state, run_id, n_trainable, resumed_from)
 
 

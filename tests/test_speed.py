@@ -1,0 +1,274 @@
+"""helpers.speed gives mlx-lm's losses and gradients, only faster (tiny model, real MLX)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import helpers  # noqa: F401 - loads the BLAS before mlx
+
+mx = pytest.importorskip("mlx.core")
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
+
+from helpers import speed  # noqa: E402
+
+N_LAYERS, LORA_LAYERS, BATCH = 4, 2, 4
+
+
+def _records(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows of varied length (so batches need padding), answers Yes/No."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, 5))
+        text = " ".join(f"The mean radius is {rng.uniform(1, 30):.{int(rng.integers(1, 4))}f}."
+                        for _ in range(k))
+        out.append({"messages": [
+            {"role": "user", "content": text + " Is this tumour malignant? Answer Yes or No."},
+            {"role": "assistant", "content": str(rng.choice(["Yes", "No"]))}]})
+    return out
+
+
+def _dataset(tokenizer, records):
+    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+
+    return CacheDataset(ChatDataset(records, tokenizer, mask_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny model with LoRA on its top 2 of 4 blocks, LoRA weights random (non-zero B, so
+    that every LoRA matrix gets a gradient)."""
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, LORA_LAYERS, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    mx.random.seed(1)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1,
+                          model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def _one_batch(iterate, dataset, max_seq_length=2048):
+    """The single batch of a dataset of exactly BATCH rows."""
+    batches = list(iterate(dataset, BATCH, max_seq_length))
+    assert len(batches) == 1
+    return batches[0]
+
+
+def _value_and_grad(model, loss, batch):
+    (value, ntoks), grads = nn.value_and_grad(model, loss)(model, *batch)
+    return value.item(), ntoks.item(), dict(tree_flatten(grads))
+
+
+def _assert_same(plain, fast, rtol):
+    (l1, n1, g1), (l2, n2, g2) = plain, fast
+    assert n1 == n2  # the same target tokens, including mlx-lm's final pad target
+    assert l2 == pytest.approx(l1, rel=rtol)
+    assert g1.keys() == g2.keys() and len(g1) == LORA_LAYERS * 7 * 2  # lora_a, lora_b
+    for k in g1:
+        scale = float(mx.abs(g1[k]).max().item()) + 1e-12
+        assert float(mx.abs(g1[k] - g2[k]).max().item()) <= rtol * scale, k
+
+
+@pytest.mark.parametrize("cache_dtype, cache_prefix, fast_kernels, rtol", [
+    ("float32", True, True, 1e-4),    # everything on: equal to float rounding
+    ("float32", True, False, 1e-4),   # the model's own block code
+    ("float32", False, True, 1e-4),   # no prefix cache (token ids in the batch)
+    ("float16", True, True, 2e-2),    # half the cache memory, close but not equal
+])
+def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, fast_kernels,
+                                               rtol):
+    from mlx_lm.tuner import trainer
+
+    model, tokenizer = tiny
+    data = _dataset(tokenizer, _records(BATCH))
+    lengths = [len(data[i][0]) for i in range(BATCH)]
+    assert len(set(lengths)) > 1  # padding is exercised
+    fast = speed.FastTraining(model, cache_prefix=cache_prefix, fast_kernels=fast_kernels,
+                              cache_dtype=getattr(mx, cache_dtype))
+    plain = _value_and_grad(model, trainer.default_loss, _one_batch(trainer.iterate_batches, data))
+    ours = _value_and_grad(model, fast.loss, _one_batch(fast, data))
+    _assert_same(plain, ours, rtol)
+    assert fast.first_trainable == (N_LAYERS - LORA_LAYERS if cache_prefix else 0)
+    assert (fast.cache_nbytes() > 0) == cache_prefix
+
+
+def test_fast_exp_and_kernels():
+    """The multiply-add exp is float32-accurate, 0 far below, inf above, NaN stays NaN; SwiGLU
+    and softmax with their hand-written gradients equal MLX's."""
+    x = mx.concatenate([mx.linspace(-87, 88, 20001), mx.array([-1e9, -mx.inf, 100.0, mx.nan])])
+    got, want = speed._exp(x), mx.exp(x)
+    finite = np.asarray(x[:20001])
+    rel = np.abs(np.asarray(got[:20001]) - np.asarray(want[:20001])) / np.exp(finite)
+    assert rel.max() < 5e-7
+    assert np.asarray(got[20001:20003]).tolist() == [0.0, 0.0]
+    assert float(got[-2].item()) > 1e38 and np.isnan(got[-1].item())
+
+    mx.random.seed(0)
+    g, u = mx.random.normal((3, 50)) * 4, mx.random.normal((3, 50))
+    from mlx_lm.models.activations import swiglu
+
+    def close(a, b):
+        return float(mx.abs(a - b).max().item()) <= 1e-5 * (float(mx.abs(b).max().item()) + 1)
+
+    assert close(speed._swiglu(g, u), swiglu(g, u))
+    for ours, theirs in zip(mx.grad(lambda a, b: (speed._swiglu(a, b) * u).sum(), (0, 1))(g, u),
+                            mx.grad(lambda a, b: (swiglu(a, b) * u).sum(), (0, 1))(g, u),
+                            strict=True):
+        assert close(ours, theirs)
+    s = g + speed._causal_bias(50)[:3]
+    assert close(speed._softmax(s), mx.softmax(s, axis=-1))
+    assert close(mx.grad(lambda a: (speed._softmax(a) * u).sum())(s),
+                 mx.grad(lambda a: (mx.softmax(a, axis=-1) * u).sum())(s))
+
+
+def test_truncated_rows_match_plain(tiny):
+    """A row cut at max_seq_length loses mlx-lm's final pad target; the others keep it."""
+    from mlx_lm.tuner import trainer
+
+    model, tokenizer = tiny
+    data = _dataset(tokenizer, _records(BATCH, seed=3))
+    lengths = sorted(len(data[i][0]) for i in range(BATCH))
+    offsets = [data[i][1] for i in range(BATCH)]
+    max_len = lengths[-1] - 1  # the longest row is truncated, its answer partly kept
+    assert max(offsets) < max_len
+    fast = speed.FastTraining(model)
+    plain = _value_and_grad(model, trainer.default_loss,
+                            _one_batch(trainer.iterate_batches, data, max_len))
+    ours = _value_and_grad(model, fast.loss, _one_batch(fast, data, max_len))
+    _assert_same(plain, ours, 1e-4)
+
+
+def test_training_run_matches_plain(tiny, tmp_path):
+    """mlx-lm's trainer (compiled step, Adam, validation) ends at the same LoRA weights; one
+    batch per epoch, so every step after the first reuses the cached prefix."""
+    from mlx_lm.tuner import trainer
+
+    model, tokenizer = tiny
+    start = tree_map(lambda p: p, model.trainable_parameters())
+    data = _dataset(tokenizer, _records(BATCH, seed=5))
+    valid = _dataset(tokenizer, _records(BATCH, seed=6))
+    args = trainer.TrainingArgs(batch_size=BATCH, iters=6, steps_per_report=3, steps_per_eval=3,
+                                val_batches=-1, steps_per_save=100,
+                                adapter_file=str(tmp_path / "adapters.safetensors"))
+    ends = []
+    for fast in (None, speed.FastTraining(model)):
+        model.update(start)
+        paths = {"loss": fast.loss, "iterate_batches": fast} if fast else {}
+        trainer.train(model, optim.Adam(learning_rate=1e-2), data, valid, args=args, **paths)
+        ends.append(dict(tree_flatten(model.trainable_parameters())))
+    model.update(start)
+    moved = max(float(mx.abs(ends[0][k] - v).max().item())
+                for k, v in tree_flatten(start))
+    assert moved > 1e-3  # training did something
+    for k, v in ends[0].items():
+        assert float(mx.abs(v - ends[1][k]).max().item()) <= 1e-4 * max(moved, 1.0), k
+
+
+def test_order_resumes_and_counts_tokens(tiny):
+    model, tokenizer = tiny
+    data = _dataset(tokenizer, _records(4 * BATCH, seed=7))
+
+    def firsts(fast, n):
+        it = fast(data, BATCH, 2048, loop=True)
+        # A batch is told apart by its cached hidden states (their sum) and its targets.
+        return [(round(float(np.asarray(x).sum()), 3), tuple(np.asarray(t).tolist()))
+                for x, _, t in (next(it) for _ in range(n))]
+
+    whole = speed.FastTraining(model, seed=2)
+    seq = firsts(whole, 8)  # two epochs of 4 batches, each in its own order
+    assert len(set(seq[:4])) == 4 and sorted(seq[:4]) == sorted(seq[4:])
+    assert firsts(speed.FastTraining(model, seed=2, skip=3), 5) == seq[3:]
+    assert whole.train_tokens == 2 * sum(len(data[i][0]) for i in range(4 * BATCH))
+    # Rows sorted by length, widths rounded up to 8: little padding.
+    assert whole.stats["real_tokens"] <= whole.stats["padded_tokens"]
+    assert whole.stats["padded_tokens"] < 1.2 * whole.stats["real_tokens"]
+
+
+def test_cache_refuses_lora_below_it(tiny_model_dir):
+    from mlx_lm import load
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 1, {"rank": 2, "scale": 1.0, "dropout": 0.0})
+    data = _dataset(tokenizer, _records(BATCH))
+    fast = speed.FastTraining(model)
+    next(fast(data, BATCH, 2048))
+    assert fast.first_trainable == N_LAYERS - 1
+    # A LoRA layer added below the cached blocks: their output is no longer fixed.
+    attn = model.model.layers[N_LAYERS - 2].self_attn
+    attn.q_proj = LoRALinear.from_base(attn.q_proj, r=2)
+    with pytest.raises(speed.PrefixCacheInvalid):
+        next(fast(data, BATCH, 2048))
+
+
+def test_lora_dropout_is_fine_and_other_forwards_are_refused(tiny_model_dir):
+    """Dropout in the trained blocks leaves the cache valid (verify runs without dropout); a
+    model whose forward is not embed -> blocks -> norm -> head (gemma scales its embeddings) is
+    refused by verify instead of being trained on wrong activations."""
+    from mlx_lm import load
+    from mlx_lm.models import gemma
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    lora = {"rank": 2, "scale": 1.0, "dropout": 0.5}
+    model, tokenizer = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, LORA_LAYERS, lora)
+    data = _dataset(tokenizer, _records(BATCH))
+    next(speed.FastTraining(model)(data, BATCH, 2048))
+
+    other = gemma.Model(gemma.ModelArgs(
+        model_type="gemma", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=len(tokenizer.vocab),
+        num_key_value_heads=1))
+    other.freeze()
+    linear_to_lora_layers(other, 1, {**lora, "dropout": 0.0})
+    with pytest.raises(speed.FastPathUnsupported):
+        next(speed.FastTraining(other)(data, BATCH, 2048))
+
+
+@pytest.mark.filterwarnings("ignore:.*appear identically in train:UserWarning")
+def test_finetune_train_with_the_fast_path_matches_plain(tmp_path, tiny_model_dir, monkeypatch):
+    """helpers.finetune.train(loss=fast.loss, batches=fast): the same train and validation loss
+    histories as its plain path (sort_by_length=False: the same batches in the same order)."""
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    from helpers import config, data, finetune, models, tracking
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0] * 6, "label": ["no", "no", "yes", "yes"] * 6}
+                 ).to_csv(tmp_path / "toy.csv", index=False)
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({
+        "name": "toy", "model_id": str(tiny_model_dir), "num_layers": LORA_LAYERS,
+        "batch_size": 2, "learning_rate": 2e-3, "num_iters": 8, "steps_per_eval": 4,
+        "dataset": {"source": str(tmp_path / "toy.csv"), "target": "label",
+                    "positive_label": "yes", "test_size": 0.25, "valid_size": 0.25}}))
+    history = {}
+    for kind in ("plain", "fast"):
+        params = config.load_params(tmp_path / "toy.yaml", {"output_dir": str(tmp_path / kind),
+                                                             "fast_training": kind == "fast"})
+        model, tokenizer = models.load(params.model_id)
+        paths = {}
+        if kind == "fast":
+            fast = speed.FastTraining(model, seed=params.seed, sort_by_length=False)
+            paths = {"loss": fast.loss, "batches": fast}
+        with tracking.run(params) as run:
+            finetune.train(model, tokenizer, data.prepare(params), params, **paths)
+        client = mlflow.MlflowClient()
+        history[kind] = [[m.value for m in sorted(client.get_metric_history(run.info.run_id, k),
+                                                   key=lambda m: m.step)]
+                         for k in ("train_loss", "val_loss")]
+    assert len(history["plain"][0]) == 8 and len(history["plain"][1]) == 3
+    for plain, fast in zip(history["plain"], history["fast"], strict=True):
+        assert np.allclose(plain, fast, rtol=1e-4)
