@@ -28,7 +28,7 @@ CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/libmkl_rt.so",
 ]
 
-# What ensure_blas() found: a path, "reference" (MLX's bundled one), or "metal" (macOS: Accelerate).
+# What ensure_blas() found: a path, "reference" (MLX's bundled one) or "accelerate" (macOS).
 active: str | None = None
 
 

@@ -1,4 +1,4 @@
-"""The `tablora` command (also `python -m helpers`). Each sub-command is a thin call into helpers."""
+"""The `tablora` command (also `python -m helpers`): thin sub-commands calling into helpers."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="continue this MLflow run (resume from its checkpoint)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score zero-shot and fine-tuned (notebooks/evaluate.ipynb)")
+    p = sub.add_parser("evaluate",
+                       help="score zero-shot and fine-tuned (notebooks/evaluate.ipynb)")
     _add_params(p)
     p.add_argument("--run-id", help="the training run whose adapter to score (default: the "
                    "latest finished run named after the params file)")

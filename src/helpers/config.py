@@ -60,7 +60,8 @@ class PromptSpec:
     digits: int = 3
     missing: str = "unknown"
     # Added before the serialized row (shared by all rows: computed once and cached in scoring).
-    task_description: str = "Here is a patient's breast tumour biopsy, measured from a digitized image."
+    task_description: str = (
+        "Here is a patient's breast tumour biopsy, measured from a digitized image.")
     question: str = "Is this tumour malignant? Answer Yes or No."
     answer_yes: str = "Yes"
     answer_no: str = "No"
@@ -90,7 +91,7 @@ class BaselineSpec:
 @dataclass(frozen=True)
 class Params:
     name: str = "smollm2-135m"
-    # Hub id (mlx-community/...), a local mlx-lm model directory, or "builtin:smollm2-135m-instruct".
+    # Hub id (mlx-community/...), a local mlx-lm model directory, or a built-in name.
     model_id: str = BUILTIN_MODEL
     # Where adapters and checkpoints go; empty = runs/adapters/<name>[-seed<k>].
     output_dir: str = ""
@@ -247,7 +248,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+        raise ParamsError(f"{path}: expected a mapping of keys to values, "
+                          f"got {type(data).__name__}")
     return data
 
 

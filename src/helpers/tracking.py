@@ -102,7 +102,7 @@ def model_tags(model_id: str) -> dict[str, str]:
 
 
 def log_params(params: Params) -> None:
-    """Every resolved parameter (flattened), the params hash, and the params file as an artifact."""
+    """Every resolved parameter (flattened), the params hash, and the params file (artifact)."""
     import mlflow
 
     flat = {k: (v if not isinstance(v, (list, dict)) else repr(v))
