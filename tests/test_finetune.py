@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,21 +17,10 @@ from helpers.config import ParamsError, load_params
 pytestmark = pytest.mark.filterwarnings("ignore:.*appear identically in train:UserWarning")
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite file with its tables made once (the migrations take seconds)."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def toy(tmp_path, tiny_model_dir, empty_store, monkeypatch):
+def toy(tmp_path, tiny_model_dir, mlflow_store, monkeypatch):
     """params(**overrides) for a few repeated rows of a two-class table, in temporary stores."""
-    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # artifacts go to tmp_path/mlruns
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")  # artifacts: tmp_path/mlruns
     table = pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0] * 6,
                           "label": ["no", "no", "yes", "yes"] * 6})
     table.to_csv(tmp_path / "toy.csv", index=False)
