@@ -899,6 +899,14 @@ def _error(r: RunRecord, metric: str) -> tuple[float, float]:
     return max(v - ci[0], 0.0), max(ci[1] - v, 0.0)
 
 
+def _grid(n: int, max_cols: int, width: float, height: float) -> tuple[Any, np.ndarray]:
+    """A figure with n panels, at most max_cols a row; returns it and the axes, flattened."""
+    cols = min(max_cols, n)
+    nrows = -(-n // cols)
+    fig = _figure(width * cols, height * nrows)
+    return fig, np.atleast_1d(fig.subplots(nrows, cols)).ravel()
+
+
 def fig_confusion(c: Comparison) -> Any:
     import seaborn as sns
 
@@ -906,10 +914,7 @@ def fig_confusion(c: Comparison) -> Any:
     items = [(r, cm) for r, cm in items if cm is not None]
     if not items:
         return None
-    cols = min(4, len(items))
-    nrows = -(-len(items) // cols)
-    fig = _figure(3.1 * cols, 2.8 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, cols)).ravel()
+    fig, axes = _grid(len(items), max_cols=4, width=3.1, height=2.8)
     for ax, (r, cm) in zip(axes, items, strict=False):
         mat = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
         sns.heatmap(mat, annot=True, fmt=".0f", cbar=False, cmap="Blues", ax=ax,
@@ -951,10 +956,7 @@ def fig_loss(c: Comparison) -> Any:
     models = [r for r in c.llms if r.history]
     if not models:
         return None
-    cols = min(3, len(models))
-    nrows = -(-len(models) // cols)
-    fig = _figure(4.2 * cols, 3.2 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, cols)).ravel()
+    fig, axes = _grid(len(models), max_cols=3, width=4.2, height=3.2)
     for ax, r in zip(axes, models, strict=False):
         df = pd.DataFrame([(k, s, v) for k, pts in r.history.items() for s, v in pts],
                           columns=["series", "step", "loss"])
