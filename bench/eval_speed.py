@@ -59,45 +59,53 @@ def main(argv: list[str] | None = None) -> int:
 
     # The prompts in chunks, each scored by all three modes in a rotating order: load from other
     # processes that drifts over minutes then slows every mode alike.
+    # (d) is (c) on the model's own mlx-lm forward on one stream: what the fast kernels and the
+    # parallel CPU streams add (see helpers.scoring.answer_logprobs).
     modes = {"generate": {"mode": "generate"}, "logprob": {"use_prefix_cache": False},
-             "cached": {"use_prefix_cache": True}}
+             "cached": {"use_prefix_cache": True},
+             "cached_plain": {"use_prefix_cache": True, "fast": False, "lanes": 1}}
     runs: dict[str, list[scoring.Scores]] = {m: [] for m in modes}
     chunks = [messages[i: i + a.chunk] for i in range(0, len(messages), a.chunk)]
     for k, part in enumerate(chunks):
-        order = list(modes)[k % 3:] + list(modes)[: k % 3]
+        order = list(modes)[k % len(modes):] + list(modes)[: k % len(modes)]
         for name in order:
             runs[name].append(scoring.score(model, tokenizer, part, params, progress=False,
                                             **modes[name]))
         print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(
             f"{m} {runs[m][-1].examples_per_sec:.2f} ex/s" for m in modes), flush=True)
-    gen, plain, cached = (_joined(runs[m]) for m in modes)
+    gen, plain, cached, cached_plain = (_joined(runs[m]) for m in modes)
 
     valid = gen.parsed >= 0
     # None (JSON null) when no generated answer parses: NaN is not valid JSON.
     agree = float(np.mean((cached.p_yes >= params.threshold)[valid] == (gen.parsed[valid] == 1))
                   ) if valid.any() else None
-    max_diff = float(np.max(np.abs(np.c_[cached.logprob_yes, cached.logprob_no]
-                                   - np.c_[plain.logprob_yes, plain.logprob_no])))
+    both = {m: np.c_[s.logprob_yes, s.logprob_no] for m, s in
+            (("plain", plain), ("cached", cached), ("cached_plain", cached_plain))}
+    max_diff = max(float(np.max(np.abs(both[m] - both["cached"]))) for m in both)
     lengths = [len(x) for x in ids]
+    lanes = scoring.default_lanes()
     load = os.getloadavg()[1]  # other processes compete for the CPUs: say how much
     print(f"\n{params.model_id} ({blas.describe()}; {os.cpu_count()} CPUs, load average "
           f"{load:.1f} over the last 5 minutes)")
     print(f"{len(ids)} prompts, {np.mean(lengths):.0f} tokens on average ({min(lengths)}-"
           f"{max(lengths)}), shared prefix {cached.prefix_tokens}+ tokens; batch "
-          f"{params.eval_batch_size}, generation {params.max_new_tokens} new tokens")
-    print(f"{'mode':<34}{'seconds':>9}{'examples/s':>12}{'vs generate':>13}")
+          f"{params.eval_batch_size}, generation {params.max_new_tokens} new tokens; logprob: "
+          f"fast path {scoring.fast_path_applies(model)}, {lanes} CPU stream(s)")
+    print(f"{'mode':<40}{'seconds':>9}{'examples/s':>12}{'vs generate':>13}")
     rows = [("(a) generate + parse", gen), ("(b) logprob, batched", plain),
-            ("(c) logprob, batched + prefix cache", cached)]
+            ("(c) logprob, batched + prefix cache", cached),
+            ("(d) (c) on mlx-lm's forward, 1 stream", cached_plain)]
     for name, s in rows:
-        print(f"{name:<34}{s.seconds:>9.1f}{s.examples_per_sec:>12.2f}"
+        print(f"{name:<40}{s.seconds:>9.1f}{s.examples_per_sec:>12.2f}"
               f"{s.examples_per_sec / gen.examples_per_sec:>12.1f}x")
     agree_text = "-" if agree is None else f"{agree:.0%}"
     print(f"generate: {valid.mean():.0%} of answers parse; logprob agrees with them on "
-          f"{agree_text}; cached vs uncached log-probs differ by at most {max_diff:.1e}")
+          f"{agree_text}; (b), (c) and (d) log-probs differ by at most {max_diff:.1e}")
     result = {"generate_eps": round(gen.examples_per_sec, 3),
               "logprob_eps": round(plain.examples_per_sec, 3),
               "cached_eps": round(cached.examples_per_sec, 3),
               "speedup_vs_generate": round(cached.examples_per_sec / gen.examples_per_sec, 2),
+              "cached_plain_eps": round(cached_plain.examples_per_sec, 3),
               "n": len(ids), "mean_prompt_tokens": round(float(np.mean(lengths)), 1),
               "prefix_tokens": cached.prefix_tokens, "batch_size": params.eval_batch_size,
               "max_new_tokens": params.max_new_tokens, "generate_invalid_rate": gen.invalid_rate,

@@ -95,6 +95,59 @@ def test_batched_equals_one_by_one(tiny, prompts):
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_fast_path_equals_the_models_own_forward(tiny, prompts, use_cache):
+    """The compiled llama path (multiply-add softmax/SwiGLU, the prefix's keys and values fed in)
+    gives the log-probs of the model's own mlx-lm forward through a KV cache."""
+    model, tokenizer = tiny
+    texts, ids = prompts
+    assert scoring.fast_path_applies(model)  # a llama on the CPU: the fast path runs
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    answers.append(answers[0] + answers[1])  # a multi-token answer: two positions per row
+    fast, p1 = scoring.answer_logprobs(model, ids, answers, 5, use_cache, False, fast=True)
+    own, p2 = scoring.answer_logprobs(model, ids, answers, 5, use_cache, False, fast=False)
+    assert p1 == p2 and (p1 > 20) == use_cache
+    np.testing.assert_allclose(fast, own, atol=1e-4)
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_parallel_streams_equal_one_stream(tiny, prompts, lanes):
+    """Batches spread over CPU streams (12 prompts in batches of 5: 3 batches, a short round)
+    give the one-stream result, and the BLAS thread count is restored afterwards."""
+    from helpers import blas
+
+    model, tokenizer = tiny
+    texts, ids = prompts
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    before = blas.get_threads()
+    one, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False, lanes=1)
+    many, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False, lanes=lanes)
+    np.testing.assert_allclose(many, one, atol=1e-5)
+    assert blas.get_threads() == before
+
+
+def test_other_architectures_use_their_own_forward(prompts):
+    """A non-llama model (a tiny random Qwen2: biased q/k/v projections) is scored through its
+    own forward and KV cache, cached and batched, and still matches one plain forward pass."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen2
+
+    _, ids = prompts
+    mx.random.seed(3)
+    model = qwen2.Model(qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        vocab_size=max(max(x) for x in ids) + 1, tie_word_embeddings=True))
+    mx.eval(model.parameters())
+    assert not scoring.fast_path_applies(model)
+    answers = [[ids[0][-1]], [ids[0][-2]]]  # any two tokens do
+    got, prefix = scoring.answer_logprobs(model, ids, answers, 5, True, False)
+    assert prefix > 20
+    for i in (0, N - 1):
+        np.testing.assert_allclose(got[i], [naive_logprob(model, ids[i], a) for a in answers],
+                                   atol=1e-4)
+
+
 def test_head_only_at_scored_positions_matches_full_logits(tiny, prompts):
     import mlx.core as mx
 

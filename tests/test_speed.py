@@ -99,16 +99,23 @@ def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, 
     assert (fast.cache_nbytes() > 0) == cache_prefix
 
 
-def test_fast_exp_and_kernels():
-    """The multiply-add exp is float32-accurate, 0 far below, inf above, NaN stays NaN; SwiGLU
-    and softmax with their hand-written gradients equal MLX's."""
-    x = mx.concatenate([mx.linspace(-87, 88, 20001), mx.array([-1e9, -mx.inf, 100.0, mx.nan])])
-    got, want = speed._exp(x), mx.exp(x)
-    finite = np.asarray(x[:20001])
-    rel = np.abs(np.asarray(got[:20001]) - np.asarray(want[:20001])) / np.exp(finite)
-    assert rel.max() < 5e-7
-    assert np.asarray(got[20001:20003]).tolist() == [0.0, 0.0]
-    assert float(got[-2].item()) > 1e38 and np.isnan(got[-1].item())
+def test_fast_exp_sigmoid_and_kernels():
+    """The multiply-add exp (x <= 0) and sigmoid are float32-accurate, exp is exactly 0 far
+    below and for masked scores, NaN stays NaN; SwiGLU and softmax with their hand-written
+    gradients equal MLX's."""
+    x = mx.concatenate([mx.linspace(-40, 0, 20001), mx.array([-1e9, -mx.inf, mx.nan])])
+    got, want = speed._exp_nonpositive(x), mx.exp(x)
+    rel = np.abs(np.asarray(got[:20001]) - np.asarray(want[:20001])) / np.asarray(want[:20001])
+    near = np.asarray(x[:20001]) >= -32  # below: 0 instead of < 1.3e-14
+    assert rel[near].max() < 2e-5 and np.asarray(got[:20001])[~near].max() == 0.0
+    assert np.asarray(got[20001:20003]).tolist() == [0.0, 0.0] and np.isnan(got[-1].item())
+
+    z = mx.concatenate([mx.linspace(-60, 60, 20001), mx.array([mx.inf, -mx.inf, mx.nan])])
+    sig = np.asarray(speed._sigmoid(z))
+    exact = 1 / (1 + np.exp(-np.asarray(z[:20001], dtype=np.float64)))
+    assert np.abs(sig[:20001] - exact).max() < 5e-7
+    assert 0.0 <= sig[:20001].min() and sig[:20001].max() <= 1.0
+    assert sig[20001:20003].tolist() == pytest.approx([1.0, 0.0], abs=1e-6) and np.isnan(sig[-1])
 
     mx.random.seed(0)
     g, u = mx.random.normal((3, 50)) * 4, mx.random.normal((3, 50))

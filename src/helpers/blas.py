@@ -9,6 +9,7 @@ libmkl_rt.so), TABLORA_BLAS=reference keeps MLX's own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import logging
@@ -30,6 +31,7 @@ CANDIDATES = [
 
 # What ensure_blas() found: a path, "reference" (MLX's bundled one) or "accelerate" (macOS).
 active: str | None = None
+_lib: ctypes.CDLL | None = None  # the library loaded, for its thread-count functions
 
 
 def _venv_candidates() -> list[str]:
@@ -69,7 +71,7 @@ def _load(path: str) -> ctypes.CDLL:
 
 def ensure_blas() -> str:
     """Load an optimized BLAS globally (Linux only, once). Returns what is active."""
-    global active
+    global active, _lib
     if active is not None:
         return active
     if sys.platform != "linux":
@@ -90,7 +92,7 @@ def ensure_blas() -> str:
             except (OSError, AttributeError) as e:
                 log.debug("cannot use %s as BLAS: %s", path, e)
                 continue
-            active = path
+            active, _lib = path, lib
             return active
     active = "reference"
     warnings.warn(
@@ -110,3 +112,39 @@ def describe() -> str:
     if a == "accelerate":
         return "MLX BLAS: Apple Accelerate"
     return f"MLX BLAS: {a}"
+
+
+def _thread_functions() -> tuple | None:
+    """(get, set) of the loaded library's thread count (OpenBLAS or MKL), or None."""
+    for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"),
+                      ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+        try:
+            return getattr(_lib, get), getattr(_lib, set_)
+        except AttributeError:
+            continue
+    return None
+
+
+def get_threads() -> int | None:
+    """Threads the loaded BLAS runs a GEMM on (None: unknown, e.g. Accelerate)."""
+    fns = _thread_functions() if _lib is not None else None
+    return int(fns[0]()) if fns else None
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run the block with the BLAS on n threads per call, then restore the previous count.
+
+    For several MLX CPU streams working at once: each stream's GEMMs then take a core of their
+    own instead of all of them competing for every core. A no-op where the count is unknown.
+    """
+    fns = _thread_functions() if _lib is not None else None
+    if not fns:
+        yield
+        return
+    before = int(fns[0]())
+    fns[1](int(n))
+    try:
+        yield
+    finally:
+        fns[1](before)

@@ -8,12 +8,20 @@ prompt, task description) goes through the model once, into a KV cache that each
 prompts are sorted by length and batched, right-padded (a causal model never looks at the pad
 tokens after a position, so padding changes nothing that is read).
 
+On MLX's CPU backend two more levers apply, each giving the same log-probs to float32 rounding
+(tests/test_scoring.py): llama-block models (SmolLM2, Llama, Mistral) run a compiled forward on
+helpers.speed's multiply-add softmax and SwiGLU (`_fast_logprobs`; other architectures, and the
+GPU, run the model's own forward), and batches are spread over one MLX stream per core with the
+BLAS on one thread each (`lanes`): MLX's element-wise kernels use one thread per stream, so one
+stream leaves a core idle outside the matrix multiplies. bench/eval_speed.py measures each lever.
+
 `generate`: greedy decoding of max_new_tokens tokens, then the first yes/no word (after removing
 `<think>...</think>` reasoning). An answer without one is invalid: counted, and scored as wrong.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -178,22 +186,69 @@ def expand_cache(cache: list[Any], batch: int) -> list[Any]:
 # mlx-lm model modules whose Model.__call__ is exactly head(self.model(...)) with no scaling or
 # soft-capping after the head: for these the head runs only at the positions that are scored.
 _PLAIN_HEAD_MODULES = {"llama", "qwen2", "qwen3", "phi3", "smollm3", "ministral3"}
+PAD_MULTIPLE = 8  # batch widths rounded up to this: few shapes for mx.compile to trace
+MAX_LANES = 4  # CPU streams scoring batches at once (see answer_logprobs)
+
+
+def _head(model: Any) -> Any:
+    head = getattr(model, "lm_head", None)  # absent when tied to the input embeddings
+    return model.model.embed_tokens.as_linear if head is None else head
 
 
 def _scored_logits(model: Any, x: Any, cache: Any, rows: Any, cols: Any) -> Any:
-    """Logits at (rows[i], cols[i]) of the batch `x`, as float32 (M, vocab)."""
+    """Logits at (rows[i], cols[i]) of the batch `x`, as float32 (M, vocab): the model's own
+    forward (any mlx-lm architecture, any device), through an mlx-lm KV cache."""
     import mlx.core as mx
 
     module = type(model).__module__.rsplit(".", 1)[-1]
     if module in _PLAIN_HEAD_MODULES and hasattr(model, "model"):
         # The vocabulary projection is ~20% of a small model's work per token: skip it for the
         # ~100 prompt positions per row that are never read.
-        hidden = model.model(x, cache)[rows, cols]
-        head = getattr(model, "lm_head", None)  # absent when tied to the input embeddings
-        if head is None:
-            head = model.model.embed_tokens.as_linear
-        return head(hidden).astype(mx.float32)
+        return _head(model)(model.model(x, cache)[rows, cols]).astype(mx.float32)
     return model(x, cache=cache)[rows, cols].astype(mx.float32)
+
+
+def fast_path_applies(model: Any) -> bool:
+    """Whether `_fast_logprobs` reproduces this model's forward: every block a llama block
+    (SmolLM2, Llama, Mistral, ...; helpers.speed._is_llama_block) and MLX on the CPU, where its
+    multiply-add softmax/SwiGLU and fused kernels pay off. Elsewhere the model's own forward runs.
+    """
+    import mlx.core as mx
+
+    from helpers import speed
+
+    inner = getattr(model, "model", None)
+    return (mx.default_device() == mx.cpu
+            and type(model).__module__.rsplit(".", 1)[-1] == "llama"
+            and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm"))
+            and all(speed._is_llama_block(layer) for layer in inner.layers))
+
+
+def _fast_logprobs(model: Any) -> Any:
+    """A compiled (tokens, rows, cols, targets, *prefix_kv) -> log-prob of targets[i] at
+    (rows[i], cols[i]), for llama-block models on the CPU (see fast_path_applies).
+
+    prefix_kv: keys and values per block, [1, n_kv_heads, P, head_dim] each (an mlx-lm KV cache
+    of the shared prefix), or nothing. The blocks run on helpers.speed's multiply-add softmax and
+    SwiGLU; mx.compile fuses their element-wise work. Traced once per (batch shape, stream).
+    """
+    import mlx.core as mx
+
+    from helpers import speed
+
+    layers, head = model.model.layers, _head(model)
+
+    def forward(tokens, rows, cols, targets, *prefix_kv):
+        h = model.model.embed_tokens(tokens)
+        bias = speed._causal_bias(tokens.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
+        for i, layer in enumerate(layers):
+            kv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
+            h = speed._llama_block(layer, h, bias, kv)
+        logits = head(model.model.norm(h[rows, cols])).astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+    return mx.compile(forward)
 
 
 @dataclass(frozen=True)
@@ -206,47 +261,90 @@ class _Answer:
         return self.tokens[:-1]
 
 
-def _batch_logprobs(model: Any, suffixes: list[list[int]], answers: list[_Answer],
-                    cache: list[Any] | None) -> np.ndarray:
-    """Summed answer log-probs (len(suffixes), len(answers)) for one batch of examples.
+@dataclass
+class _Batch:
+    """One forward pass: a row per example and distinct answer context (answers that differ
+    only in their last token, single-token "Yes"/"No" as usual, share a row), right-padded."""
 
-    One row per example and distinct answer context: answers that differ only in their last
-    token (single-token "Yes"/"No", the usual case) share a row and so a forward pass.
-    """
+    tokens: np.ndarray  # int32 [rows, width]
+    rows: np.ndarray  # (row, position) predicting each scored answer token ...
+    cols: np.ndarray
+    targets: np.ndarray  # ... that token
+    owner: list[tuple[int, int]]  # (example in the batch, answer) it counts for
+    n_examples: int
+
+    @classmethod
+    def build(cls, suffixes: list[list[int]], answers: list[_Answer]) -> _Batch:
+        contexts = list(dict.fromkeys(a.context for a in answers))
+        seqs = [s + list(c) for s in suffixes for c in contexts]
+        width = PAD_MULTIPLE * -(-max(len(r) for r in seqs) // PAD_MULTIPLE)
+        tokens = np.full((len(seqs), width), PAD_ID, np.int32)
+        for r, seq in enumerate(seqs):
+            tokens[r, : len(seq)] = seq
+        rows, cols, targets, owner = [], [], [], []
+        for i, s in enumerate(suffixes):
+            for j, a in enumerate(answers):
+                r = i * len(contexts) + contexts.index(a.context)
+                for k, tok in enumerate(a.tokens):
+                    rows.append(r)
+                    cols.append(len(s) - 1 + k)
+                    targets.append(tok)
+                    owner.append((i, j))
+        return cls(tokens, np.array(rows, np.int32), np.array(cols, np.int32),
+                   np.array(targets, np.int32), owner, len(suffixes))
+
+    def summed(self, picked: np.ndarray, n_answers: int) -> np.ndarray:
+        """Per-token log-probs -> summed per (example, answer)."""
+        out = np.zeros((self.n_examples, n_answers), dtype=np.float64)
+        for (i, j), v in zip(self.owner, picked, strict=True):
+            out[i, j] += float(v)
+        return out
+
+
+def _plain_logprobs(model: Any, cache: list[Any] | None) -> Any:
+    """(tokens, rows, cols, targets) -> log-probs of the targets, by the model's own forward."""
     import mlx.core as mx
 
-    contexts = list(dict.fromkeys(a.context for a in answers))
-    rows = [s + list(c) for s in suffixes for c in contexts]
-    width = max(len(r) for r in rows)
-    x = mx.array([r + [PAD_ID] * (width - len(r)) for r in rows])
-    # Which (row, position) predicts which answer token.
-    row_idx, col_idx, targets, owner = [], [], [], []
-    for i, s in enumerate(suffixes):
-        for j, a in enumerate(answers):
-            r = i * len(contexts) + contexts.index(a.context)
-            for k, tok in enumerate(a.tokens):
-                row_idx.append(r)
-                col_idx.append(len(s) - 1 + k)
-                targets.append(tok)
-                owner.append((i, j))
-    batch_cache = expand_cache(cache, len(rows)) if cache is not None else None
-    logits = _scored_logits(model, x, batch_cache, mx.array(row_idx), mx.array(col_idx))
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = np.array(mx.take_along_axis(logp, mx.array(targets)[:, None], axis=-1)[:, 0])
-    out = np.zeros((len(suffixes), len(answers)), dtype=np.float64)
-    for (i, j), v in zip(owner, picked, strict=True):
-        out[i, j] += float(v)
-    return out
+    def forward(tokens, rows, cols, targets):
+        batch_cache = expand_cache(cache, tokens.shape[0]) if cache is not None else None
+        logits = _scored_logits(model, tokens, batch_cache, rows, cols)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+    return forward
+
+
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+def default_lanes() -> int:
+    """CPU streams for scoring: one per core (at most MAX_LANES); 1 on a GPU."""
+    import mlx.core as mx
+
+    return min(_cores(), MAX_LANES) if mx.default_device() == mx.cpu else 1
 
 
 def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                     answers: Sequence[Sequence[int]], batch_size: int = 8,
                     use_prefix_cache: bool = True, progress: bool = True,
-                    desc: str = "scoring") -> tuple[np.ndarray, int]:
+                    desc: str = "scoring", fast: bool = True,
+                    lanes: int | None = None) -> tuple[np.ndarray, int]:
     """Log-probability of each answer's token sequence after each prompt: (n, len(answers)).
 
     Returns the array and the shared-prefix length that was computed once (0 without cache).
+    fast: llama-block models on the CPU run `_fast_logprobs` (False: the model's own forward).
+    lanes: batches scored at once, each on its own MLX CPU stream with the BLAS on
+    cores / lanes threads (default: one per core). MLX's CPU element-wise kernels run on one
+    thread per stream; side by side they keep every core busy outside the GEMMs too.
     """
+    import contextlib
+
+    import mlx.core as mx
+
+    from helpers import blas
+
     n = len(prompt_ids)
     out = np.zeros((n, len(answers)), dtype=np.float64)
     if n == 0:
@@ -254,14 +352,37 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     ans = [_Answer(tuple(a)) for a in answers]
     prefix_len = common_prefix_len(prompt_ids) if use_prefix_cache else 0
     cache = build_prefix_cache(model, prompt_ids[0][:prefix_len])
+    if fast and fast_path_applies(model):
+        compiled = _fast_logprobs(model)
+        kv = [a for c in cache for a in (c.keys, c.values)] if cache is not None else []
+
+        def forward(*batch):
+            return compiled(*batch, *kv)
+    else:
+        forward = _plain_logprobs(model, cache)
+
+    lanes = max(1, lanes or default_lanes())
+    streams = [mx.default_stream(mx.default_device())] if lanes == 1 else [
+        mx.new_stream(mx.cpu) for _ in range(lanes)]
+    blas_threads = (blas.threads(max(1, _cores() // lanes)) if lanes > 1
+                    else contextlib.nullcontext())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)
-    with progress_bar(n, desc, progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start: start + batch_size]
-            suffixes = [list(prompt_ids[i][prefix_len:]) for i in idx]
-            out[idx] = _batch_logprobs(model, suffixes, ans, cache)
-            bar.update(len(idx))
+    groups = [order[s: s + batch_size] for s in range(0, n, batch_size)]
+    # A round of `lanes` batches at a time, batch i of the round on stream i.
+    with blas_threads, progress_bar(n, desc, progress) as bar:
+        for r in range(0, len(groups), lanes):
+            pending = []
+            for stream, idx in zip(streams, groups[r: r + lanes], strict=False):
+                batch = _Batch.build([list(prompt_ids[i][prefix_len:]) for i in idx], ans)
+                with mx.stream(stream):
+                    picked = forward(mx.array(batch.tokens), mx.array(batch.rows),
+                                     mx.array(batch.cols), mx.array(batch.targets))
+                pending.append((idx, batch, picked))
+            mx.eval([picked for _, _, picked in pending])
+            for idx, batch, picked in pending:
+                out[idx] = batch.summed(np.array(picked), len(ans))
+                bar.update(len(idx))
     return out, prefix_len
 
 
@@ -335,8 +456,12 @@ def answer_words(params: Params) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Params,
           mode: str | None = None, use_prefix_cache: bool = True, progress: bool = True,
-          desc: str = "") -> Scores:
-    """Score chat prompts (without the answer) by `mode` (default params.scoring)."""
+          desc: str = "", fast: bool = True, lanes: int | None = None) -> Scores:
+    """Score chat prompts (without the answer) by `mode` (default params.scoring).
+
+    use_prefix_cache, fast, lanes: logprob mode's speed levers (see answer_logprobs); the
+    results are the same to float32 rounding with any of them.
+    """
     mode = mode or params.scoring
     if not messages:
         raise ValueError("nothing to score: the split is empty")
@@ -350,7 +475,8 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
             raise ValueError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
                              f"{params.prompt.answer_no!r} give the same tokens: make them differ")
         lp, prefix_len = answer_logprobs(model, ids, answers, params.eval_batch_size,
-                                         use_prefix_cache, progress, desc or "scoring")
+                                         use_prefix_cache, progress, desc or "scoring", fast,
+                                         lanes)
         p = p_yes_from(lp, [len(a) for a in answers], params.length_normalize)
         return Scores("logprob", p, np.full(n, -1), None, lp[:, 0], lp[:, 1],
                       time.perf_counter() - t0, prefix_len,
