@@ -78,6 +78,8 @@ def test_evaluate_notebook_logs_both_models_into_the_training_run(setup, tmp_pat
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "figures")}
     assert {"figures/confusion_test.png", "figures/confusion_zeroshot_test.png"} <= artifacts
     assert run.info.status == "FINISHED"
+    notebooks_logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "notebooks")}
+    assert "notebooks/out.ipynb" in notebooks_logged  # the executed copy joins the training run
 
 
 def test_evaluate_an_adapter_directory_on_its_own(setup):

@@ -78,6 +78,20 @@ def test_a_failed_build_leaves_no_cache(cache, monkeypatch):
     assert list((cache / "models").iterdir()) == []
 
 
+def test_a_killed_build_is_cleaned_up_by_the_next(cache):
+    """A process killed mid-build (SIGKILL: no finally) leaves a hidden temporary folder; the
+    next build removes it once it is old, and leaves a young one (a build still running) alone."""
+    parent = _built_dir(cache).parent
+    stale, young = parent / ".smollm2-135m-instruct-dead", parent / ".smollm2-135m-instruct-live"
+    for folder in (stale, young):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half written")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    path = models.resolve(config.BUILTIN_MODEL)
+    assert sorted(p.name for p in parent.iterdir()) == sorted([path.name, young.name])
+
+
 def test_builtin_tokenizer_round_trips(cache):
     from transformers import AutoTokenizer
 

@@ -28,10 +28,12 @@ def test_train_notebook_writes_a_finished_run(tmp_path, tiny_model_dir, mlflow_s
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 2, 4]
-    artifacts = {f.path for folder in ("adapters", "adapters_last", "figures")
+    artifacts = {f.path for folder in ("adapters", "adapters_last", "figures", "notebooks")
                  for f in client.list_artifacts(run.info.run_id, folder)}
     assert {"adapters/adapters.safetensors", "adapters/adapter_config.json",
-            "adapters_last/adapters.safetensors", "figures/loss_curves.png"} <= artifacts
+            "adapters_last/adapters.safetensors", "figures/loss_curves.png",
+            "notebooks/train.ipynb"} <= artifacts  # the executed copy, attached after the run
+    assert not list(tmp_path.glob(".*.runs"))  # the list of runs it opened is cleaned up
 
     last = nbformat.read(result.output, as_version=4).cells[-1]
     summary = last.outputs[0]["data"]["text/plain"]

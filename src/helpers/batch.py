@@ -462,7 +462,8 @@ def _execute(batch: Batch, outcome: Outcome, name: str, file: Path, overrides: d
     """Run one notebook; its wall time goes to outcome.seconds; returns the error, if any."""
     t0 = time.perf_counter()
     try:
-        notebooks.execute(name, file, overrides, run_id=run_id, output=output, **extra)
+        notebooks.execute(name, file, overrides, run_id=run_id, output=output, attach=False,
+                          **extra)
     except KeyboardInterrupt:
         if run_id:
             batch.client.set_terminated(run_id, "KILLED")

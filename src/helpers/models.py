@@ -178,9 +178,27 @@ def _read_stamp(out: Path) -> dict[str, Any] | None:
         return None
 
 
+STALE_BUILD_SECONDS = 600  # a build takes about a second: older temporary folders are leftovers
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Delete temporary build folders that a killed process left beside `out` (a build of its
+    own, still running, is younger than STALE_BUILD_SECONDS and kept)."""
+    now = time.time()
+    for old in out.parent.glob(f".{out.name}-*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("removed %s, left by an interrupted build", old)
+        except OSError:
+            continue  # removed by another process meanwhile
+
+
 def _build_atomically(gguf: Path, out: Path, stamp: dict[str, Any]) -> Path:
-    """Convert into a temporary folder, then rename: a crash never leaves a half-built cache."""
+    """Convert into a temporary folder, then rename: a crash never leaves a half-built cache
+    (and one killed outright leaves a hidden folder that the next build removes)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:

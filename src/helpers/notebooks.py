@@ -58,6 +58,16 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
+def _kernel_config() -> Any:
+    """Talk to the kernel over local IPC sockets, not TCP on localhost: nothing listens on a
+    network port, and ipykernel has no reason to warn about unencrypted TCP for every notebook."""
+    from traitlets.config import Config
+
+    if os.name != "posix":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc"}})
+
+
 def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
     import papermill
 
@@ -88,11 +98,13 @@ def _unparsed_hint(path: Path, names: list[str]) -> str:
 
 def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None = None,
             run_id: str = "", output: str | Path | None = None, progress: bool = True,
-            **extra: Any) -> NotebookResult:
+            attach: bool = True, **extra: Any) -> NotebookResult:
     """Execute notebooks/<name>.ipynb with a params file; returns where the executed copy is.
 
     Raises NotebookFailed (with the failing cell) when a cell raises. The params file is loaded
     here first, so that a bad file fails fast with its own message instead of inside a kernel.
+    attach: log the executed copy, failed or not, as `notebooks/<file>` to every MLflow run the
+    notebook opened (`tablora batch` passes False: it files notebooks under its own runs).
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -112,16 +124,49 @@ def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None
 
     # The kernel inherits our environment: give it the absolute tracking URI.
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    ids_file = output.with_name(f".{output.name}.runs")
+    ids_file.unlink(missing_ok=True)
+    previous = os.environ.get(tracking.ENV_RUN_IDS_FILE)
+    os.environ[tracking.ENV_RUN_IDS_FILE] = str(ids_file)
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
                                    kernel_name=ensure_kernel(), cwd=str(src.parent),
                                    progress_bar=progress and sys.stderr.isatty(),
                                    log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr)
+                                   stderr_file=sys.stderr, config=_kernel_config())
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e)) from None
+    finally:
+        if previous is None:
+            os.environ.pop(tracking.ENV_RUN_IDS_FILE, None)
+        else:
+            os.environ[tracking.ENV_RUN_IDS_FILE] = previous
+        if attach:
+            _attach(output, ids_file)
+        ids_file.unlink(missing_ok=True)
     return NotebookResult(name, output, time.perf_counter() - t0)
+
+
+def _attach(output: Path, ids_file: Path) -> None:
+    """Log the executed notebook to the runs listed in ids_file (a failure here only warns:
+    the notebook's own results are already in MLflow)."""
+    import mlflow
+
+    from helpers import tracking
+
+    try:
+        run_ids = list(dict.fromkeys(ids_file.read_text().split()))
+    except OSError:
+        return  # the notebook opened no run (e.g. it failed before)
+    if not output.is_file():
+        return
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    for rid in run_ids:
+        try:
+            client.log_artifact(rid, str(output), "notebooks")
+        except Exception as e:  # noqa: BLE001 - a store hiccup must not hide the notebook's result
+            print(f"warning: could not attach {output} to run {rid}: {e}", file=sys.stderr)
 
 
 def _failing_cell(output: Path, e: Any) -> str:

@@ -138,6 +138,7 @@ def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
         if nested_in:
             all_tags[TAG_PARENT] = nested_in
         active = mlflow.start_run(run_name=run_name or params.name, tags=all_tags)
+    _note_run_id(active.info.run_id)
     try:
         yield active
     except KeyboardInterrupt:
@@ -155,6 +156,18 @@ def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
 # notebook starts on its own (the baselines, the comparison) joins the batch and nests under it.
 ENV_BATCH_ID = "TABLORA_BATCH_ID"
 ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
+
+
+# Set by helpers.notebooks.execute: the runs a notebook opens are listed in this file, one id a
+# line, so that the executed notebook can be attached to them once the kernel is done.
+ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"
+
+
+def _note_run_id(run_id: str) -> None:
+    path = os.environ.get(ENV_RUN_IDS_FILE)
+    if path:
+        with open(path, "a") as f:
+            f.write(run_id + "\n")
 
 
 def _batch_tags() -> dict[str, str]:
