@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import report, tracking
+from helpers import records, report, tracking
 from helpers.config import Params, load_params
 
 # The reference's test set: 59 rows, 36 positive.
@@ -214,7 +214,7 @@ def test_batch_without_baselines_borrows_them_from_the_same_split(store):
 
 def test_mixed_split_hashes_are_refused(store, capsys):
     with pytest.raises(report.ReportError) as e:
-        report.load("mixed")
+        records.load("mixed")
     msg = str(e.value)
     assert "split split-1: a (" in msg and "split split-2: b (" in msg and "--batch" in msg
     assert report.cli_compare(args(experiment="mixed")) == 2

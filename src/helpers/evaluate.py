@@ -21,7 +21,7 @@ from helpers.config import Params
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 ADAPTER_ARTIFACT = "adapters"
 TAG_ADAPTER_DIR = "tablora.adapter_dir"
-# Metric name prefixes, as report.py reads them; the threshold metric of each.
+# Metric name prefixes, as helpers.records reads them; the threshold metric of each.
 PREFIXES = {"zeroshot": "zeroshot_test", "finetuned": "test"}
 THRESHOLD_METRICS = {"zeroshot_test": "zeroshot_threshold", "test": "threshold"}
 

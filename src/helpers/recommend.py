@@ -27,7 +27,7 @@ import numpy as np
 
 from helpers import report, stats
 from helpers.config import DEFAULTS_FILE_NAME, Params, flatten, load_params
-from helpers.report import RunRecord
+from helpers.records import RunRecord, score_key
 
 MARKER = "# Written by `tablora recommend`"
 
@@ -221,7 +221,7 @@ def rule_smaller_beats_larger(llms: Sequence[RunRecord], th: Thresholds = Thresh
                    and r.value("accuracy") - large.value("accuracy") >= th.size_margin]
         if not smaller:
             continue
-        small = max(smaller, key=report.score_key)
+        small = max(smaller, key=score_key)
         test = report.paired(large, small, "size", strict=False)
         note = (f"; the gap itself: exact McNemar {stats.fmt_p(test.test.p)}"
                 if test.test else "")

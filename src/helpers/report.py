@@ -1,7 +1,7 @@
-"""The comparison: MLflow runs -> tables with CIs, paired tests with verdicts, figures, REPORT.md.
+"""The comparison: run records -> tables with CIs, paired tests with verdicts, REPORT.md.
 
-Reads the runs that notes/CONTRACTS.md "MLflow run records" describes. Design choices that the
-numbers depend on:
+The records come from helpers.records (the runs notes/CONTRACTS.md "MLflow run records"
+describes), the figures from helpers.figures. Design choices that the numbers depend on:
 - One row per model (tablora.model_name): the latest FINISHED run per (kind, model, seed). Several
   seeds give the mean ± sd across seeds; their paired tests use the seed-majority vote per row
   (ties go to the first seed) — one deterministic classifier that uses every seed, where "the
@@ -15,16 +15,10 @@ numbers depend on:
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import dataclasses
-import os
 import re
 import sys
-import tempfile
 import time
-import typing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +27,19 @@ import numpy as np
 import pandas as pd
 
 from helpers import stats, tracking
-from helpers.config import RUNS_DIR, Params
+from helpers.config import RUNS_DIR
+from helpers.records import (
+    BASELINE,
+    LLM,
+    Loaded,
+    NoRuns,
+    ReportError,
+    RunRecord,
+    load,
+    mlflow_client,
+    score_key,
+)
 
-LLM, BASELINE = "llm", "baseline"
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balance_gap")
 LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
           "specificity": "Specificity", "f1": "F1", "balance_gap": "Balance gap",
@@ -43,384 +47,6 @@ LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
 LOWER_IS_BETTER = {"balance_gap"}
 VS_BASELINE, VS_BEST_LLM = "vs best baseline", "vs best LLM"
 ZEROSHOT, EARLIER = "zero-shot → fine-tuned", "vs earlier round"
-PREDICTIONS = {"test": "predictions/test.csv", "zeroshot": "predictions/zeroshot_test.csv"}
-HISTORIES = ("train_loss", "val_loss")
-
-
-class ReportError(ValueError):
-    """Runs that cannot be compared (none, mixed splits, different test rows): said plainly."""
-
-    user_facing = True
-
-
-class NoRuns(ReportError):
-    """No finished, evaluated model runs where the user pointed."""
-
-
-# ---------------------------------------------------------------- run records
-
-@dataclass
-class RunRecord:
-    """One model's results as the report needs them; plain data so that rules and tables can be
-    tested on hand-built records, without MLflow."""
-
-    name: str  # tablora.model_name (the params name without seed suffix), else the run name
-    kind: str = LLM  # "llm" | "baseline"
-    metrics: dict[str, float] = field(default_factory=dict)  # test_*, zeroshot_test_*, ...
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train/val loss
-    params: dict[str, Any] = field(default_factory=dict)  # resolved params, shaped like the YAML
-    model_id: str = ""
-    model_size: str = ""  # tablora.model_size: "3B", "135M", "mini", ""
-    split_hash: str = ""
-    batch_id: str = ""
-    seed: int | None = None
-    run_id: str = ""
-    start_time: int = 0
-    predictions: pd.DataFrame | None = None  # row_id, label, p_yes, prediction
-    zeroshot: pd.DataFrame | None = None
-    # Set when several seeds were merged into this record.
-    seeds: list[int] = field(default_factory=list)
-    run_ids: list[str] = field(default_factory=list)
-    spread: dict[str, float] = field(default_factory=dict)  # sd across seeds, per metric
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({len(self.seeds)} seeds)" if len(self.seeds) > 1 else self.name
-
-    def value(self, metric: str, prefix: str = "test_") -> float:
-        return float(self.metrics.get(f"{prefix}{metric}", np.nan))
-
-    def ci(self, metric: str, prefix: str = "test_") -> tuple[float, float] | None:
-        low = self.metrics.get(f"{prefix}{metric}_ci_low")
-        high = self.metrics.get(f"{prefix}{metric}_ci_high")
-        return None if low is None or high is None else (float(low), float(high))
-
-    def cell(self, metric: str, prefix: str = "test_", with_ci: bool = True) -> str:
-        """'54.2% [41.5, 66.9]', or '54.2% ± 3.1' across seeds."""
-        v = self.value(metric, prefix)
-        sd = self.spread.get(f"{prefix}{metric}")
-        if sd is not None:
-            return f"{stats.pct(v)} ± {100 * sd:.1f}"
-        ci = self.ci(metric, prefix) if with_ci else None
-        return stats.pct_ci(v, *ci) if ci else stats.pct(v)
-
-    def rows(self, which: str = "test") -> pd.DataFrame | None:
-        """Predictions indexed by row_id ("test" = fine-tuned/baseline, "zeroshot")."""
-        df = self.predictions if which == "test" else self.zeroshot
-        if df is None or df.empty:
-            return None
-        return df.set_index("row_id", drop=False)
-
-    def size_in_params(self) -> float | None:
-        """'3B' -> 3e9, '135M' -> 1.35e8; None when unknown ('mini', '')."""
-        size = self.model_size or tracking.model_tags(self.model_id)[tracking.TAG_MODEL_SIZE]
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)([BM])", size.upper())
-        if not m:
-            return None
-        return float(m.group(1)) * (1e9 if m.group(2) == "B" else 1e6)
-
-
-def score_key(r: RunRecord) -> tuple[float, float, float]:
-    """Best first: accuracy, then F1, then balanced accuracy (NaN last)."""
-    vals = (r.value("accuracy"), r.value("f1"), r.value("balanced_accuracy"))
-    return tuple(-np.inf if not np.isfinite(v) else v for v in vals)  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- MLflow -> records
-
-def params_from_flat(flat: dict[str, str]) -> dict[str, Any]:
-    """MLflow params (strings; sections flattened with '.'; lists/dicts as repr) -> a params dict
-    shaped like the YAML, each value typed by the Params schema. Keys the schema does not know
-    (lora_scale, keys of another version) are dropped, so load_params accepts the result."""
-    hints = typing.get_type_hints(Params)
-    out: dict[str, Any] = {}
-    for key, raw in flat.items():
-        section, _, sub = key.partition(".")
-        if sub:
-            tp = hints.get(section)
-            if tp is None or not dataclasses.is_dataclass(tp):
-                continue
-            sub_tp = typing.get_type_hints(tp).get(sub)
-            if sub_tp is not None:
-                out.setdefault(section, {})[sub] = _typed(raw, sub_tp)
-        elif key in hints and key != "source_file" and not dataclasses.is_dataclass(hints[key]):
-            out[key] = _typed(raw, hints[key])
-    return out
-
-
-def _typed(raw: str, tp: Any) -> Any:
-    # Strings stay strings (a model called "123" is still a name); the rest is a Python literal
-    # because tracking.log_params logs str() of numbers and repr() of lists and dicts.
-    if tp is str or typing.get_origin(tp) is typing.Literal:
-        return raw
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
-def _client() -> Any:
-    import mlflow
-
-    uri = tracking.tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
-
-
-def _all_runs(client: Any, experiment: str) -> list[Any]:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time DESC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _in_batch(run: Any, batch: str, parent_ids: set[str]) -> bool:
-    tags = run.data.tags
-    return tags.get(tracking.TAG_BATCH_ID) == batch or tags.get(tracking.TAG_PARENT) in parent_ids
-
-
-def batch_parent(runs: Sequence[Any], batch: str) -> Any | None:
-    """The batch's parent run (tablora.kind = batch): where its report is logged."""
-    for run in runs:
-        tags = run.data.tags
-        if tags.get(tracking.TAG_KIND) == "batch" and (
-                tags.get(tracking.TAG_BATCH_ID) == batch or run.info.run_id == batch):
-            return run
-    return None
-
-
-@contextlib.contextmanager
-def _quiet_downloads() -> Iterator[None]:
-    # MLflow draws a progress bar per downloaded file: noise around the printed tables.
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _download_csv(client: Any, run_id: str, path: str, dst: Path) -> pd.DataFrame | None:
-    folder, name = path.rsplit("/", 1)
-    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder)}:
-        return None
-    local = client.download_artifacts(run_id, path, str(dst))
-    df = pd.read_csv(local)
-    missing = {"row_id", "label", "prediction"} - set(df.columns)
-    if missing:
-        raise ReportError(f"run {run_id}: {path} lacks column(s) {sorted(missing)}; the contract "
-                          "is row_id,label,p_yes,prediction")
-    return df
-
-
-def record_from_run(client: Any, run: Any, dst: Path) -> RunRecord:
-    tags, info = run.data.tags, run.info
-    kind = tags.get(tracking.TAG_KIND, "")
-    seed = tags.get(tracking.TAG_SEED)
-    params = params_from_flat(run.data.params)
-    history = {}
-    if kind == LLM:
-        for key in HISTORIES:
-            points = client.get_metric_history(info.run_id, key)
-            if points:
-                history[key] = sorted((int(m.step), float(m.value)) for m in points)
-    run_dst = dst / info.run_id
-    return RunRecord(
-        name=tags.get(tracking.TAG_MODEL_NAME) or info.run_name or info.run_id[:8],
-        kind=kind, metrics=dict(run.data.metrics), history=history, params=params,
-        model_id=str(params.get("model_id", "")),
-        model_size=tags.get(tracking.TAG_MODEL_SIZE, ""),
-        split_hash=tags.get(tracking.TAG_SPLIT_HASH, ""),
-        batch_id=tags.get(tracking.TAG_BATCH_ID, ""),
-        seed=int(seed) if seed not in (None, "") else None,
-        run_id=info.run_id, start_time=int(info.start_time or 0),
-        predictions=_download_csv(client, info.run_id, PREDICTIONS["test"], run_dst),
-        zeroshot=(_download_csv(client, info.run_id, PREDICTIONS["zeroshot"], run_dst)
-                  if kind == LLM else None),
-    )
-
-
-@dataclass
-class Loaded:
-    """The model records of one experiment (or batch) and what was left out, and why."""
-
-    experiment: str
-    batch: str | None
-    records: list[RunRecord]  # one per model, seeds merged
-    skipped: list[str]
-    parent_run_id: str = ""
-    experiment_id: str = ""
-
-
-def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
-    """Read, filter, de-duplicate, check and merge the runs. Raises NoRuns when there are none."""
-    client = _client()
-    all_runs = _all_runs(client, experiment)
-    where = f"experiment {experiment!r}" + (f", batch {batch!r}" if batch else "")
-    parent = batch_parent(all_runs, batch) if batch else None
-    runs = all_runs
-    if batch:
-        parent_ids = {parent.info.run_id} if parent else set()
-        runs = [r for r in all_runs if _in_batch(r, batch, parent_ids)]
-    candidates, skipped = _usable(runs)
-    if not candidates:
-        known = _batch_ids(all_runs)
-        hint = f" (known batch ids: {', '.join(known)})" if batch and known else ""
-        raise NoRuns(f"no finished, evaluated model runs in {where}{hint}"
-                     + ("; skipped: " + "; ".join(skipped) if skipped else ""))
-    latest, superseded = latest_per_model(candidates)
-    check_split(latest, batch)
-    if batch:
-        latest, borrowed = _borrow_baselines(latest, all_runs)
-        skipped += borrowed
-    with tempfile.TemporaryDirectory(prefix="tablora-report-") as tmp, _quiet_downloads():
-        records = [record_from_run(client, r, Path(tmp)) for r in latest]
-    exp = client.get_experiment_by_name(experiment)
-    return Loaded(experiment, batch, merge_all(records), skipped + superseded,
-                  parent.info.run_id if parent else "", exp.experiment_id)
-
-
-def _borrow_baselines(runs: list[Any], all_runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
-    """A batch without baseline runs (they had run already for its split) gets the experiment's
-    latest baselines on the same split: the LLMs still have something to be measured against."""
-    if any(r.data.tags.get(tracking.TAG_KIND) == BASELINE for r in runs):
-        return runs, []
-    split = runs[0].data.tags.get(tracking.TAG_SPLIT_HASH, "")
-    usable, _ = _usable(r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == BASELINE
-                        and r.data.tags.get(tracking.TAG_SPLIT_HASH, "") == split)
-    baselines, _ = latest_per_model(usable)
-    notes = [f"{r.info.run_name}: baseline taken from batch "
-             f"{r.data.tags.get(tracking.TAG_BATCH_ID) or '(none)'} (same split)"
-             for r in baselines]
-    return runs + baselines, notes
-
-
-def _batch_ids(runs: Sequence[Any]) -> list[str]:
-    return sorted({i for r in runs if (i := r.data.tags.get(tracking.TAG_BATCH_ID))})
-
-
-def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
-    """Model runs (kind llm/baseline) that finished with test metrics; the rest named, with why."""
-    usable, skipped = [], []
-    for run in runs:
-        tags, info = run.data.tags, run.info
-        if tags.get(tracking.TAG_KIND) not in (LLM, BASELINE):
-            continue  # batch parents, reports, foreign runs: not models
-        name = info.run_name or info.run_id[:8]
-        if info.status != "FINISHED":
-            err = tags.get(tracking.TAG_ERROR, "")
-            skipped.append(f"{name}: {info.status}" + (f" ({err[:120]})" if err else ""))
-        elif "test_accuracy" not in run.data.metrics:
-            skipped.append(f"{name}: no test metrics (not evaluated)")
-        else:
-            usable.append(run)
-    return usable, skipped
-
-
-def latest_per_model(runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
-    """Per model, the runs of its latest batch, and of those the latest per seed: a re-run
-    replaces the earlier one, and seeds of different rounds are never averaged together."""
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for run in runs:
-        tags = run.data.tags
-        key = (tags.get(tracking.TAG_KIND, ""), tags.get(tracking.TAG_MODEL_NAME)
-               or run.info.run_name)
-        groups.setdefault(key, []).append(run)
-    kept: list[Any] = []
-    for group in groups.values():
-        newest = max(group, key=lambda r: r.info.start_time)
-        batch = newest.data.tags.get(tracking.TAG_BATCH_ID, "")
-        same_round = [r for r in group if r.data.tags.get(tracking.TAG_BATCH_ID, "") == batch]
-        by_seed: dict[str, Any] = {}
-        for run in same_round:
-            seed = run.data.tags.get(tracking.TAG_SEED, "")
-            if seed not in by_seed or run.info.start_time > by_seed[seed].info.start_time:
-                by_seed[seed] = run
-        kept += by_seed.values()
-    ids = {id(r) for r in kept}
-    superseded = [f"{r.info.run_name} ({r.info.run_id[:8]}): superseded by a later run"
-                  for r in runs if id(r) not in ids]
-    return kept, superseded
-
-
-def check_split(runs: Sequence[Any], batch: str | None = None) -> None:
-    """Refuse runs made on different splits: their test rows differ, so nothing is comparable."""
-    by_hash: dict[str, list[str]] = {}
-    for run in runs:
-        h = run.data.tags.get(tracking.TAG_SPLIT_HASH, "") or "(no split hash)"
-        by_hash.setdefault(h, []).append(f"{run.info.run_name} ({run.info.run_id[:8]})")
-    if len(by_hash) > 1:
-        detail = "; ".join(f"split {h}: {', '.join(sorted(names))}"
-                           for h, names in sorted(by_hash.items()))
-        hint = "" if batch else " Pick one round with --batch <batch id>."
-        raise ReportError(f"these runs were made on different data splits and cannot be compared "
-                          f"— {detail}.{hint}")
-
-
-# ---------------------------------------------------------------- seeds
-
-def merge_all(records: Sequence[RunRecord]) -> list[RunRecord]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for r in records:
-        groups.setdefault((r.kind, r.name), []).append(r)
-    return [merge_seeds(g) for g in groups.values()]
-
-
-def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
-    """Several seeds of one model -> one record: metrics are means, `spread` the sd across seeds,
-    CIs dropped (one seed's CI does not describe the mean), predictions the seed-majority vote,
-    loss curves and params those of the first seed."""
-    group = sorted(group, key=lambda r: (r.seed is None, r.seed or 0))
-    if len(group) == 1:
-        return group[0]
-    keys = set.intersection(*(set(r.metrics) for r in group))
-    keys = {k for k in keys if not k.endswith(("_ci_low", "_ci_high"))}
-    values = {k: np.array([r.metrics[k] for r in group], dtype=float) for k in keys}
-    first = group[0]
-    return dataclasses.replace(
-        first,
-        metrics={k: float(v.mean()) for k, v in values.items()},
-        spread={k: float(v.std(ddof=1)) for k, v in values.items()
-                if k.startswith(("test_", "zeroshot_test_"))},
-        seeds=[r.seed if r.seed is not None else i for i, r in enumerate(group)],
-        run_ids=[r.run_id for r in group],
-        predictions=majority_vote([r.predictions for r in group], first.name),
-        zeroshot=majority_vote([r.zeroshot for r in group], first.name),
-    )
-
-
-def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFrame | None:
-    """Per row, the prediction most seeds made (a tie goes to the first seed); p_yes averaged."""
-    if not frames or any(f is None for f in frames):
-        return None
-    base = frames[0].set_index("row_id")
-    for f in frames[1:]:
-        if set(f["row_id"]) != set(base.index):
-            raise ReportError(f"{name}: its seeds were scored on different test rows; re-run "
-                              "the evaluation so that every seed uses the same split")
-    preds = np.stack([f.set_index("row_id").loc[base.index, "prediction"].to_numpy()
-                      for f in frames])
-    yes = preds.sum(axis=0)
-    n = len(frames)
-    vote = np.where(2 * yes > n, 1, np.where(2 * yes < n, 0, preds[0]))
-    out = base[["label"]].copy()
-    if "p_yes" in base:
-        out["p_yes"] = np.mean([f.set_index("row_id").loc[base.index, "p_yes"].to_numpy()
-                                for f in frames], axis=0)
-    out["prediction"] = vote.astype(int)
-    return out.reset_index()
 
 
 # ---------------------------------------------------------------- paired comparisons
@@ -832,167 +458,6 @@ def markdown(c: Comparison, extra: str = "") -> str:
     return "\n\n".join(parts) + "\n"
 
 
-# ---------------------------------------------------------------- figures
-
-def write_figures(c: Comparison, out: Path) -> list[Path]:
-    """Seaborn PNGs in `out`; each figure only when its data exist."""
-    import seaborn as sns
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with sns.axes_style("whitegrid"):
-        for make in (fig_metric_bars, fig_confusion, fig_roc, fig_loss, fig_zeroshot):
-            fig = make(c)
-            if fig is not None:
-                path = out / f"{make.__name__.removeprefix('fig_')}.png"
-                fig.savefig(path, dpi=110, bbox_inches="tight")
-                paths.append(path)
-    return paths
-
-
-def _figure(w: float, h: float) -> Any:
-    # A bare Figure (no pyplot): no GUI backend, nothing left open in a notebook kernel.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h), layout="constrained")
-
-
-def _pct_axis(ax: Any, axis: str = "x") -> None:
-    from matplotlib.ticker import PercentFormatter
-
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(PercentFormatter(1.0))
-
-
-def fig_metric_bars(c: Comparison) -> Any:
-    import seaborn as sns
-
-    models = sorted(c.llms + c.baselines, key=score_key, reverse=True)
-    metrics = ("accuracy", "f1", "balanced_accuracy")
-    if not models:
-        return None
-    fig = _figure(4.2 * len(metrics), 0.45 * len(models) + 1.6)
-    axes = fig.subplots(1, len(metrics), sharey=True)
-    order = [r.label for r in models]
-    for ax, metric in zip(axes, metrics, strict=True):
-        df = pd.DataFrame({"model": order, "value": [r.value(metric) for r in models],
-                           "type": ["LLM" if r.kind == LLM else "baseline" for r in models]})
-        sns.barplot(data=df, y="model", x="value", hue="type", order=order, dodge=False, ax=ax,
-                    palette={"LLM": "#4C72B0", "baseline": "#A0A0A0"}, legend=ax is axes[0])
-        low, high = zip(*(_error(r, metric) for r in models), strict=True)
-        ax.errorbar(df["value"].fillna(0), range(len(models)), xerr=[low, high], fmt="none",
-                    ecolor="black", capsize=3, lw=1)
-        ax.set(xlim=(0, 1), xlabel=LABELS[metric], ylabel="")
-        _pct_axis(ax)
-    fig.suptitle("Test metrics with 95% bootstrap CIs (± sd across seeds)")
-    return fig
-
-
-def _error(r: RunRecord, metric: str) -> tuple[float, float]:
-    """Error bar half-widths: the CI, or the sd across seeds, else none."""
-    v = r.value(metric)
-    sd = r.spread.get(f"test_{metric}")
-    if sd is not None:
-        return sd, sd
-    ci = r.ci(metric)
-    if ci is None or not np.isfinite(v):
-        return 0.0, 0.0
-    return max(v - ci[0], 0.0), max(ci[1] - v, 0.0)
-
-
-def _grid(n: int, max_cols: int, width: float, height: float) -> tuple[Any, np.ndarray]:
-    """A figure with n panels, at most max_cols a row; returns it and the axes, flattened."""
-    cols = min(max_cols, n)
-    nrows = -(-n // cols)
-    fig = _figure(width * cols, height * nrows)
-    return fig, np.atleast_1d(fig.subplots(nrows, cols)).ravel()
-
-
-def fig_confusion(c: Comparison) -> Any:
-    import seaborn as sns
-
-    items = [(r, confusion_counts(r)) for r in c.llms + c.baselines]
-    items = [(r, cm) for r, cm in items if cm is not None]
-    if not items:
-        return None
-    fig, axes = _grid(len(items), max_cols=4, width=3.1, height=2.8)
-    for ax, (r, cm) in zip(axes, items, strict=False):
-        mat = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
-        sns.heatmap(mat, annot=True, fmt=".0f", cbar=False, cmap="Blues", ax=ax,
-                    xticklabels=["No", "Yes"], yticklabels=["No", "Yes"])
-        ax.set(title=r.label, xlabel="predicted", ylabel="actual")
-    for ax in axes[len(items):]:
-        ax.set_visible(False)
-    fig.suptitle("Confusion matrices (test)")
-    return fig
-
-
-def fig_roc(c: Comparison) -> Any:
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fig = _figure(5.5, 5)
-    ax = fig.subplots()
-    drawn = 0
-    for r in c.llms + c.baselines:
-        rows = r.rows("test")
-        if rows is None or "p_yes" not in rows or rows["p_yes"].isna().any():
-            continue
-        if rows["label"].nunique() < 2:
-            continue
-        fpr, tpr, _ = roc_curve(rows["label"], rows["p_yes"])
-        auc = roc_auc_score(rows["label"], rows["p_yes"])
-        ax.plot(fpr, tpr, ls="-" if r.kind == LLM else "--", label=f"{r.label} (AUC {auc:.2f})")
-        drawn += 1
-    if not drawn:
-        return None
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (test)")
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
-
-
-def fig_loss(c: Comparison) -> Any:
-    import seaborn as sns
-
-    models = [r for r in c.llms if r.history]
-    if not models:
-        return None
-    fig, axes = _grid(len(models), max_cols=3, width=4.2, height=3.2)
-    for ax, r in zip(axes, models, strict=False):
-        df = pd.DataFrame([(k, s, v) for k, pts in r.history.items() for s, v in pts],
-                          columns=["series", "step", "loss"])
-        sns.lineplot(data=df, x="step", y="loss", hue="series", marker="o", markersize=3, ax=ax)
-        ax.set(title=r.name + (f" (first of {len(r.seeds)} seeds)" if len(r.seeds) > 1 else ""))
-    for ax in axes[len(models):]:
-        ax.set_visible(False)
-    fig.suptitle("Training and validation loss")
-    return fig
-
-
-def fig_zeroshot(c: Comparison) -> Any:
-    models = [r for r in c.llms if "zeroshot_test_accuracy" in r.metrics]
-    if not models:
-        return None
-    fig = _figure(6.5, 0.55 * len(models) + 1.5)
-    ax = fig.subplots()
-    for i, r in enumerate(models):
-        for prefix, color, label in (("zeroshot_test_", "#DD8452", "zero-shot"),
-                                     ("test_", "#4C72B0", "fine-tuned")):
-            v = r.value("accuracy", prefix)
-            sd = r.spread.get(f"{prefix}accuracy")
-            ci = r.ci("accuracy", prefix)
-            err = ([[sd], [sd]] if sd is not None else
-                   [[v - ci[0]], [ci[1] - v]] if ci else None)
-            ax.errorbar([v], [i], xerr=err, fmt="o", color=color, capsize=3,
-                        label=label if i == 0 else None)
-        ax.annotate("", xy=(r.value("accuracy"), i), xytext=(r.value("accuracy", "zeroshot_test_"),
-                    i), arrowprops={"arrowstyle": "->", "color": "grey"})
-    ax.set(yticks=range(len(models)), yticklabels=[r.label for r in models], xlim=(0, 1),
-           xlabel="test accuracy", title="Zero-shot → fine-tuned (95% CIs)")
-    ax.invert_yaxis()
-    _pct_axis(ax)
-    ax.legend(fontsize=8)
-    return fig
-
 
 # ---------------------------------------------------------------- entry points
 
@@ -1006,6 +471,8 @@ def compare(experiment: str = "tablora", batch: str | None = None, against: str 
         compare_rounds(c, load_against(experiment, against).records, against)
     c.out_dir = Path(out) if out else RUNS_DIR / "compare" / (batch or experiment)
     if figures:
+        from helpers.figures import write_figures
+
         c.figures = write_figures(c, c.out_dir)
     c.markdown = markdown(c)
     if figures:
@@ -1017,7 +484,7 @@ def compare(experiment: str = "tablora", batch: str | None = None, against: str 
 
 def log_report(c: Comparison, loaded: Loaded) -> str:
     """Log the out folder to the batch's parent run, else to a new run tagged kind=report."""
-    client = _client()
+    client = mlflow_client()
     run_id = loaded.parent_run_id
     if not run_id:
         tags = {tracking.TAG_KIND: "report"}

@@ -1,0 +1,409 @@
+"""MLflow runs -> RunRecord: one model's metrics, predictions and loss history, as the report
+(helpers.report) and the recommendations (helpers.recommend) read them.
+
+Which runs count: the latest FINISHED run per (kind, model, seed) of a batch or experiment;
+runs on different splits (tablora.split_hash) are refused; several seeds merge into one record
+(mean ± sd of each metric, the seed-majority vote per row for paired tests).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import os
+import re
+import tempfile
+import typing
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from helpers import stats, tracking
+from helpers.config import Params
+
+LLM, BASELINE = "llm", "baseline"
+PREDICTIONS = {"test": "predictions/test.csv", "zeroshot": "predictions/zeroshot_test.csv"}
+HISTORIES = ("train_loss", "val_loss")
+
+
+class ReportError(ValueError):
+    """Runs that cannot be compared (none, mixed splits, different test rows): said plainly."""
+
+    user_facing = True
+
+
+class NoRuns(ReportError):
+    """No finished, evaluated model runs where the user pointed."""
+
+
+# ---------------------------------------------------------------- run records
+
+@dataclass
+class RunRecord:
+    """One model's results as the report needs them; plain data so that rules and tables can be
+    tested on hand-built records, without MLflow."""
+
+    name: str  # tablora.model_name (the params name without seed suffix), else the run name
+    kind: str = LLM  # "llm" | "baseline"
+    metrics: dict[str, float] = field(default_factory=dict)  # test_*, zeroshot_test_*, ...
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train/val loss
+    params: dict[str, Any] = field(default_factory=dict)  # resolved params, shaped like the YAML
+    model_id: str = ""
+    model_size: str = ""  # tablora.model_size: "3B", "135M", "mini", ""
+    split_hash: str = ""
+    batch_id: str = ""
+    seed: int | None = None
+    run_id: str = ""
+    start_time: int = 0
+    predictions: pd.DataFrame | None = None  # row_id, label, p_yes, prediction
+    zeroshot: pd.DataFrame | None = None
+    # Set when several seeds were merged into this record.
+    seeds: list[int] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+    spread: dict[str, float] = field(default_factory=dict)  # sd across seeds, per metric
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({len(self.seeds)} seeds)" if len(self.seeds) > 1 else self.name
+
+    def value(self, metric: str, prefix: str = "test_") -> float:
+        return float(self.metrics.get(f"{prefix}{metric}", np.nan))
+
+    def ci(self, metric: str, prefix: str = "test_") -> tuple[float, float] | None:
+        low = self.metrics.get(f"{prefix}{metric}_ci_low")
+        high = self.metrics.get(f"{prefix}{metric}_ci_high")
+        return None if low is None or high is None else (float(low), float(high))
+
+    def cell(self, metric: str, prefix: str = "test_", with_ci: bool = True) -> str:
+        """'54.2% [41.5, 66.9]', or '54.2% ± 3.1' across seeds."""
+        v = self.value(metric, prefix)
+        sd = self.spread.get(f"{prefix}{metric}")
+        if sd is not None:
+            return f"{stats.pct(v)} ± {100 * sd:.1f}"
+        ci = self.ci(metric, prefix) if with_ci else None
+        return stats.pct_ci(v, *ci) if ci else stats.pct(v)
+
+    def rows(self, which: str = "test") -> pd.DataFrame | None:
+        """Predictions indexed by row_id ("test" = fine-tuned/baseline, "zeroshot")."""
+        df = self.predictions if which == "test" else self.zeroshot
+        if df is None or df.empty:
+            return None
+        return df.set_index("row_id", drop=False)
+
+    def size_in_params(self) -> float | None:
+        """'3B' -> 3e9, '135M' -> 1.35e8; None when unknown ('mini', '')."""
+        size = self.model_size or tracking.model_tags(self.model_id)[tracking.TAG_MODEL_SIZE]
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([BM])", size.upper())
+        if not m:
+            return None
+        return float(m.group(1)) * (1e9 if m.group(2) == "B" else 1e6)
+
+
+def score_key(r: RunRecord) -> tuple[float, float, float]:
+    """Best first: accuracy, then F1, then balanced accuracy (NaN last)."""
+    vals = (r.value("accuracy"), r.value("f1"), r.value("balanced_accuracy"))
+    return tuple(-np.inf if not np.isfinite(v) else v for v in vals)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- MLflow -> records
+
+def params_from_flat(flat: dict[str, str]) -> dict[str, Any]:
+    """MLflow params (strings; sections flattened with '.'; lists/dicts as repr) -> a params dict
+    shaped like the YAML, each value typed by the Params schema. Keys the schema does not know
+    (lora_scale, keys of another version) are dropped, so load_params accepts the result."""
+    hints = typing.get_type_hints(Params)
+    out: dict[str, Any] = {}
+    for key, raw in flat.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            tp = hints.get(section)
+            if tp is None or not dataclasses.is_dataclass(tp):
+                continue
+            sub_tp = typing.get_type_hints(tp).get(sub)
+            if sub_tp is not None:
+                out.setdefault(section, {})[sub] = _typed(raw, sub_tp)
+        elif key in hints and key != "source_file" and not dataclasses.is_dataclass(hints[key]):
+            out[key] = _typed(raw, hints[key])
+    return out
+
+
+def _typed(raw: str, tp: Any) -> Any:
+    # Strings stay strings (a model called "123" is still a name); the rest is a Python literal
+    # because tracking.log_params logs str() of numbers and repr() of lists and dicts.
+    if tp is str or typing.get_origin(tp) is typing.Literal:
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def mlflow_client() -> Any:
+    """An MlflowClient on the project's tracking URI (also made mlflow's default)."""
+    import mlflow
+
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def _all_runs(client: Any, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _in_batch(run: Any, batch: str, parent_ids: set[str]) -> bool:
+    tags = run.data.tags
+    return tags.get(tracking.TAG_BATCH_ID) == batch or tags.get(tracking.TAG_PARENT) in parent_ids
+
+
+def batch_parent(runs: Sequence[Any], batch: str) -> Any | None:
+    """The batch's parent run (tablora.kind = batch): where its report is logged."""
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(tracking.TAG_KIND) == "batch" and (
+                tags.get(tracking.TAG_BATCH_ID) == batch or run.info.run_id == batch):
+            return run
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    # MLflow draws a progress bar per downloaded file: noise around the printed tables.
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _download_csv(client: Any, run_id: str, path: str, dst: Path) -> pd.DataFrame | None:
+    folder, name = path.rsplit("/", 1)
+    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder)}:
+        return None
+    local = client.download_artifacts(run_id, path, str(dst))
+    df = pd.read_csv(local)
+    missing = {"row_id", "label", "prediction"} - set(df.columns)
+    if missing:
+        raise ReportError(f"run {run_id}: {path} lacks column(s) {sorted(missing)}; the contract "
+                          "is row_id,label,p_yes,prediction")
+    return df
+
+
+def record_from_run(client: Any, run: Any, dst: Path) -> RunRecord:
+    tags, info = run.data.tags, run.info
+    kind = tags.get(tracking.TAG_KIND, "")
+    seed = tags.get(tracking.TAG_SEED)
+    params = params_from_flat(run.data.params)
+    history = {}
+    if kind == LLM:
+        for key in HISTORIES:
+            points = client.get_metric_history(info.run_id, key)
+            if points:
+                history[key] = sorted((int(m.step), float(m.value)) for m in points)
+    run_dst = dst / info.run_id
+    return RunRecord(
+        name=tags.get(tracking.TAG_MODEL_NAME) or info.run_name or info.run_id[:8],
+        kind=kind, metrics=dict(run.data.metrics), history=history, params=params,
+        model_id=str(params.get("model_id", "")),
+        model_size=tags.get(tracking.TAG_MODEL_SIZE, ""),
+        split_hash=tags.get(tracking.TAG_SPLIT_HASH, ""),
+        batch_id=tags.get(tracking.TAG_BATCH_ID, ""),
+        seed=int(seed) if seed not in (None, "") else None,
+        run_id=info.run_id, start_time=int(info.start_time or 0),
+        predictions=_download_csv(client, info.run_id, PREDICTIONS["test"], run_dst),
+        zeroshot=(_download_csv(client, info.run_id, PREDICTIONS["zeroshot"], run_dst)
+                  if kind == LLM else None),
+    )
+
+
+@dataclass
+class Loaded:
+    """The model records of one experiment (or batch) and what was left out, and why."""
+
+    experiment: str
+    batch: str | None
+    records: list[RunRecord]  # one per model, seeds merged
+    skipped: list[str]
+    parent_run_id: str = ""
+    experiment_id: str = ""
+
+
+def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
+    """Read, filter, de-duplicate, check and merge the runs. Raises NoRuns when there are none."""
+    client = mlflow_client()
+    all_runs = _all_runs(client, experiment)
+    where = f"experiment {experiment!r}" + (f", batch {batch!r}" if batch else "")
+    parent = batch_parent(all_runs, batch) if batch else None
+    runs = all_runs
+    if batch:
+        parent_ids = {parent.info.run_id} if parent else set()
+        runs = [r for r in all_runs if _in_batch(r, batch, parent_ids)]
+    candidates, skipped = _usable(runs)
+    if not candidates:
+        known = _batch_ids(all_runs)
+        hint = f" (known batch ids: {', '.join(known)})" if batch and known else ""
+        raise NoRuns(f"no finished, evaluated model runs in {where}{hint}"
+                     + ("; skipped: " + "; ".join(skipped) if skipped else ""))
+    latest, superseded = latest_per_model(candidates)
+    check_split(latest, batch)
+    if batch:
+        latest, borrowed = _borrow_baselines(latest, all_runs)
+        skipped += borrowed
+    with tempfile.TemporaryDirectory(prefix="tablora-report-") as tmp, _quiet_downloads():
+        records = [record_from_run(client, r, Path(tmp)) for r in latest]
+    exp = client.get_experiment_by_name(experiment)
+    return Loaded(experiment, batch, merge_all(records), skipped + superseded,
+                  parent.info.run_id if parent else "", exp.experiment_id)
+
+
+def _borrow_baselines(runs: list[Any], all_runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """A batch without baseline runs (they had run already for its split) gets the experiment's
+    latest baselines on the same split: the LLMs still have something to be measured against."""
+    if any(r.data.tags.get(tracking.TAG_KIND) == BASELINE for r in runs):
+        return runs, []
+    split = runs[0].data.tags.get(tracking.TAG_SPLIT_HASH, "")
+    usable, _ = _usable(r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == BASELINE
+                        and r.data.tags.get(tracking.TAG_SPLIT_HASH, "") == split)
+    baselines, _ = latest_per_model(usable)
+    notes = [f"{r.info.run_name}: baseline taken from batch "
+             f"{r.data.tags.get(tracking.TAG_BATCH_ID) or '(none)'} (same split)"
+             for r in baselines]
+    return runs + baselines, notes
+
+
+def _batch_ids(runs: Sequence[Any]) -> list[str]:
+    return sorted({i for r in runs if (i := r.data.tags.get(tracking.TAG_BATCH_ID))})
+
+
+def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
+    """Model runs (kind llm/baseline) that finished with test metrics; the rest named, with why."""
+    usable, skipped = [], []
+    for run in runs:
+        tags, info = run.data.tags, run.info
+        if tags.get(tracking.TAG_KIND) not in (LLM, BASELINE):
+            continue  # batch parents, reports, foreign runs: not models
+        name = info.run_name or info.run_id[:8]
+        if info.status != "FINISHED":
+            err = tags.get(tracking.TAG_ERROR, "")
+            skipped.append(f"{name}: {info.status}" + (f" ({err[:120]})" if err else ""))
+        elif "test_accuracy" not in run.data.metrics:
+            skipped.append(f"{name}: no test metrics (not evaluated)")
+        else:
+            usable.append(run)
+    return usable, skipped
+
+
+def latest_per_model(runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """Per model, the runs of its latest batch, and of those the latest per seed: a re-run
+    replaces the earlier one, and seeds of different rounds are never averaged together."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for run in runs:
+        tags = run.data.tags
+        key = (tags.get(tracking.TAG_KIND, ""), tags.get(tracking.TAG_MODEL_NAME)
+               or run.info.run_name)
+        groups.setdefault(key, []).append(run)
+    kept: list[Any] = []
+    for group in groups.values():
+        newest = max(group, key=lambda r: r.info.start_time)
+        batch = newest.data.tags.get(tracking.TAG_BATCH_ID, "")
+        same_round = [r for r in group if r.data.tags.get(tracking.TAG_BATCH_ID, "") == batch]
+        by_seed: dict[str, Any] = {}
+        for run in same_round:
+            seed = run.data.tags.get(tracking.TAG_SEED, "")
+            if seed not in by_seed or run.info.start_time > by_seed[seed].info.start_time:
+                by_seed[seed] = run
+        kept += by_seed.values()
+    ids = {id(r) for r in kept}
+    superseded = [f"{r.info.run_name} ({r.info.run_id[:8]}): superseded by a later run"
+                  for r in runs if id(r) not in ids]
+    return kept, superseded
+
+
+def check_split(runs: Sequence[Any], batch: str | None = None) -> None:
+    """Refuse runs made on different splits: their test rows differ, so nothing is comparable."""
+    by_hash: dict[str, list[str]] = {}
+    for run in runs:
+        h = run.data.tags.get(tracking.TAG_SPLIT_HASH, "") or "(no split hash)"
+        by_hash.setdefault(h, []).append(f"{run.info.run_name} ({run.info.run_id[:8]})")
+    if len(by_hash) > 1:
+        detail = "; ".join(f"split {h}: {', '.join(sorted(names))}"
+                           for h, names in sorted(by_hash.items()))
+        hint = "" if batch else " Pick one round with --batch <batch id>."
+        raise ReportError(f"these runs were made on different data splits and cannot be compared "
+                          f"— {detail}.{hint}")
+
+
+# ---------------------------------------------------------------- seeds
+
+def merge_all(records: Sequence[RunRecord]) -> list[RunRecord]:
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.kind, r.name), []).append(r)
+    return [merge_seeds(g) for g in groups.values()]
+
+
+def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
+    """Several seeds of one model -> one record: metrics are means, `spread` the sd across seeds,
+    CIs dropped (one seed's CI does not describe the mean), predictions the seed-majority vote,
+    loss curves and params those of the first seed."""
+    group = sorted(group, key=lambda r: (r.seed is None, r.seed or 0))
+    if len(group) == 1:
+        return group[0]
+    keys = set.intersection(*(set(r.metrics) for r in group))
+    keys = {k for k in keys if not k.endswith(("_ci_low", "_ci_high"))}
+    values = {k: np.array([r.metrics[k] for r in group], dtype=float) for k in keys}
+    first = group[0]
+    return dataclasses.replace(
+        first,
+        metrics={k: float(v.mean()) for k, v in values.items()},
+        spread={k: float(v.std(ddof=1)) for k, v in values.items()
+                if k.startswith(("test_", "zeroshot_test_"))},
+        seeds=[r.seed if r.seed is not None else i for i, r in enumerate(group)],
+        run_ids=[r.run_id for r in group],
+        predictions=majority_vote([r.predictions for r in group], first.name),
+        zeroshot=majority_vote([r.zeroshot for r in group], first.name),
+    )
+
+
+def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFrame | None:
+    """Per row, the prediction most seeds made (a tie goes to the first seed); p_yes averaged."""
+    if not frames or any(f is None for f in frames):
+        return None
+    base = frames[0].set_index("row_id")
+    for f in frames[1:]:
+        if set(f["row_id"]) != set(base.index):
+            raise ReportError(f"{name}: its seeds were scored on different test rows; re-run "
+                              "the evaluation so that every seed uses the same split")
+    preds = np.stack([f.set_index("row_id").loc[base.index, "prediction"].to_numpy()
+                      for f in frames])
+    yes = preds.sum(axis=0)
+    n = len(frames)
+    vote = np.where(2 * yes > n, 1, np.where(2 * yes < n, 0, preds[0]))
+    out = base[["label"]].copy()
+    if "p_yes" in base:
+        out["p_yes"] = np.mean([f.set_index("row_id").loc[base.index, "p_yes"].to_numpy()
+                                for f in frames], axis=0)
+    out["prediction"] = vote.astype(int)
+    return out.reset_index()
+
