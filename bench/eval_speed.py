@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from helpers import blas, data, models, scoring
+from helpers import blas, data, models, scoring, speed
 from helpers.config import DEMO_PARAMS, load_params
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             (("plain", plain), ("cached", cached), ("cached_plain", cached_plain))}
     max_diff = max(float(np.max(np.abs(both[m] - both["cached"]))) for m in both)
     lengths = [len(x) for x in ids]
-    lanes = scoring.default_lanes()
+    lanes = speed.default_lanes()
     load = os.getloadavg()[1]  # other processes compete for the CPUs: say how much
     print(f"\n{params.model_id} ({blas.describe()}; {os.cpu_count()} CPUs, load average "
           f"{load:.1f} over the last 5 minutes)")

@@ -99,6 +99,24 @@ def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, 
     assert (fast.cache_nbytes() > 0) == cache_prefix
 
 
+def test_prefix_over_parallel_streams_equals_one_stream(tiny):
+    """The frozen blocks' output computed with the rows split over CPU streams (lanes) is the
+    one-stream output, for an odd row count too; the BLAS thread count is restored."""
+    from helpers import blas
+
+    model, tokenizer = tiny
+    data = _dataset(tokenizer, _records(3, seed=5))
+    before = blas.get_threads()
+    hidden = {}
+    for lanes in (1, 2):
+        fast = speed.FastTraining(model, lanes=lanes)
+        (x, _, _), = list(fast(data, 3, 2048))
+        hidden[lanes] = np.asarray(x)
+    assert hidden[1].shape[0] == 3 and hidden[1].ndim == 3  # a cached hidden state, not ids
+    np.testing.assert_allclose(hidden[2], hidden[1], atol=1e-5)
+    assert blas.get_threads() == before
+
+
 def test_fast_exp_sigmoid_and_kernels():
     """The multiply-add exp (x <= 0) and sigmoid are float32-accurate, exp is exactly 0 far
     below and for masked scores, NaN stays NaN; SwiGLU and softmax with their hand-written

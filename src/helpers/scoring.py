@@ -21,7 +21,6 @@ stream leaves a core idle outside the matrix multiplies. bench/eval_speed.py mea
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -187,7 +186,6 @@ def expand_cache(cache: list[Any], batch: int) -> list[Any]:
 # soft-capping after the head: for these the head runs only at the positions that are scored.
 _PLAIN_HEAD_MODULES = {"llama", "qwen2", "qwen3", "phi3", "smollm3", "ministral3"}
 PAD_MULTIPLE = 8  # batch widths rounded up to this: few shapes for mx.compile to trace
-MAX_LANES = 4  # CPU streams scoring batches at once (see answer_logprobs)
 
 
 def _head(model: Any) -> Any:
@@ -314,18 +312,6 @@ def _plain_logprobs(model: Any, cache: list[Any] | None) -> Any:
     return forward
 
 
-def _cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
-
-
-def default_lanes() -> int:
-    """CPU streams for scoring: one per core (at most MAX_LANES); 1 on a GPU."""
-    import mlx.core as mx
-
-    return min(_cores(), MAX_LANES) if mx.default_device() == mx.cpu else 1
-
-
 def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                     answers: Sequence[Sequence[int]], batch_size: int = 8,
                     use_prefix_cache: bool = True, progress: bool = True,
@@ -343,7 +329,7 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
 
     import mlx.core as mx
 
-    from helpers import blas
+    from helpers import blas, speed
 
     n = len(prompt_ids)
     out = np.zeros((n, len(answers)), dtype=np.float64)
@@ -361,10 +347,10 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     else:
         forward = _plain_logprobs(model, cache)
 
-    lanes = max(1, lanes or default_lanes())
+    lanes = max(1, lanes or speed.default_lanes())
     streams = [mx.default_stream(mx.default_device())] if lanes == 1 else [
         mx.new_stream(mx.cpu) for _ in range(lanes)]
-    blas_threads = (blas.threads(max(1, _cores() // lanes)) if lanes > 1
+    blas_threads = (blas.threads(max(1, speed.cpu_cores() // lanes)) if lanes > 1
                     else contextlib.nullcontext())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)

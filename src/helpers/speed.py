@@ -59,6 +59,7 @@ a small precision cost (loss within ~1e-3). cache_nbytes() reports it.
 from __future__ import annotations
 
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -69,10 +70,26 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["FastTraining", "make_fast_training", "PrefixCacheInvalid", "FastPathUnsupported"]
+__all__ = ["FastTraining", "make_fast_training", "PrefixCacheInvalid", "FastPathUnsupported",
+           "default_lanes"]
 
 PAD_ID = 0  # what mlx-lm's iterate_batches pads with (np.zeros), and so its last target
 PAD_MULTIPLE = 8  # batch width rounded up to this: few distinct shapes for mx.compile to trace
+MAX_LANES = 4  # CPU streams working side by side (see default_lanes)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+def default_lanes() -> int:
+    """How many MLX streams forward-only work is spread over: one per core (at most MAX_LANES)
+    on the CPU, 1 on a GPU. MLX runs a stream's element-wise kernels on one thread, so with one
+    stream a core idles outside the GEMMs; run each lane's BLAS on cpu_cores() // lanes threads.
+    """
+    return min(cpu_cores(), MAX_LANES) if mx.default_device() == mx.cpu else 1
 
 
 class PrefixCacheInvalid(RuntimeError):
@@ -276,12 +293,17 @@ class FastTraining:
     sort_by_length: batch examples of similar token length (False: mlx-lm's batch membership).
     fast_kernels: run llama blocks on the faster SwiGLU/softmax (False: the model's own code).
     verify: compare with the model's own forward on the first batch (FastPathUnsupported).
+    lanes: the rows of a batch whose frozen prefix is computed are split over this many CPU
+    streams (default_lanes(); 1: one stream). Forward only: the training step is unchanged.
     """
 
     def __init__(self, model: nn.Module, *, seed: int = 0, skip: int = 0,
                  cache_prefix: bool = True, cache_dtype: mx.Dtype = mx.float32,
-                 sort_by_length: bool = True, fast_kernels: bool = True, verify: bool = True):
+                 sort_by_length: bool = True, fast_kernels: bool = True, verify: bool = True,
+                 lanes: int | None = None):
         self.model = model
+        self.lanes = max(1, lanes or default_lanes())
+        self._streams: list[Any] = []
         self.fast_kernels = fast_kernels
         self.seed, self.skip = seed, skip
         self.cache_prefix = cache_prefix
@@ -439,7 +461,23 @@ class FastTraining:
                 return _blocks(self.model, h, 0, self.first_trainable, self.fast_kernels)
 
             self._prefix_fn = mx.compile(forward)
-        h = self._prefix_fn(mx.array(tokens)).astype(self.cache_dtype)
+        if self.lanes > 1 and len(tokens) > 1:
+            # Rows split over CPU streams side by side, each with its share of the cores (the
+            # compiled function is traced once per stream and row count).
+            from helpers import blas
+
+            if len(self._streams) != self.lanes:
+                self._streams = [mx.new_stream(mx.cpu) for _ in range(self.lanes)]
+            rows = [r for r in np.array_split(np.arange(len(tokens)), self.lanes) if len(r)]
+            with blas.threads(max(1, cpu_cores() // self.lanes)):
+                parts = []
+                for stream, r in zip(self._streams, rows, strict=False):
+                    with mx.stream(stream):
+                        parts.append(self._prefix_fn(mx.array(tokens[r])).astype(self.cache_dtype))
+                mx.eval(parts)
+            h = mx.concatenate(parts, axis=0)
+        else:
+            h = self._prefix_fn(mx.array(tokens)).astype(self.cache_dtype)
         mx.eval(h)
         self.stats["prefix_seconds"] += time.perf_counter() - tic
         return h
