@@ -126,23 +126,42 @@ def test_parallel_streams_equal_one_stream(tiny, prompts, lanes):
     assert blas.get_threads() == before
 
 
-def test_other_architectures_use_their_own_forward(prompts):
-    """A non-llama model (a tiny random Qwen2: biased q/k/v projections) is scored through its
-    own forward and KV cache, cached and batched, and still matches one plain forward pass."""
-    import mlx.core as mx
-    from mlx_lm.models import qwen2
+def _tiny_random(module: str, vocab_size: int):
+    """A tiny randomly initialized mlx-lm model of another architecture (biased q/k/v for Qwen2,
+    q/k norms for Qwen3)."""
+    import importlib
 
-    _, ids = prompts
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    m = importlib.import_module(f"mlx_lm.models.{module}")
     mx.random.seed(3)
-    model = qwen2.Model(qwen2.ModelArgs(
-        model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-        vocab_size=max(max(x) for x in ids) + 1, tie_word_embeddings=True))
+    model = m.Model(m.ModelArgs(
+        model_type=module, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab_size,
+        max_position_embeddings=4096, head_dim=16, rope_theta=10000.0, tie_word_embeddings=True)
+        if module == "qwen3" else m.ModelArgs(
+        model_type=module, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=vocab_size))
+    # Non-zero q/k/v biases, so that the fast path has to carry them.
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.parameters()))
     mx.eval(model.parameters())
-    assert not scoring.fast_path_applies(model)
+    return model
+
+
+@pytest.mark.parametrize("module, fast", [("qwen2", True), ("qwen3", False)])
+def test_other_architectures(prompts, module, fast):
+    """Qwen2's blocks are llama-form: the fast path runs them and equals the model's forward.
+    Qwen3's (q/k norms) are not: scored through its own forward and KV cache. Both, cached and
+    batched, match one plain forward pass."""
+    _, ids = prompts
+    model = _tiny_random(module, max(max(x) for x in ids) + 1)
+    assert scoring.fast_path_applies(model) == fast
     answers = [[ids[0][-1]], [ids[0][-2]]]  # any two tokens do
     got, prefix = scoring.answer_logprobs(model, ids, answers, 5, True, False)
+    own, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False, fast=False)
     assert prefix > 20
+    np.testing.assert_allclose(got, own, atol=1e-4)
     for i in (0, N - 1):
         np.testing.assert_allclose(got[i], [naive_logprob(model, ids[i], a) for a in answers],
                                    atol=1e-4)

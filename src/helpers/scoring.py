@@ -207,8 +207,8 @@ def _scored_logits(model: Any, x: Any, cache: Any, rows: Any, cols: Any) -> Any:
 
 
 def fast_path_applies(model: Any) -> bool:
-    """Whether `_fast_logprobs` reproduces this model's forward: every block a llama block
-    (SmolLM2, Llama, Mistral, ...; helpers.speed._is_llama_block) and MLX on the CPU, where its
+    """Whether `_fast_logprobs` reproduces this model's forward: every block a llama-form block
+    (SmolLM2, Llama, Mistral, Qwen2; helpers.speed._is_llama_block) and MLX on the CPU, where its
     multiply-add softmax/SwiGLU and fused kernels pay off. Elsewhere the model's own forward runs.
     """
     import mlx.core as mx
@@ -217,7 +217,7 @@ def fast_path_applies(model: Any) -> bool:
 
     inner = getattr(model, "model", None)
     return (mx.default_device() == mx.cpu
-            and type(model).__module__.rsplit(".", 1)[-1] == "llama"
+            and type(model).__module__.rsplit(".", 1)[-1] in speed.LLAMA_FORM_MODULES
             and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm"))
             and all(speed._is_llama_block(layer) for layer in inner.layers))
 

@@ -218,12 +218,22 @@ def _softmax_vjp(primals, cotangent, output):
     return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
 
 
-def _is_llama_block(layer: nn.Module) -> bool:
-    """A block whose forward `_llama_block` reproduces (and `verify` checks)."""
-    from mlx_lm.models import llama
+# mlx-lm model modules whose blocks are llama's: pre-norm attention (q/k/v/o projections, RoPE,
+# grouped-query heads; Qwen2 adds biases to q/k/v, which its Linear layers carry) and SwiGLU MLP.
+LLAMA_FORM_MODULES = ("llama", "qwen2")
 
-    return (type(layer) is llama.TransformerBlock and type(layer.mlp) is llama.MLP
-            and type(layer.self_attn) is llama.Attention and not layer.use_sliding)
+
+def _is_llama_block(layer: nn.Module) -> bool:
+    """A block whose forward `_llama_block` reproduces (and `verify` checks): llama's (SmolLM2,
+    Llama, Mistral) or Qwen2's, without a sliding window."""
+    import importlib
+
+    for name in LLAMA_FORM_MODULES:
+        m = importlib.import_module(f"mlx_lm.models.{name}")
+        if (type(layer) is m.TransformerBlock and type(layer.mlp) is m.MLP
+                and type(layer.self_attn) is m.Attention):
+            return not getattr(layer, "use_sliding", False)
+    return False
 
 
 def _causal_bias(length: int, prefix: int = 0) -> mx.array:
