@@ -50,6 +50,7 @@ lint: setup  ## ruff
 bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each prints one JSON line last
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/blas.py
+	$(PY) bench/kernels.py
 	$(PY) bench/train_speed.py
 	$(PY) bench/eval_speed.py
 	$(PY) bench/demo.py

@@ -116,6 +116,8 @@ def describe() -> str:
 
 def _thread_functions() -> tuple | None:
     """(get, set) of the loaded library's thread count (OpenBLAS or MKL), or None."""
+    if _lib is None:
+        return None
     for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"),
                       ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
         try:
@@ -127,7 +129,7 @@ def _thread_functions() -> tuple | None:
 
 def get_threads() -> int | None:
     """Threads the loaded BLAS runs a GEMM on (None: unknown, e.g. Accelerate)."""
-    fns = _thread_functions() if _lib is not None else None
+    fns = _thread_functions()
     return int(fns[0]()) if fns else None
 
 
@@ -138,7 +140,7 @@ def threads(n: int):
     For several MLX CPU streams working at once: each stream's GEMMs then take a core of their
     own instead of all of them competing for every core. A no-op where the count is unknown.
     """
-    fns = _thread_functions() if _lib is not None else None
+    fns = _thread_functions()
     if not fns:
         yield
         return

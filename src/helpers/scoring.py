@@ -185,24 +185,18 @@ def expand_cache(cache: list[Any], batch: int) -> list[Any]:
 # mlx-lm model modules whose Model.__call__ is exactly head(self.model(...)) with no scaling or
 # soft-capping after the head: for these the head runs only at the positions that are scored.
 _PLAIN_HEAD_MODULES = {"llama", "qwen2", "qwen3", "phi3", "smollm3", "ministral3"}
-PAD_MULTIPLE = 8  # batch widths rounded up to this: few shapes for mx.compile to trace
-
-
-def _head(model: Any) -> Any:
-    head = getattr(model, "lm_head", None)  # absent when tied to the input embeddings
-    return model.model.embed_tokens.as_linear if head is None else head
-
-
 def _scored_logits(model: Any, x: Any, cache: Any, rows: Any, cols: Any) -> Any:
     """Logits at (rows[i], cols[i]) of the batch `x`, as float32 (M, vocab): the model's own
     forward (any mlx-lm architecture, any device), through an mlx-lm KV cache."""
     import mlx.core as mx
 
+    from helpers.speed import lm_head
+
     module = type(model).__module__.rsplit(".", 1)[-1]
     if module in _PLAIN_HEAD_MODULES and hasattr(model, "model"):
         # The vocabulary projection is ~20% of a small model's work per token: skip it for the
         # ~100 prompt positions per row that are never read.
-        return _head(model)(model.model(x, cache)[rows, cols]).astype(mx.float32)
+        return lm_head(model)(model.model(x, cache)[rows, cols]).astype(mx.float32)
     return model(x, cache=cache)[rows, cols].astype(mx.float32)
 
 
@@ -234,7 +228,7 @@ def _fast_logprobs(model: Any) -> Any:
 
     from helpers import speed
 
-    layers, head = model.model.layers, _head(model)
+    layers, head = model.model.layers, speed.lm_head(model)
 
     def forward(tokens, rows, cols, targets, *prefix_kv):
         h = model.model.embed_tokens(tokens)
@@ -242,11 +236,18 @@ def _fast_logprobs(model: Any) -> Any:
         for i, layer in enumerate(layers):
             kv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
             h = speed._llama_block(layer, h, bias, kv)
-        logits = head(model.model.norm(h[rows, cols])).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        return _target_logprobs(head(model.model.norm(h[rows, cols])), targets)
 
     return mx.compile(forward)
+
+
+def _target_logprobs(logits: Any, targets: Any) -> Any:
+    """log softmax(logits)[i, targets[i]], in float32."""
+    import mlx.core as mx
+
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,8 @@ class _Batch:
 
     @classmethod
     def build(cls, suffixes: list[list[int]], answers: list[_Answer]) -> _Batch:
+        from helpers.speed import PAD_MULTIPLE  # few widths: few traces for mx.compile
+
         contexts = list(dict.fromkeys(a.context for a in answers))
         seqs = [s + list(c) for s in suffixes for c in contexts]
         width = PAD_MULTIPLE * -(-max(len(r) for r in seqs) // PAD_MULTIPLE)
@@ -301,13 +304,9 @@ class _Batch:
 
 def _plain_logprobs(model: Any, cache: list[Any] | None) -> Any:
     """(tokens, rows, cols, targets) -> log-probs of the targets, by the model's own forward."""
-    import mlx.core as mx
-
     def forward(tokens, rows, cols, targets):
         batch_cache = expand_cache(cache, tokens.shape[0]) if cache is not None else None
-        logits = _scored_logits(model, tokens, batch_cache, rows, cols)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        return _target_logprobs(_scored_logits(model, tokens, batch_cache, rows, cols), targets)
 
     return forward
 
@@ -325,11 +324,9 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     cores / lanes threads (default: one per core). MLX's CPU element-wise kernels run on one
     thread per stream; side by side they keep every core busy outside the GEMMs too.
     """
-    import contextlib
-
     import mlx.core as mx
 
-    from helpers import blas, speed
+    from helpers import speed
 
     n = len(prompt_ids)
     out = np.zeros((n, len(answers)), dtype=np.float64)
@@ -348,15 +345,11 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
         forward = _plain_logprobs(model, cache)
 
     lanes = max(1, lanes or speed.default_lanes())
-    streams = [mx.default_stream(mx.default_device())] if lanes == 1 else [
-        mx.new_stream(mx.cpu) for _ in range(lanes)]
-    blas_threads = (blas.threads(max(1, speed.cpu_cores() // lanes)) if lanes > 1
-                    else contextlib.nullcontext())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)
     groups = [order[s: s + batch_size] for s in range(0, n, batch_size)]
     # A round of `lanes` batches at a time, batch i of the round on stream i.
-    with blas_threads, progress_bar(n, desc, progress) as bar:
+    with speed.cpu_lanes(lanes) as streams, progress_bar(n, desc, progress) as bar:
         for r in range(0, len(groups), lanes):
             pending = []
             for stream, idx in zip(streams, groups[r: r + lanes], strict=False):

@@ -58,6 +58,7 @@ a small precision cost (loss within ~1e-3). cache_nbytes() reports it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -87,9 +88,27 @@ def cpu_cores() -> int:
 def default_lanes() -> int:
     """How many MLX streams forward-only work is spread over: one per core (at most MAX_LANES)
     on the CPU, 1 on a GPU. MLX runs a stream's element-wise kernels on one thread, so with one
-    stream a core idles outside the GEMMs; run each lane's BLAS on cpu_cores() // lanes threads.
-    """
+    stream a core idles outside the GEMMs (see cpu_lanes)."""
     return min(cpu_cores(), MAX_LANES) if mx.default_device() == mx.cpu else 1
+
+
+_LANE_STREAMS: list[Any] = []  # CPU streams made so far: each holds a thread, so reuse them
+
+
+@contextlib.contextmanager
+def cpu_lanes(lanes: int):
+    """`lanes` streams to run forward passes side by side on, the BLAS on cpu_cores() // lanes
+    threads meanwhile (restored after), so that each lane's GEMMs keep to their share of the
+    cores. One lane: the default stream, the BLAS untouched."""
+    if lanes <= 1:
+        yield [mx.default_stream(mx.default_device())]
+        return
+    from helpers import blas
+
+    while len(_LANE_STREAMS) < lanes:
+        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
+    with blas.threads(max(1, cpu_cores() // lanes)):
+        yield _LANE_STREAMS[:lanes]
 
 
 class PrefixCacheInvalid(RuntimeError):
@@ -137,7 +156,7 @@ def _lora_blocks(model: nn.Module) -> tuple[int, list[str]]:
     return first, names
 
 
-def _head(model: nn.Module):
+def lm_head(model: nn.Module):
     """The LM head as a callable on hidden states (tied embeddings or a separate lm_head)."""
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     return model.model.embed_tokens.as_linear if tied or not hasattr(model, "lm_head") else (
@@ -147,12 +166,12 @@ def _head(model: nn.Module):
 # --------------------------------------------------------------------------- fast llama blocks
 # Profile of a SmolLM2 block on MLX's CPU backend (4 x 184 tokens, 2 threads): its 7 GEMMs take
 # about a third of the forward time, as long as PyTorch's; attention and SwiGLU take most of the
-# rest, 2-2.5x PyTorch's, because MLX's CPU exp and sigmoid are slow (~22 and ~34 ns a value:
-# scalar library calls). mx.compile fuses chains of multiply-adds into one loop instead, so the
-# fast path runs llama-family blocks itself, same modules and weights, with the softmax's exp and
-# SwiGLU's sigmoid written as such chains (no library call, no bit tricks that break the fusion),
-# their gradients written out. Compiled, side by side on the shapes of one SmolLM2 block: softmax
-# 16.7 -> 11.7 ms, SwiGLU 14.7 -> 5.7 ms (MLX's own: ~27 and ~35 ns a value).
+# rest, 2-2.5x PyTorch's, because MLX's CPU exp and sigmoid are slow (18.6 and 23.4 ns a value
+# in bench/kernels.py: scalar library calls). mx.compile fuses chains of multiply-adds into one
+# loop instead, so the fast path runs llama-family blocks itself, same modules and weights, with
+# the softmax's exp and SwiGLU's sigmoid written as such chains (no library call, no bit tricks
+# that break the fusion), their gradients written out. bench/kernels.py, compiled, on one
+# SmolLM2 block's shapes: softmax 2.7x and SwiGLU 7.9x faster than MLX's own.
 
 # exp(t) for t in [-1, 0]: Taylor to degree 10 (error < 3e-8, float32's rounding).
 _EXP_TAYLOR = tuple(1 / math.factorial(k) for k in range(11))
@@ -313,7 +332,6 @@ class FastTraining:
                  lanes: int | None = None):
         self.model = model
         self.lanes = max(1, lanes or default_lanes())
-        self._streams: list[Any] = []
         self.fast_kernels = fast_kernels
         self.seed, self.skip = seed, skip
         self.cache_prefix = cache_prefix
@@ -364,7 +382,7 @@ class FastTraining:
             h, start = x.astype(mx.float32), self.first_trainable
         h = _blocks(model, h, start, len(model.model.layers), self.fast_kernels)
         h = h.reshape(-1, h.shape[-1])[positions]  # gather first: the head runs on N rows only
-        return _head(model)(model.model.norm(h))
+        return lm_head(model)(model.model.norm(h))
 
     # ------------------------------------------------------------------ the batches
     def __call__(self, dataset, batch_size: int, max_seq_length: int, loop: bool = False,
@@ -472,16 +490,12 @@ class FastTraining:
 
             self._prefix_fn = mx.compile(forward)
         if self.lanes > 1 and len(tokens) > 1:
-            # Rows split over CPU streams side by side, each with its share of the cores (the
-            # compiled function is traced once per stream and row count).
-            from helpers import blas
-
-            if len(self._streams) != self.lanes:
-                self._streams = [mx.new_stream(mx.cpu) for _ in range(self.lanes)]
+            # Rows split over CPU streams side by side (the compiled function is traced once per
+            # stream and row count).
             rows = [r for r in np.array_split(np.arange(len(tokens)), self.lanes) if len(r)]
-            with blas.threads(max(1, cpu_cores() // self.lanes)):
+            with cpu_lanes(self.lanes) as streams:
                 parts = []
-                for stream, r in zip(self._streams, rows, strict=False):
+                for stream, r in zip(streams, rows, strict=False):
                     with mx.stream(stream):
                         parts.append(self._prefix_fn(mx.array(tokens[r])).astype(self.cache_dtype))
                 mx.eval(parts)
