@@ -1,7 +1,7 @@
 """MLX's float32 GEMM speed on the CPU beside numpy's, in one run.
 
 MLX's Linux CPU wheel bundles a reference BLAS; `import helpers` points it at an optimized one
-(see helpers.blas). This prints a table, then as its last line one JSON object:
+(see helpers.llm.blas). This prints a table, then as its last line one JSON object:
 {"mlx_gflops", "numpy_gflops", "ratio", "blas", ...} with the best GFLOP/s over the sizes.
 
     python bench/blas.py [--sizes 512 1024] [--repeats 5]
@@ -14,7 +14,7 @@ import json
 import time
 
 import helpers  # noqa: F401 - first: loads the optimized BLAS before mlx is imported
-from helpers import blas
+from helpers.llm import blas
 
 
 def best_seconds(fns: dict, repeats: int, rounds: int = 3) -> dict:

@@ -18,8 +18,9 @@ import sys
 
 import numpy as np
 
-from helpers import blas, data, models, scoring, speed
+from helpers import data
 from helpers.config import DEMO_PARAMS, load_params
+from helpers.llm import blas, lanes, models, scoring
 
 
 def _joined(parts: list[scoring.Scores]) -> scoring.Scores:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # The prompts in chunks, each scored by all three modes in a rotating order: load from other
     # processes that drifts over minutes then slows every mode alike.
     # (d) is (c) on the model's own mlx-lm forward on one stream: what the fast kernels and the
-    # parallel CPU streams add (see helpers.scoring.answer_logprobs).
+    # parallel CPU streams add (see helpers.llm.scoring.answer_logprobs).
     modes = {"generate": {"mode": "generate"}, "logprob": {"use_prefix_cache": False},
              "cached": {"use_prefix_cache": True},
              "cached_plain": {"use_prefix_cache": True, "fast": False, "lanes": 1}}
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             (("plain", plain), ("cached", cached), ("cached_plain", cached_plain))}
     max_diff = max(float(np.max(np.abs(both[m] - both["cached"]))) for m in both)
     lengths = [len(x) for x in ids]
-    lanes = speed.default_lanes()
+    n_lanes = lanes.default_lanes()
     load = os.getloadavg()[1]  # other processes compete for the CPUs: say how much
     print(f"\n{params.model_id} ({blas.describe()}; {os.cpu_count()} CPUs, load average "
           f"{load:.1f} over the last 5 minutes)")
     print(f"{len(ids)} prompts, {np.mean(lengths):.0f} tokens on average ({min(lengths)}-"
           f"{max(lengths)}), shared prefix {cached.prefix_tokens}+ tokens; batch "
           f"{params.eval_batch_size}, generation {params.max_new_tokens} new tokens; logprob: "
-          f"fast path {scoring.fast_path_applies(model)}, {lanes} CPU stream(s)")
+          f"fast path {scoring.fast_path_applies(model)}, {n_lanes} CPU stream(s)")
     print(f"{'mode':<40}{'seconds':>9}{'examples/s':>12}{'vs generate':>13}")
     rows = [("(a) generate + parse", gen), ("(b) logprob, batched", plain),
             ("(c) logprob, batched + prefix cache", cached),

@@ -1,6 +1,6 @@
-"""Element-wise kernels on MLX's CPU backend: MLX's own softmax / SwiGLU against helpers.speed's
-multiply-add versions, on the shapes of one SmolLM2 block (batch 8 x 128 tokens after a 48-token
-prefix), compiled as the fast paths run them.
+"""Element-wise kernels on MLX's CPU backend: MLX's own softmax / SwiGLU against the multiply-add
+versions of helpers.llm.kernels, on the shapes of one SmolLM2 block (batch 8 x 128 tokens after a
+48-token prefix), compiled as the fast paths run them.
 
     .venv/bin/python bench/kernels.py [--rounds 7]
 
@@ -16,14 +16,12 @@ import json
 import sys
 import time
 
-from helpers import blas
+from helpers.llm import blas, kernels
 
 blas.ensure_blas()
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.activations import swiglu  # noqa: E402
-
-from helpers import speed  # noqa: E402
 
 B, HEADS, L, PREFIX, HIDDEN = 8, 9, 128, 48, 1536  # SmolLM2-135M: 9 heads, MLP 1536 wide
 
@@ -35,15 +33,15 @@ def main(argv: list[str] | None = None) -> int:
 
     mx.random.seed(0)
     scores = mx.random.normal((B, 3, HEADS // 3, L, PREFIX + L)) * 4
-    bias = speed._causal_bias(L, PREFIX)
+    bias = kernels.causal_bias(L, PREFIX)
     gate, up = mx.random.normal((B, L, HIDDEN)) * 3, mx.random.normal((B, L, HIDDEN))
     variants = {
         "mlx exp": (mx.exp, (scores,)),
         "mlx sigmoid": (mx.sigmoid, (gate,)),
         "mlx softmax": (mx.compile(lambda s: mx.softmax(s + bias, axis=-1)), (scores,)),
-        "ours softmax": (mx.compile(lambda s: speed._softmax(s + bias)), (scores,)),
+        "ours softmax": (mx.compile(lambda s: kernels._softmax(s + bias)), (scores,)),
         "mlx swiglu": (mx.compile(swiglu), (gate, up)),
-        "ours swiglu": (mx.compile(speed._swiglu), (gate, up)),
+        "ours swiglu": (mx.compile(kernels._swiglu), (gate, up)),
     }
     best = {k: float("inf") for k in variants}
     for fn, args in variants.values():

@@ -4,8 +4,8 @@ All on the embedded model (SmolLM2-135M-Instruct, the GGUF inside the llm-smollm
 sides dequantized to float32), the demo's prompts (the same training rows for every path), LoRA
 rank 8 / alpha 16 on all linear layers of the top 8 blocks, batch 4, Adam, 2 threads. Paths:
 
-  ours-epoch1  helpers.speed.FastTraining (answer-only LM head + frozen-prefix cache + fast
-               kernels + length bucketing) in mlx-lm's compiled trainer step, cache empty: the
+  ours-epoch1  helpers.llm.fast_training.FastTraining (answer-only LM head, frozen-prefix cache,
+               fast kernels, length bucketing) in mlx-lm's compiled trainer step, cache empty: the
                first epoch, which also fills the cache
   ours-later   the same, cache filled: every later epoch and every validation pass
   mlx-plain    mlx-lm's default_loss + iterate_batches (no levers)
@@ -71,8 +71,9 @@ if not ARGS.peer_worker:  # the peer's process imports neither MLX nor helpers
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from helpers import blas, data, models, speed
+    from helpers import data
     from helpers.config import DEMO_PARAMS, load_params
+    from helpers.llm import blas, fast_training, models
     # isort: on
 import numpy as np  # noqa: E402
 
@@ -107,9 +108,9 @@ def training_rows(params, tokenizer, n: int):
 
 
 def add_lora(model, params) -> None:
-    """This project's LoRA set-up (helpers.finetune) when present, else the same by hand."""
+    """This project's LoRA set-up (helpers.llm.finetune) when present, else the same by hand."""
     try:
-        from helpers import finetune
+        from helpers.llm import finetune
 
         finetune.add_lora(model, params)
     except ImportError:
@@ -321,9 +322,9 @@ def main() -> None:
 
     from mlx_lm.tuner import trainer
 
-    fast = speed.FastTraining(model, seed=0)
-    head_only = speed.FastTraining(model, seed=0, cache_prefix=False, fast_kernels=False)
-    head_kernels = speed.FastTraining(model, seed=0, cache_prefix=False)
+    fast = fast_training.FastTraining(model, seed=0)
+    head_only = fast_training.FastTraining(model, seed=0, cache_prefix=False, fast_kernels=False)
+    head_kernels = fast_training.FastTraining(model, seed=0, cache_prefix=False)
     real = {}  # id(batch input) -> real tokens, for the MLX paths' own batch formats
 
     def count(path, batch):

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing outside this machine is 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random llama model directory that mlx_lm.load (and helpers.models.load) accept."""
+    """A tiny random llama model directory that mlx_lm.load and helpers.llm.models.load accept."""
     from tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

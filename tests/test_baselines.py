@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from sklearn.pipeline import Pipeline
 
-from helpers import baselines, data, notebooks, tracking
+from helpers import baselines, contract, data, tracking
 from helpers.config import DEMO_PARAMS, load_params
+from helpers.workflow import notebooks
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +142,10 @@ def test_run_all_writes_one_run_per_baseline_on_the_llm_split(demo, mlflow_store
         run = client.get_run(r.run_id)
         assert run.info.status == "FINISHED" and run.info.run_name == r.name
         tags = run.data.tags
-        assert tags[tracking.TAG_KIND] == "baseline"
-        assert tags[tracking.TAG_SPLIT_HASH] == demo.split_hash
-        assert tags[tracking.TAG_MODEL_NAME] == r.name
-        assert tags[tracking.TAG_BATCH_ID] == "b42" and tags[tracking.TAG_PARENT] == parent
+        assert tags[contract.TAG_KIND] == "baseline"
+        assert tags[contract.TAG_SPLIT_HASH] == demo.split_hash
+        assert tags[contract.TAG_MODEL_NAME] == r.name
+        assert tags[contract.TAG_BATCH_ID] == "b42" and tags[contract.TAG_PARENT] == parent
         m = run.data.metrics
         assert m["test_accuracy"] == pytest.approx(r.summary["test_accuracy"])
         assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"]
@@ -181,7 +182,7 @@ def test_notebook_runs_with_papermill(mlflow_store, tmp_path):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert "test_accuracy" in run.data.metrics
-        assert run.data.tags[tracking.TAG_BATCH_ID] == "nb1"
+        assert run.data.tags[contract.TAG_BATCH_ID] == "nb1"
     import nbformat
 
     nb = nbformat.read(out, as_version=4)

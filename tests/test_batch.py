@@ -1,4 +1,4 @@
-"""helpers.batch: real papermill kernels and a real (temporary) MLflow store, no mocks.
+"""helpers.workflow.batch: real papermill kernels and a real (temporary) MLflow store, no mocks.
 
 The batch mechanics run on small stand-in notebooks written here (the real train/evaluate
 notebooks are slow): they log through helpers.tracking like the real ones and fail on demand
@@ -15,7 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers import batch, cli, config, notebooks, tracking
+from helpers import cli, config, contract
+from helpers.workflow import batch, notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "import mlflow\nfrom helpers import tracking\nfrom helpers.config import load_params"
@@ -95,7 +96,7 @@ def isolated(tmp: Path, notebook_names=tuple(STANDINS)):
         mp.setattr(config, "RUNS_DIR", tmp / "runs")
         mp.setattr(config, "NOTEBOOKS_DIR", nb_dir)
         mp.setattr(notebooks, "NOTEBOOKS_DIR", nb_dir)
-        for key in (tracking.ENV_BATCH_ID, tracking.ENV_PARENT_RUN_ID):
+        for key in (contract.ENV_BATCH_ID, contract.ENV_PARENT_RUN_ID):
             mp.delenv(key, raising=False)
         yield nb_dir
 
@@ -222,20 +223,20 @@ def test_batch_reports_failures_and_exits_non_zero(two_batches):
 def test_runs_nest_under_the_batch_and_carry_both_notebooks(two_batches):
     runs = two_batches["runs_first"]
     (parent,) = [r for name, rs in runs.items() for r in rs if name.startswith("batch-")]
-    batch_id = parent.data.tags[tracking.TAG_BATCH_ID]
-    assert parent.data.tags[tracking.TAG_KIND] == "batch"
+    batch_id = parent.data.tags[contract.TAG_BATCH_ID]
+    assert parent.data.tags[contract.TAG_KIND] == "batch"
     for name in ("good-seed0", "good-seed1", "nan", "crash", "typo", "random_forest"):
         (run,) = runs[name]
-        assert run.data.tags[tracking.TAG_PARENT] == parent.info.run_id, name
-        assert run.data.tags[tracking.TAG_BATCH_ID] == batch_id, name
+        assert run.data.tags[contract.TAG_PARENT] == parent.info.run_id, name
+        assert run.data.tags[contract.TAG_BATCH_ID] == batch_id, name
     good = runs["good-seed1"][0]
     assert good.info.status == "FINISHED"
     # train.ipynb and evaluate.ipynb wrote into the one run the batch made.
     assert {"train_loss", "test_accuracy"} <= set(good.data.metrics)
-    assert good.data.tags[tracking.TAG_MODEL_NAME] == "good"
-    assert good.data.tags[tracking.TAG_SEED] == "1"
+    assert good.data.tags[contract.TAG_MODEL_NAME] == "good"
+    assert good.data.tags[contract.TAG_SEED] == "1"
     assert good.data.params["seed"] == "1"
-    assert runs["random_forest"][0].data.tags[tracking.TAG_KIND] == "baseline"
+    assert runs["random_forest"][0].data.tags[contract.TAG_KIND] == "baseline"
     # Executed notebooks: kept under runs/<batch id>/ and logged to the model's run.
     folder = two_batches["tmp"] / "runs" / batch_id
     assert (folder / "good-seed1" / "train.ipynb").is_file()
@@ -251,11 +252,11 @@ def test_every_failure_is_a_failed_run_with_its_cause(two_batches):
     nan, crash, typo = (runs[n][0] for n in ("nan", "crash", "typo"))
     assert {r.info.status for r in (nan, crash, typo)} == {"FAILED"}
     # Set by the notebook (tracking.run) ...
-    assert nan.data.tags[tracking.TAG_ERROR] == "FloatingPointError: loss is NaN at iteration 3"
+    assert nan.data.tags[contract.TAG_ERROR] == "FloatingPointError: loss is NaN at iteration 3"
     # ... or by the batch, when the notebook failed before it started the run.
-    assert crash.data.tags[tracking.TAG_ERROR] == "RuntimeError: crashed before any run"
-    assert crash.data.tags[batch.TAG_ERROR_CELL].startswith('if params.model_id == "crash"')
-    assert "lora_rnk" in typo.data.tags[tracking.TAG_ERROR]
+    assert crash.data.tags[contract.TAG_ERROR] == "RuntimeError: crashed before any run"
+    assert crash.data.tags[contract.TAG_ERROR_CELL].startswith('if params.model_id == "crash"')
+    assert "lora_rnk" in typo.data.tags[contract.TAG_ERROR]
 
 
 def test_parent_run_carries_the_summary(two_batches):

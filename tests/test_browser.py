@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tracking
+from helpers import contract
 
 pytestmark = pytest.mark.browser
 
@@ -38,12 +38,12 @@ def make_batch_runs(tmp: Path) -> str:
     client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp_id = client.create_experiment("browser-test", artifact_location=(tmp / "mlruns").as_uri())
     parent = client.create_run(exp_id, run_name="batch-20261128-000000-beef", tags={
-        tracking.TAG_KIND: "batch", tracking.TAG_BATCH_ID: "20261128-000000-beef"})
+        contract.TAG_KIND: "batch", contract.TAG_BATCH_ID: "20261128-000000-beef"})
     for i, name in enumerate(RUN_NAMES):
         kind = "baseline" if name == "random_forest" else "llm"
         run = client.create_run(exp_id, run_name=name, tags={
-            tracking.TAG_KIND: kind, tracking.TAG_PARENT: parent.info.run_id,
-            tracking.TAG_BATCH_ID: "20261128-000000-beef"})
+            contract.TAG_KIND: kind, contract.TAG_PARENT: parent.info.run_id,
+            contract.TAG_BATCH_ID: "20261128-000000-beef"})
         client.log_metric(run.info.run_id, METRIC, 0.8 + i / 100)
         client.set_terminated(run.info.run_id, "FINISHED")
     client.set_terminated(parent.info.run_id, "FINISHED")

@@ -394,27 +394,13 @@ def test_token_stats_real_tokenizer(tmp_path, tiny_model_dir):
     assert 20 < s["min"] <= s["max"] < 2048
 
 
-def test_log_to_mlflow(tmp_path, mlflow_store):
-    import mlflow
-
-    from helpers.tracking import TAG_SPLIT_HASH
-
-    p = data.prepare(make_params(tmp_path))
-    mlflow.set_tracking_uri(mlflow_store)
-    with mlflow.start_run() as run:
-        data.log_to_mlflow(p)
-    r = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id)
-    assert r.data.tags[TAG_SPLIT_HASH] == p.split_hash
-    assert r.data.metrics["data_test_rows"] == 15
-    assert r.data.metrics["data_train_positive"] == p.class_counts("train")["positive"]
-    assert sorted(i.tags[0].value for i in r.inputs.dataset_inputs) == ["test", "train", "valid"]
-    arts = mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "data")
-    assert [a.path for a in arts] == ["data/split.json"]
-
-
 def test_cli_prepare_prints_summary(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "_load_tokenizer", lambda model_id: WordTokenizer())
-    data.cli_prepare(make_params(tmp_path))
+    from helpers import cli
+    from helpers.llm import models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda model_id: WordTokenizer())
+    make_params(tmp_path)
+    assert cli.main(["prepare", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
     for needle in ("split hash:", "train:", "valid:", "test:", "positive", "duplicates:",
                    "prompt tokens: min", "--- example 1", "--- example 2"):

@@ -1,4 +1,4 @@
-"""helpers.finetune on the tiny random llama model: the real mlx-lm and MLflow code path."""
+"""helpers.llm.finetune on the tiny random llama model: the real mlx-lm and MLflow code path."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import config, data, finetune, models, tracking
+from helpers import config, contract, data, tracking
 from helpers.config import ParamsError, load_params
+from helpers.llm import batches, finetune, models
 
 # The toy table repeats its rows on purpose (a few rows the tiny model can learn).
 pytestmark = pytest.mark.filterwarnings("ignore:.*appear identically in train:UserWarning")
@@ -51,7 +52,7 @@ def _losses(run_id, key="train_loss"):
 def _weights(folder):
     import mlx.core as mx
 
-    return {k: np.array(v) for k, v in mx.load(str(folder / finetune.ADAPTER_FILE)).items()}
+    return {k: np.array(v) for k, v in mx.load(str(folder / contract.ADAPTER_FILE)).items()}
 
 
 def test_loss_falls_and_the_run_records_it(toy):
@@ -67,11 +68,11 @@ def test_loss_falls_and_the_run_records_it(toy):
     m, tags = run.data.metrics, run.data.tags
     assert m["trainable_parameters"] == result.trainable_parameters > 0
     assert m["tokens_per_sec"] > 0 and m["train_seconds"] > 0 and m["peak_memory_gb"] > 0
-    assert tags[tracking.TAG_SEED] == "0" and tags[tracking.TAG_MODEL_NAME] == "toy"
+    assert tags[contract.TAG_SEED] == "0" and tags[contract.TAG_MODEL_NAME] == "toy"
     client = mlflow.MlflowClient()
-    for folder in (finetune.ARTIFACT_BEST, finetune.ARTIFACT_LAST):
+    for folder in (contract.ARTIFACT_ADAPTERS, contract.ARTIFACT_ADAPTERS_LAST):
         names = {f.path.split("/")[-1] for f in client.list_artifacts(run_id, folder)}
-        assert names == {finetune.ADAPTER_FILE, finetune.ADAPTER_CONFIG}
+        assert names == {contract.ADAPTER_FILE, contract.ADAPTER_CONFIG}
 
     # The saved adapter is one mlx-lm loads as it is.
     import mlx_lm
@@ -83,7 +84,7 @@ def test_loss_falls_and_the_run_records_it(toy):
     assert all(np.allclose(w, np.array(loaded[k])) for k, w in saved.items())
 
 
-class _InterruptAfter(finetune.Batches):
+class _InterruptAfter(batches.Batches):
     """Training batches that stop the run (like Ctrl-C) when step `n + 1` asks for its batch."""
 
     def __init__(self, n, **kwargs):
@@ -130,11 +131,11 @@ def test_early_stopping_keeps_the_best_adapter(toy):
     assert result.stopped_early and result.steps < 60
     assert result.best_step == min(val, key=val.get) and result.best_val_loss == min(val.values())
     assert result.steps == max(val) == result.best_step + 2 * params.steps_per_eval
-    best = json.loads((result.adapter_dir / finetune.ADAPTER_CONFIG).read_text())
-    last = json.loads((result.last_dir / finetune.ADAPTER_CONFIG).read_text())
+    best = json.loads((result.adapter_dir / contract.ADAPTER_CONFIG).read_text())
+    last = json.loads((result.last_dir / contract.ADAPTER_CONFIG).read_text())
     assert (best["step"], last["step"]) == (result.best_step, result.steps)
     logged = mlflow.artifacts.load_dict(
-        f"runs:/{run_id}/{finetune.ARTIFACT_BEST}/{finetune.ADAPTER_CONFIG}")
+        f"runs:/{run_id}/{contract.ARTIFACT_ADAPTERS}/{contract.ADAPTER_CONFIG}")
     assert logged["step"] == result.best_step
     wb, wl = _weights(result.adapter_dir), _weights(result.last_dir)
     assert any(not np.allclose(wb[k], wl[k]) for k in wb)
@@ -146,7 +147,7 @@ def test_too_many_layers_is_refused_before_training(toy):
         _train(params)
     run = mlflow.search_runs(output_format="list")[0]
     assert run.info.status == "FAILED"
-    assert "num_layers=16 but the model has 4 layers" in run.data.tags[tracking.TAG_ERROR]
+    assert "num_layers=16 but the model has 4 layers" in run.data.tags[contract.TAG_ERROR]
     assert "train_loss" not in run.data.metrics and not params.adapter_dir.exists()
 
 
@@ -157,7 +158,7 @@ def test_nan_loss_stops_the_run_as_failed(toy):
         _train(params)
     run = mlflow.search_runs(output_format="list")[0]
     assert run.info.status == "FAILED"
-    assert "the learning rate 0.99 is too high" in run.data.tags[tracking.TAG_ERROR]
+    assert "the learning rate 0.99 is too high" in run.data.tags[contract.TAG_ERROR]
     assert max(_losses(run.info.run_id)) == 2
 
 
@@ -171,31 +172,3 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
     assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
-
-
-class _Rows:
-    """A stand-in for mlx-lm's CacheDataset: (tokens, answer offset) per row."""
-
-    def __init__(self, lengths):
-        self.rows = [(list(range(1, n + 1)), n - 2) for n in lengths]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-    def itemlen(self, i):
-        return len(self.rows[i][0])
-
-
-def test_batches_skip_resumes_the_same_stream():
-    rows = _Rows([5, 9, 7, 12, 3, 8, 6, 10, 4])  # 4 batches of 2 per epoch
-
-    def stream(skip, n):
-        it = finetune.Batches(seed=3, skip=skip)(rows, 2, 16, loop=True)
-        return [np.array(next(it)[0]).tolist() for _ in range(n)]
-
-    full = stream(0, 10)
-    assert stream(6, 4) == full[6:]  # across an epoch boundary
-    assert full[:4] != full[4:8]  # each epoch has its own order

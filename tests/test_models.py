@@ -1,4 +1,4 @@
-"""helpers.models: the embedded model, local and hub model ids, the dequantize policy."""
+"""helpers.llm.models: the embedded model, local and hub model ids, the dequantize policy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config, models
+from helpers import cli, config
+from helpers.llm import models
 
 # A hub id that does not exist: offline it cannot be fetched, and online it fails at once too.
 HUB_ID = "tablora-tests/no-such-model-4bit"
@@ -111,8 +112,8 @@ def test_unknown_builtin_lists_the_known_ones():
 
 @pytest.mark.slow
 def test_builtin_model_answers_paris(capsys):
-    assert models.cli_model(config.BUILTIN_MODEL, "What is the capital of France?",
-                            max_tokens=16) == 0
+    assert cli.main(["model", config.BUILTIN_MODEL, "--prompt",
+                     "What is the capital of France?", "--max-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert "MLX BLAS" in out and "device" in out
     assert "Paris" in out.splitlines()[-1]

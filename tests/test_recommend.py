@@ -1,13 +1,15 @@
-"""helpers.recommend: each rule on hand-built run records, and the next round's params files."""
+"""helpers.analysis.recommend: each rule on hand-built run records, and the next round's params
+files."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from helpers import recommend as rec
-from helpers import records, report
+from helpers import config
+from helpers.analysis import recommend as rec
+from helpers.analysis import report
+from helpers.analysis.records import RunRecord
 from helpers.config import load_params
-from helpers.records import RunRecord
 
 # A healthy model: gains from fine-tuning, balanced, converged, not overfitting.
 HEALTHY = {"test_accuracy": 0.70, "zeroshot_test_accuracy": 0.50, "test_recall": 0.70,
@@ -207,7 +209,7 @@ def test_params_round_trip_from_mlflow_strings(tmp_path):
     p = Params(name="x", learning_rate=8e-7, seeds=[0, 1], lora_alpha=32.0)
     flat = {k: str(v if not isinstance(v, (list, dict)) else repr(v))
             for k, v in p.flat().items()} | {"lora_scale": "4.0"}
-    back = records.params_from_flat(flat)
+    back = config.params_from_flat(flat)
     assert back["learning_rate"] == 8e-7 and back["seeds"] == [0, 1] and "lora_scale" not in back
     assert back["dataset"]["positive_label"] == "malignant"
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(back))

@@ -1,12 +1,13 @@
-"""helpers.scoring on the tiny random llama: the prefix cache, batching and the answer parser."""
+"""helpers.llm.scoring on the tiny random llama: prefix cache, batching and the answer parser."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from helpers import data, scoring
+from helpers import data
 from helpers.config import load_params
+from helpers.llm import scoring
 
 N = 12  # test prompts per check: enough for two batches of unequal lengths
 
@@ -114,7 +115,7 @@ def test_fast_path_equals_the_models_own_forward(tiny, prompts, use_cache):
 def test_parallel_streams_equal_one_stream(tiny, prompts, lanes):
     """Batches spread over CPU streams (12 prompts in batches of 5: 3 batches, a short round)
     give the one-stream result, and the BLAS thread count is restored afterwards."""
-    from helpers import blas
+    from helpers.llm import blas
 
     model, tokenizer = tiny
     texts, ids = prompts

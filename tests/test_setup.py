@@ -14,8 +14,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from helpers import models
 from helpers.config import PROJECT_ROOT
+from helpers.llm import models
 
 try:
     import tomllib
@@ -95,7 +95,7 @@ def test_python_m_helpers_help():
 
 
 def test_importing_helpers_is_cheap():
-    code = ("import json, sys, helpers, helpers.cli, helpers.config, helpers.models; "
+    code = ("import json, sys, helpers, helpers.cli, helpers.config, helpers.llm.models; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

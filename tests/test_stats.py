@@ -1,4 +1,4 @@
-"""helpers.stats: exact McNemar, Holm, the paired bootstrap, verdicts and tied ranks."""
+"""helpers.analysis.stats: exact McNemar, Holm, the paired bootstrap, verdicts and tied ranks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from helpers import stats
+from helpers.analysis import stats
 
 
 def _pairs(a_only: int, b_only: int, both: int = 30, neither: int = 10):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mlflow
 import nbformat
 
-from helpers import notebooks, tracking
+from helpers import contract
 from helpers.config import DEMO_PARAMS
+from helpers.workflow import notebooks
 
 
 def test_train_notebook_writes_a_finished_run(tmp_path, tiny_model_dir, mlflow_store,
@@ -24,7 +25,7 @@ def test_train_notebook_writes_a_finished_run(tmp_path, tiny_model_dir, mlflow_s
     assert run.info.status == "FINISHED" and run.info.run_name == "smollm2-135m"
     assert run.data.params["num_iters"] == "4"
     assert run.data.params["model_id"] == str(tiny_model_dir)
-    assert run.data.tags[tracking.TAG_SPLIT_HASH] and run.data.tags[tracking.TAG_KIND] == "llm"
+    assert run.data.tags[contract.TAG_SPLIT_HASH] and run.data.tags[contract.TAG_KIND] == "llm"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert sorted(steps) == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 2, 4]

@@ -29,7 +29,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from helpers import metrics, tracking
+from helpers import contract, metrics, tracking
 from helpers.config import Params
 
 # A category seen fewer times than this in training is grouped with the other rare ones into one
@@ -188,7 +188,7 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
     X, y = training_data(prepared)
     X_test, y_test = prepared.X("test"), prepared.y("test")
     # One thread: on tables this small, OpenMP/BLAS threads cost more than they save, and with
-    # anything else running (or the second OpenBLAS that helpers.blas loads for MLX) they
+    # anything else running (or the second OpenBLAS that helpers.llm.blas loads for MLX) they
     # oversubscribe the cores: measured 20x slower (HistGradientBoosting 3 s -> 66 s on 2 cores).
     with threadpool_limits(1):
         t0 = time.perf_counter()
@@ -400,22 +400,24 @@ def _log_params(params: Params, result: BaselineResult) -> None:
     flat["baseline"] = result.name
     mlflow.log_params(flat)
     if params.source_file and Path(params.source_file).is_file():
-        mlflow.log_artifact(params.source_file, artifact_path="params")
+        mlflow.log_artifact(params.source_file, artifact_path=contract.ARTIFACT_PARAMS)
 
 
 def _log_result(params: Params, result: BaselineResult) -> None:
     import mlflow
 
     _log_params(params, result)
-    metrics.log_to_mlflow("test", result.y_true, result.y_pred, result.p_yes, result.row_ids,
-                          n_bootstrap=params.n_bootstrap, seed=params.seed)
-    extra = {"threshold": THRESHOLD, "train_seconds": result.fit_seconds}
+    metrics.log_to_mlflow(contract.PREFIX_TEST, result.y_true, result.y_pred, result.p_yes,
+                          result.row_ids, n_bootstrap=params.n_bootstrap, seed=params.seed)
+    extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: THRESHOLD,
+             contract.TRAIN_SECONDS: result.fit_seconds}
     if result.cv_score is not None:
         extra["cv_roc_auc"] = result.cv_score
     mlflow.log_metrics(extra)
     fig = importance_figure(result)
     if fig is not None:
-        mlflow.log_figure(fig, f"figures/{importances(result).columns[1]}s.png")
+        what = importances(result).columns[1]
+        mlflow.log_figure(fig, f"{contract.ARTIFACT_FIGURES}/{what}s.png")
     _log_model(result.model)
 
 
@@ -425,14 +427,15 @@ def run_all(prepared: Any, params: Params | None = None, batch_id: str = "",
     baseline) in params.experiment, nested under `parent_run_id` when given. A baseline that
     raises leaves a FAILED run with the error and stops the loop."""
     params = params or prepared.params
-    tags = {tracking.TAG_SPLIT_HASH: prepared.split_hash, tracking.TAG_SEED: str(params.seed),
-            tracking.TAG_MODEL_FAMILY: "sklearn", tracking.TAG_GIT_COMMIT: tracking.git_commit()}
+    tags = {contract.TAG_SPLIT_HASH: prepared.split_hash, contract.TAG_SEED: str(params.seed),
+            contract.TAG_MODEL_FAMILY: "sklearn", contract.TAG_GIT_COMMIT: tracking.git_commit()}
     if batch_id:
-        tags[tracking.TAG_BATCH_ID] = batch_id
+        tags[contract.TAG_BATCH_ID] = batch_id
     results = []
     for name in params.baselines.models:
-        with tracking.run(params, kind="baseline", run_name=name, nested_in=parent_run_id,
-                          tags={**tags, tracking.TAG_MODEL_NAME: name}) as run:
+        with tracking.run(params, kind=contract.KIND_BASELINE, run_name=name,
+                          nested_in=parent_run_id,
+                          tags={**tags, contract.TAG_MODEL_NAME: name}) as run:
             result = fit_baseline(prepared, name, params)
             _log_result(params, result)
             result.run_id = run.info.run_id

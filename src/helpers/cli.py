@@ -1,4 +1,5 @@
-"""The `tablora` command (also `python -m helpers`): thin sub-commands calling into helpers."""
+"""The `tablora` command (also `python -m helpers`): every sub-command, each a few calls into
+helpers. The only module that reads command-line arguments or prints for the terminal's sake."""
 
 from __future__ import annotations
 
@@ -28,25 +29,43 @@ def _add_params(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_model(a: argparse.Namespace) -> int:
-    from helpers import models
+    from helpers.llm import models
 
-    return models.cli_model(a.model_id, prompt=a.prompt, max_tokens=a.max_tokens,
-                            dequantize=a.dequantize)
+    print(models.answer(a.model_id, prompt=a.prompt, max_tokens=a.max_tokens,
+                        dequantize=a.dequantize))
+    return 0
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    """Split, write the prompts, print the token budget and one prompt of each class."""
     from helpers import data
     from helpers.config import load_params
 
-    data.cli_prepare(load_params(a.params, _overrides(a.overrides)))
+    params = load_params(a.params, _overrides(a.overrides))
+    prepared = data.prepare(params)
+    print("\n".join(data.summary_lines(prepared)))
+    try:
+        from helpers.llm import models
+
+        tokenizer = models.load_tokenizer(params.model_id)
+    except Exception as e:  # noqa: BLE001 - no model: the rest of the report still stands
+        print(f"prompt tokens: skipped (could not load the tokenizer of {params.model_id}: "
+              f"{type(e).__name__}: {e})")
+    else:
+        s = data.token_stats(prepared, tokenizer, params.max_seq_length)
+        print(f"prompt tokens: min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  "
+              f"max {s['max']}  (max_seq_length {s['max_seq_length']}, "
+              f"{s['over_max_seq_length']} over)  [{params.model_id}, chat template + answer]")
+    print("\n" + "\n".join(data.example_lines(prepared)))
     return 0
 
 
 def _notebook(name: str, a: argparse.Namespace, **extra: Any) -> int:
-    from helpers import notebooks
+    from helpers.config import load_params
+    from helpers.workflow import notebooks
 
-    res = notebooks.execute(name, a.params, _overrides(a.overrides), run_id=a.run_id or "",
-                            **extra)
+    params = load_params(a.params, _overrides(a.overrides))  # the one parse: errors name the key
+    res = notebooks.execute(name, params, run_id=a.run_id or "", **extra)
     print(f"{name}: done in {res.seconds:.0f}s; executed notebook: {res.output}")
     return 0
 
@@ -64,21 +83,31 @@ def cmd_baselines(a: argparse.Namespace) -> int:
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
-    from helpers import batch
+    from helpers.workflow import batch
 
-    return batch.cli_batch(a)
+    return batch.run(a.paths, seeds=a.seeds, only=a.only, resume=a.resume, dry_run=a.dry_run,
+                     compare=not a.no_compare)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from helpers import report
+    from helpers.analysis import compare
 
-    return report.cli_compare(a)
+    c = compare.run(a.experiment, a.batch, a.against, a.out)
+    print(c.markdown)
+    print(f"Report and figures: {c.out_dir}")
+    return 0
 
 
 def cmd_recommend(a: argparse.Namespace) -> int:
-    from helpers import report
+    from helpers.analysis import compare, recommend
 
-    return report.cli_recommend(a)
+    plan, written = compare.recommend_next(a.experiment, a.batch, a.out)
+    print(recommend.summary(plan))
+    print("Written: " + ", ".join(str(p) for p in written))
+    folders = sorted({str(p.parent) for p in written if p.suffix == ".yaml"})
+    if folders:
+        print("Next round: tablora batch " + " ".join(folders))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

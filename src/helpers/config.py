@@ -7,6 +7,7 @@ params (nested keys flattened with ".").
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -130,8 +131,8 @@ class Params:
     save_every: int = 50
     # Stop when validation loss has not improved for this many evaluations (0 = off).
     early_stopping_patience: int = 0
-    # helpers.speed: the same losses and gradients with less work (answer-only LM head, frozen
-    # lower layers computed once per example, faster kernels, length-bucketed batches).
+    # helpers.llm.fast_training: the same losses and gradients with less work (answer-only LM
+    # head, frozen lower layers computed once per example, faster kernels, length buckets).
     fast_training: bool = True
 
     # Evaluation.
@@ -223,7 +224,12 @@ def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
     return (PROJECT_ROOT / p).resolve()
 
 
+# ---------------------------------------------------------------------------------------------
+# Flat params: sections joined with "." (what MLflow logs, and what recommend edits)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"dataset": {"target": "y"}} -> {"dataset.target": "y"} (one level: the sections)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -232,6 +238,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of flatten: {"dataset.target": "y"} -> {"dataset": {"target": "y"}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            out.setdefault(section, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flat_types() -> dict[str, Any]:
+    """The type annotation of every flat params key ("lora_rank": int, "dataset.target": str)."""
+    out: dict[str, Any] = {}
+    for key, tp in typing.get_type_hints(Params).items():
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{key}.{k}": v for k, v in typing.get_type_hints(tp).items()})
+        elif key != "source_file":
+            out[key] = tp
+    return out
+
+
+def params_from_flat(flat: dict[str, str]) -> dict[str, Any]:
+    """MLflow params (strings; lists and dicts as repr) -> a params dict shaped like the YAML,
+    each value typed by the schema. Keys the schema does not know (lora_scale, keys of another
+    version) are dropped, so that load_params accepts the result."""
+    types = flat_types()
+    return unflatten({k: _typed(v, types[k]) for k, v in flat.items() if k in types})
+
+
+def _typed(raw: str, tp: Any) -> Any:
+    # Strings stay strings (a model called "123" is still a name); the rest is a Python literal
+    # because tracking.log_params logs str() of numbers and repr() of lists and dicts.
+    if tp is str or typing.get_origin(tp) is Literal:
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
 _SECTIONS = {"dataset", "prompt", "baselines"}
@@ -282,19 +330,59 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Load a params YAML (merged over `_defaults.yaml` in its folder) and apply overrides.
 
     `overrides` takes top-level or dotted keys: {"num_iters": 5, "dataset.test_size": 0.3}.
+    A resolved file (write_resolved) is complete: no `_defaults.yaml` is merged under it, and
+    relative paths in it are taken from the folder of the params file it was resolved from.
     """
     data: dict[str, Any] = {}
-    origin = "defaults"
+    origin, source_file = "defaults", ""
     if path is not None:
         path = Path(path).expanduser().resolve()
-        defaults = path.parent / DEFAULTS_FILE_NAME
-        if defaults.is_file() and defaults != path:
-            data = _build_dict_checked(_read_yaml(defaults), defaults)
-        data = _merge(data, _build_dict_checked(_read_yaml(path), path))
-        origin = str(path)
+        origin = source_file = str(path)
+        top = _read_yaml(path)
+        if RESOLVED_KEY in top:
+            source_file = _check_resolved(top, path)
+        else:
+            defaults = path.parent / DEFAULTS_FILE_NAME
+            if defaults.is_file() and defaults != path:
+                data = _build_dict_checked(_read_yaml(defaults), defaults)
+        data = _merge(data, _build_dict_checked(top, path))
         data.setdefault("name", path.stem)
     _apply_overrides(data, overrides or {}, f"{origin} (overrides)")
-    return _build(Params, data, origin, str(path) if path else "")
+    return _build(Params, data, origin, source_file)
+
+
+# A resolved params file: every key with the value a run used, written once by the process that
+# validated the params (a batch, a command) and read by the notebook kernels it starts, so that
+# the user's file is parsed once per run and an edit to it mid-batch cannot change a run.
+RESOLVED_KEY = "tablora_resolved"
+
+
+def write_resolved(params: Params, path: Path) -> Path:
+    """Write `params` as a complete params file that load_params reads back equal."""
+    import yaml
+
+    header = {RESOLVED_KEY: {"source_file": params.source_file, "params_hash": params.hash()}}
+    text = ("# Written by tablora: the resolved params of one run (every key). Edit the source "
+            "file instead.\n" + yaml.safe_dump(header, sort_keys=False)
+            + yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _check_resolved(top: dict[str, Any], path: Path) -> str:
+    """Pop the resolved header; returns the source file. A resolved file edited by hand (its
+    hash no longer matches) is refused: it would silently run other params than recorded."""
+    header = top.pop(RESOLVED_KEY)
+    if not isinstance(header, dict) or "params_hash" not in header:
+        raise ParamsError(f"{path}: {RESOLVED_KEY!r} is reserved for resolved params files "
+                          "written by tablora; remove it")
+    saved = str(header["params_hash"])
+    params = _build(Params, dict(top), str(path), str(header.get("source_file") or ""))
+    if params.hash() != saved:
+        raise ParamsError(f"{path}: this resolved params file was edited (hash {params.hash()}, "
+                          f"written as {saved}); edit the params file it came from instead")
+    return params.source_file
 
 
 def _build_dict_checked(data: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -24,8 +24,8 @@ import pandas as pd
 
 from helpers import config
 from helpers.config import Params
+from helpers.contract import SPLITS
 
-SPLITS = ("train", "valid", "test")
 ID_COLUMNS = ("id", "row_id")
 BUILTIN_TEMPLATES = ("sentence", "list")
 SPLIT_FORMAT = 1  # bump when the split JSON layout or the splitting procedure changes
@@ -566,44 +566,7 @@ def token_stats(prepared: Prepared, tokenizer: Any, max_seq_length: int) -> dict
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow and the command line
-
-
-def log_to_mlflow(prepared: Prepared) -> None:
-    """Into the active run: split hash tag, the splits as inputs, class counts, the split file."""
-    import mlflow
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-
-    from helpers.tracking import TAG_SPLIT_HASH
-
-    if mlflow.active_run() is None:
-        raise RuntimeError("data.log_to_mlflow needs an active MLflow run (tracking.run(...))")
-    mlflow.set_tag(TAG_SPLIT_HASH, prepared.split_hash)
-    source = CodeDatasetSource(tags={"tablora.source": prepared.source,
-                                     TAG_SPLIT_HASH: prepared.split_hash})
-    name = Path(prepared.source.split(":", 1)[-1]).stem
-    metrics: dict[str, float] = {"data_duplicates_train_test": prepared.duplicates["count"]}
-    for split in SPLITS:
-        if not prepared.split[split]:
-            continue
-        frame = prepared.table.loc[prepared.split[split]].reset_index()
-        with warnings.catch_warnings():  # MLflow's own schema/pandas hints: noise here
-            warnings.filterwarnings("ignore", message=".*integer column")
-            warnings.filterwarnings("ignore", message=".*will be keyword-only")
-            ds = mlflow.data.from_pandas(frame, source=source, targets=prepared.target,
-                                         name=f"{name}-{split}-{prepared.split_hash[:8]}")
-            mlflow.log_input(ds, context=split)
-        counts = prepared.class_counts(split)
-        metrics[f"data_{split}_rows"] = len(prepared.split[split])
-        metrics[f"data_{split}_positive"] = counts["positive"]
-        metrics[f"data_{split}_negative"] = counts["negative"]
-    for key, value in (prepared.token_budget or {}).items():
-        if key != "max_seq_length":
-            metrics[f"data_prompt_tokens_{key}"] = value
-    mlflow.log_metrics(metrics)
-    mlflow.log_artifact(str(prepared.split_file), artifact_path="data")
-    if prepared.duplicates["count"]:
-        mlflow.log_dict(prepared.duplicates, "data/duplicates.json")
+# Display
 
 
 def summary_lines(prepared: Prepared) -> list[str]:
@@ -626,35 +589,14 @@ def summary_lines(prepared: Prepared) -> list[str]:
     return lines
 
 
-def _load_tokenizer(model_id: str) -> Any:
-    """The model's tokenizer only (no weights): via helpers.models.resolve."""
-    from transformers import AutoTokenizer
-
-    from helpers import models
-
-    return AutoTokenizer.from_pretrained(str(models.resolve(model_id)))
-
-
-def cli_prepare(params: Params) -> int:
-    """`tablora prepare`: split, write prompts, print the budget and two examples."""
-    prepared = prepare(params)
-    for line in summary_lines(prepared):
-        print(line)
-    try:
-        tokenizer = _load_tokenizer(params.model_id)
-    except Exception as e:  # models not available: the rest of the report still stands
-        print(f"prompt tokens: skipped (could not load the tokenizer of {params.model_id}: "
-              f"{type(e).__name__}: {e})")
-    else:
-        s = token_stats(prepared, tokenizer, params.max_seq_length)
-        print(f"prompt tokens: min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  "
-              f"max {s['max']}  (max_seq_length {s['max_seq_length']}, "
-              f"{s['over_max_seq_length']} over)  [{params.model_id}, chat template + answer]")
-    # One example of each class (the first positive and the first negative training row).
-    y, msgs_all = prepared.y("train"), prepared.messages("train")
-    picks = [int(np.argmax(y == label)) for label in (1, 0)]
-    for n, k in enumerate(picks, 1):
-        print(f"\n--- example {n} (train row {prepared.split['train'][k]}) ---")
-        for m in msgs_all[k]:
-            print(f"[{m['role']}]\n{m['content']}")
-    return 0
+def example_lines(prepared: Prepared) -> list[str]:
+    """The first training prompt of each class, as the model sees it (chat messages)."""
+    y, messages = prepared.y("train"), prepared.messages("train")
+    lines: list[str] = []
+    for n, label in enumerate((1, 0), 1):
+        if not (y == label).any():
+            continue
+        k = int(np.argmax(y == label))
+        lines.append(f"--- example {n} (train row {prepared.split['train'][k]}) ---")
+        lines += [f"[{m['role']}]\n{m['content']}" for m in messages[k]]
+    return lines

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from helpers.contract import ARTIFACT_FIGURES, CI_HIGH, CI_LOW, predictions_path
+
 # Metrics that get a bootstrap confidence interval (roc_auc only when it exists).
 CI_METRICS = ("accuracy", "f1", "balanced_accuracy", "roc_auc")
 CI_LEVEL = 0.95
@@ -176,8 +178,8 @@ def summary(y_true: Any, y_pred: Any, p_yes: Any = None, prefix: str = "test_",
     {"test_accuracy": .., "test_accuracy_ci_low": .., "test_accuracy_ci_high": .., ...}."""
     out = {f"{prefix}{k}": float(v) for k, v in classification(y_true, y_pred, p_yes).items()}
     for m, (low, high) in bootstrap_ci(y_true, y_pred, p_yes, n_bootstrap, seed).items():
-        out[f"{prefix}{m}_ci_low"] = low
-        out[f"{prefix}{m}_ci_high"] = high
+        out[f"{prefix}{m}{CI_LOW}"] = low
+        out[f"{prefix}{m}{CI_HIGH}"] = high
     return out
 
 
@@ -204,21 +206,31 @@ def tune_threshold(y_true: Any, p_yes: Any) -> float:
     return float(cand[best[np.argmin(np.abs(cand[best] - 0.5))]])
 
 
-def confusion_figure(y_true: Any, y_pred: Any, title: str = "") -> Any:
-    """The 2x2 confusion matrix as a seaborn heatmap (a matplotlib Figure, not attached to
-    pyplot, so that logging many of them leaks no memory)."""
+def confusion_counts(y_true: Any, y_pred: Any) -> dict[str, int]:
+    """{"tp", "tn", "fp", "fn"} of 0/1 labels and predictions."""
+    c = classification(y_true, y_pred)
+    return {k: c[k] for k in ("tp", "tn", "fp", "fn")}
+
+
+def draw_confusion(ax: Any, counts: dict[str, float], title: str = "") -> None:
+    """The 2x2 confusion matrix (rows actual, columns predicted; No first) as a seaborn heatmap
+    on `ax`: the one drawing of it, for a run's figure and for the comparison's grid."""
     import seaborn as sns
+
+    cells = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+    sns.heatmap(cells, annot=True, fmt=".0f", cbar=False, cmap="Blues", ax=ax,
+                xticklabels=["No", "Yes"], yticklabels=["No", "Yes"])
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+
+
+def confusion_figure(y_true: Any, y_pred: Any, title: str = "") -> Any:
+    """The confusion matrix of one model as a figure (a matplotlib Figure, not attached to
+    pyplot, so that logging many of them leaks no memory)."""
     from matplotlib.figure import Figure
 
     c = classification(y_true, y_pred)
-    cells = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
     fig = Figure(figsize=(3.6, 3.0), layout="constrained")
-    ax = fig.subplots()
-    sns.heatmap(cells, annot=True, fmt="d", cbar=False, cmap="Blues", ax=ax,
-                xticklabels=["No", "Yes"], yticklabels=["No", "Yes"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title or f"accuracy {c['accuracy']:.1%}")
+    draw_confusion(fig.subplots(), c, title or f"accuracy {c['accuracy']:.1%}")
     return fig
 
 
@@ -250,8 +262,8 @@ def log_to_mlflow(prefix: str, y_true: Any, y_pred: Any, p_yes: Any, row_ids: Se
                      seed=seed)
     mlflow.log_metrics(values)
     frame = predictions_frame(y_true, y_pred, p_yes, row_ids, raw)
-    mlflow.log_text(frame.to_csv(index=False), f"predictions/{prefix}.csv")
+    mlflow.log_text(frame.to_csv(index=False), predictions_path(prefix))
     fig = confusion_figure(y_true, y_pred, title=f"{prefix}: accuracy "
                            f"{values[f'{prefix}_accuracy']:.1%}")
-    mlflow.log_figure(fig, f"figures/confusion_{prefix}.png")
+    mlflow.log_figure(fig, f"{ARTIFACT_FIGURES}/confusion_{prefix}.png")
     return values

@@ -11,24 +11,33 @@ import contextlib
 import os
 import subprocess
 import traceback
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from helpers.config import PROJECT_ROOT, Params
-
-# Tag names, shared by every module that writes or reads runs.
-TAG_KIND = "tablora.kind"  # "llm", "baseline", "batch"
-TAG_SPLIT_HASH = "tablora.split_hash"
-TAG_PARAMS_HASH = "tablora.params_hash"
-TAG_BATCH_ID = "tablora.batch_id"
-TAG_MODEL_FAMILY = "tablora.model_family"
-TAG_MODEL_SIZE = "tablora.model_size"
-TAG_SEED = "tablora.seed"
-TAG_MODEL_NAME = "tablora.model_name"  # the params name, without a seed suffix
-TAG_ERROR = "tablora.error"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_PARENT = "mlflow.parentRunId"
+from helpers.contract import (
+    ARTIFACT_DATA,
+    ARTIFACT_PARAMS,
+    ENV_BATCH_ID,
+    ENV_PARENT_RUN_ID,
+    ENV_RUN_IDS_FILE,
+    ERROR_FILE,
+    KIND_LLM,
+    SPLITS,
+    TAG_BATCH_ID,
+    TAG_DATA_SOURCE,
+    TAG_ERROR,
+    TAG_GIT_COMMIT,
+    TAG_KIND,
+    TAG_MODEL_FAMILY,
+    TAG_MODEL_SIZE,
+    TAG_PARAMS_HASH,
+    TAG_PARENT,
+    TAG_SPLIT_HASH,
+    TOKENS_PER_SEC,
+)
 
 
 def tracking_uri() -> str:
@@ -117,11 +126,11 @@ def log_params(params: Params) -> None:
     mlflow.set_tags({TAG_PARAMS_HASH: params.hash(), TAG_GIT_COMMIT: git_commit(),
                      **model_tags(params.model_id)})
     if params.source_file and Path(params.source_file).is_file():
-        mlflow.log_artifact(params.source_file, artifact_path="params")
+        mlflow.log_artifact(params.source_file, artifact_path=ARTIFACT_PARAMS)
 
 
 @contextlib.contextmanager
-def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
+def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = "",
         tags: dict[str, str] | None = None, nested_in: str = "") -> Iterator[Any]:
     """Start (or resume, given `run_id`) the MLflow run of a params file.
 
@@ -152,17 +161,6 @@ def run(params: Params, run_id: str = "", kind: str = "llm", run_name: str = "",
         mlflow.end_run(status="FINISHED")
 
 
-# Set by `tablora batch` for the notebooks it runs (kernels inherit the environment): every run a
-# notebook starts on its own (the baselines, the comparison) joins the batch and nests under it.
-ENV_BATCH_ID = "TABLORA_BATCH_ID"
-ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
-
-
-# Set by helpers.notebooks.execute: the runs a notebook opens are listed in this file, one id a
-# line, so that the executed notebook can be attached to them once the kernel is done.
-ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"
-
-
 def _note_run_id(run_id: str) -> None:
     path = os.environ.get(ENV_RUN_IDS_FILE)
     if path:
@@ -179,6 +177,43 @@ def _batch_tags() -> dict[str, str]:
     return tags
 
 
+def log_dataset(prepared: Any) -> None:
+    """Into the active run: the split hash tag, each split as a dataset input, class counts, the
+    split file (`prepared`: a helpers.data.Prepared)."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("tracking.log_dataset needs an active MLflow run (tracking.run(...))")
+    mlflow.set_tag(TAG_SPLIT_HASH, prepared.split_hash)
+    source = CodeDatasetSource(tags={TAG_DATA_SOURCE: prepared.source,
+                                     TAG_SPLIT_HASH: prepared.split_hash})
+    name = Path(prepared.source.split(":", 1)[-1]).stem
+    metrics: dict[str, float] = {"data_duplicates_train_test": prepared.duplicates["count"]}
+    for split in SPLITS:
+        if not prepared.split[split]:
+            continue
+        frame = prepared.table.loc[prepared.split[split]].reset_index()
+        with warnings.catch_warnings():  # MLflow's own schema/pandas hints: noise here
+            warnings.filterwarnings("ignore", message=".*integer column")
+            warnings.filterwarnings("ignore", message=".*will be keyword-only")
+            ds = mlflow.data.from_pandas(frame, source=source, targets=prepared.target,
+                                         name=f"{name}-{split}-{prepared.split_hash[:8]}")
+            mlflow.log_input(ds, context=split)
+        counts = prepared.class_counts(split)
+        metrics[f"data_{split}_rows"] = len(prepared.split[split])
+        metrics[f"data_{split}_positive"] = counts["positive"]
+        metrics[f"data_{split}_negative"] = counts["negative"]
+    for key, value in (prepared.token_budget or {}).items():
+        if key != "max_seq_length":
+            metrics[f"data_prompt_tokens_{key}"] = value
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(prepared.split_file), artifact_path=ARTIFACT_DATA)
+    if prepared.duplicates["count"]:
+        mlflow.log_dict(prepared.duplicates, f"{ARTIFACT_DATA}/duplicates.json")
+
+
+
 def record_failure(e: BaseException, run_id: str = "") -> None:
     """Write the cause of a failure to the active (or given) run: a short tag and the traceback."""
     import mlflow
@@ -187,7 +222,7 @@ def record_failure(e: BaseException, run_id: str = "") -> None:
     rid = run_id or mlflow.active_run().info.run_id
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     client.set_tag(rid, TAG_ERROR, f"{type(e).__name__}: {e}"[:4000])
-    client.log_text(rid, text, "error.txt")
+    client.log_text(rid, text, ERROR_FILE)
 
 
 def find_run(experiment: str, name: str, status: str | None = "FINISHED") -> Any | None:
@@ -207,19 +242,16 @@ def find_run(experiment: str, name: str, status: str | None = "FINISHED") -> Any
 class TrainingLogger:
     """An mlx-lm training callback that writes its reports to the active MLflow run.
 
-    Duck-types mlx_lm.tuner.callbacks.TrainingCallback (helpers.finetune is the only module that
-    imports mlx_lm.tuner). Metric names follow mlx-lm's report keys, with the units spelled out:
-    train_loss, val_loss, learning_rate, tokens_per_sec, peak_memory_gb. `step_offset` shifts
-    mlx-lm's iteration numbers, so that a resumed run continues its curves.
+    Duck-types mlx_lm.tuner.callbacks.TrainingCallback (helpers.llm.finetune is the only module
+    that imports mlx_lm.tuner). Metric names follow mlx-lm's report keys, with the units spelled
+    out: train_loss, val_loss, learning_rate, tokens_per_sec, peak_memory_gb (mlx-lm's
+    "tokens_per_second" and "peak_memory" are renamed here, and only here).
     """
 
     # mlx-lm report key -> MLflow metric name
     METRICS = {"train_loss": "train_loss", "val_loss": "val_loss",
-               "learning_rate": "learning_rate", "tokens_per_second": "tokens_per_sec",
+               "learning_rate": "learning_rate", "tokens_per_second": TOKENS_PER_SEC,
                "peak_memory": "peak_memory_gb"}
-
-    def __init__(self, step_offset: int = 0):
-        self.step_offset = step_offset
 
     def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
         self._log(train_info)
@@ -232,4 +264,4 @@ class TrainingLogger:
 
         metrics = {name: float(info[key]) for key, name in self.METRICS.items() if key in info}
         if metrics:
-            mlflow.log_metrics(metrics, step=self.step_offset + int(info["iteration"]))
+            mlflow.log_metrics(metrics, step=int(info["iteration"]))

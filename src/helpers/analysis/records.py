@@ -1,5 +1,5 @@
 """MLflow runs -> RunRecord: one model's metrics, predictions and loss history, as the report
-(helpers.report) and the recommendations (helpers.recommend) read them.
+(helpers.analysis.report) and the recommendations (helpers.analysis.recommend) read them.
 
 Which runs count: the latest FINISHED run per (kind, model, seed) of a batch or experiment;
 runs on different splits (tablora.split_hash) are refused; several seeds merge into one record
@@ -8,13 +8,11 @@ runs on different splits (tablora.split_hash) are refused; several seeds merge i
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import os
 import re
 import tempfile
-import typing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import stats, tracking
-from helpers.config import Params
+from helpers import contract, tracking
+from helpers.analysis import stats
+from helpers.config import params_from_flat
+from helpers.contract import KIND_BASELINE, KIND_LLM
 
-LLM, BASELINE = "llm", "baseline"
-PREDICTIONS = {"test": "predictions/test.csv", "zeroshot": "predictions/zeroshot_test.csv"}
-HISTORIES = ("train_loss", "val_loss")
+# Which predictions a record holds: "test" (the fine-tuned LLM or the baseline), "zeroshot".
+PREDICTIONS = {"test": contract.predictions_path(contract.PREFIX_TEST),
+               "zeroshot": contract.predictions_path(contract.PREFIX_ZEROSHOT)}
+HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
 
 
 class ReportError(ValueError):
@@ -49,7 +50,7 @@ class RunRecord:
     tested on hand-built records, without MLflow."""
 
     name: str  # tablora.model_name (the params name without seed suffix), else the run name
-    kind: str = LLM  # "llm" | "baseline"
+    kind: str = KIND_LLM  # "llm" | "baseline"
     metrics: dict[str, float] = field(default_factory=dict)  # test_*, zeroshot_test_*, ...
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train/val loss
     params: dict[str, Any] = field(default_factory=dict)  # resolved params, shaped like the YAML
@@ -75,8 +76,8 @@ class RunRecord:
         return float(self.metrics.get(f"{prefix}{metric}", np.nan))
 
     def ci(self, metric: str, prefix: str = "test_") -> tuple[float, float] | None:
-        low = self.metrics.get(f"{prefix}{metric}_ci_low")
-        high = self.metrics.get(f"{prefix}{metric}_ci_high")
+        low = self.metrics.get(f"{prefix}{metric}{contract.CI_LOW}")
+        high = self.metrics.get(f"{prefix}{metric}{contract.CI_HIGH}")
         return None if low is None or high is None else (float(low), float(high))
 
     def cell(self, metric: str, prefix: str = "test_", with_ci: bool = True) -> str:
@@ -97,7 +98,7 @@ class RunRecord:
 
     def size_in_params(self) -> float | None:
         """'3B' -> 3e9, '135M' -> 1.35e8; None when unknown ('mini', '')."""
-        size = self.model_size or tracking.model_tags(self.model_id)[tracking.TAG_MODEL_SIZE]
+        size = self.model_size or tracking.model_tags(self.model_id)[contract.TAG_MODEL_SIZE]
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([BM])", size.upper())
         if not m:
             return None
@@ -111,37 +112,6 @@ def score_key(r: RunRecord) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------- MLflow -> records
-
-def params_from_flat(flat: dict[str, str]) -> dict[str, Any]:
-    """MLflow params (strings; sections flattened with '.'; lists/dicts as repr) -> a params dict
-    shaped like the YAML, each value typed by the Params schema. Keys the schema does not know
-    (lora_scale, keys of another version) are dropped, so load_params accepts the result."""
-    hints = typing.get_type_hints(Params)
-    out: dict[str, Any] = {}
-    for key, raw in flat.items():
-        section, _, sub = key.partition(".")
-        if sub:
-            tp = hints.get(section)
-            if tp is None or not dataclasses.is_dataclass(tp):
-                continue
-            sub_tp = typing.get_type_hints(tp).get(sub)
-            if sub_tp is not None:
-                out.setdefault(section, {})[sub] = _typed(raw, sub_tp)
-        elif key in hints and key != "source_file" and not dataclasses.is_dataclass(hints[key]):
-            out[key] = _typed(raw, hints[key])
-    return out
-
-
-def _typed(raw: str, tp: Any) -> Any:
-    # Strings stay strings (a model called "123" is still a name); the rest is a Python literal
-    # because tracking.log_params logs str() of numbers and repr() of lists and dicts.
-    if tp is str or typing.get_origin(tp) is typing.Literal:
-        return raw
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
 
 def mlflow_client() -> Any:
     """An MlflowClient on the project's tracking URI (also made mlflow's default)."""
@@ -169,15 +139,15 @@ def _all_runs(client: Any, experiment: str) -> list[Any]:
 
 def _in_batch(run: Any, batch: str, parent_ids: set[str]) -> bool:
     tags = run.data.tags
-    return tags.get(tracking.TAG_BATCH_ID) == batch or tags.get(tracking.TAG_PARENT) in parent_ids
+    return tags.get(contract.TAG_BATCH_ID) == batch or tags.get(contract.TAG_PARENT) in parent_ids
 
 
 def batch_parent(runs: Sequence[Any], batch: str) -> Any | None:
     """The batch's parent run (tablora.kind = batch): where its report is logged."""
     for run in runs:
         tags = run.data.tags
-        if tags.get(tracking.TAG_KIND) == "batch" and (
-                tags.get(tracking.TAG_BATCH_ID) == batch or run.info.run_id == batch):
+        if tags.get(contract.TAG_KIND) == contract.KIND_BATCH and (
+                tags.get(contract.TAG_BATCH_ID) == batch or run.info.run_id == batch):
             return run
     return None
 
@@ -203,7 +173,7 @@ def _download_csv(client: Any, run_id: str, path: str, dst: Path) -> pd.DataFram
         return None
     local = client.download_artifacts(run_id, path, str(dst))
     df = pd.read_csv(local)
-    missing = {"row_id", "label", "prediction"} - set(df.columns)
+    missing = set(contract.PREDICTION_COLUMNS) - {"p_yes"} - set(df.columns)
     if missing:
         raise ReportError(f"run {run_id}: {path} lacks column(s) {sorted(missing)}; the contract "
                           "is row_id,label,p_yes,prediction")
@@ -212,28 +182,28 @@ def _download_csv(client: Any, run_id: str, path: str, dst: Path) -> pd.DataFram
 
 def record_from_run(client: Any, run: Any, dst: Path) -> RunRecord:
     tags, info = run.data.tags, run.info
-    kind = tags.get(tracking.TAG_KIND, "")
-    seed = tags.get(tracking.TAG_SEED)
+    kind = tags.get(contract.TAG_KIND, "")
+    seed = tags.get(contract.TAG_SEED)
     params = params_from_flat(run.data.params)
     history = {}
-    if kind == LLM:
+    if kind == KIND_LLM:
         for key in HISTORIES:
             points = client.get_metric_history(info.run_id, key)
             if points:
                 history[key] = sorted((int(m.step), float(m.value)) for m in points)
     run_dst = dst / info.run_id
     return RunRecord(
-        name=tags.get(tracking.TAG_MODEL_NAME) or info.run_name or info.run_id[:8],
+        name=tags.get(contract.TAG_MODEL_NAME) or info.run_name or info.run_id[:8],
         kind=kind, metrics=dict(run.data.metrics), history=history, params=params,
         model_id=str(params.get("model_id", "")),
-        model_size=tags.get(tracking.TAG_MODEL_SIZE, ""),
-        split_hash=tags.get(tracking.TAG_SPLIT_HASH, ""),
-        batch_id=tags.get(tracking.TAG_BATCH_ID, ""),
+        model_size=tags.get(contract.TAG_MODEL_SIZE, ""),
+        split_hash=tags.get(contract.TAG_SPLIT_HASH, ""),
+        batch_id=tags.get(contract.TAG_BATCH_ID, ""),
         seed=int(seed) if seed not in (None, "") else None,
         run_id=info.run_id, start_time=int(info.start_time or 0),
         predictions=_download_csv(client, info.run_id, PREDICTIONS["test"], run_dst),
         zeroshot=(_download_csv(client, info.run_id, PREDICTIONS["zeroshot"], run_dst)
-                  if kind == LLM else None),
+                  if kind == KIND_LLM else None),
     )
 
 
@@ -280,20 +250,20 @@ def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
 def _borrow_baselines(runs: list[Any], all_runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
     """A batch without baseline runs (they had run already for its split) gets the experiment's
     latest baselines on the same split: the LLMs still have something to be measured against."""
-    if any(r.data.tags.get(tracking.TAG_KIND) == BASELINE for r in runs):
+    if any(r.data.tags.get(contract.TAG_KIND) == KIND_BASELINE for r in runs):
         return runs, []
-    split = runs[0].data.tags.get(tracking.TAG_SPLIT_HASH, "")
-    usable, _ = _usable(r for r in all_runs if r.data.tags.get(tracking.TAG_KIND) == BASELINE
-                        and r.data.tags.get(tracking.TAG_SPLIT_HASH, "") == split)
+    split = runs[0].data.tags.get(contract.TAG_SPLIT_HASH, "")
+    usable, _ = _usable(r for r in all_runs if r.data.tags.get(contract.TAG_KIND) == KIND_BASELINE
+                        and r.data.tags.get(contract.TAG_SPLIT_HASH, "") == split)
     baselines, _ = latest_per_model(usable)
     notes = [f"{r.info.run_name}: baseline taken from batch "
-             f"{r.data.tags.get(tracking.TAG_BATCH_ID) or '(none)'} (same split)"
+             f"{r.data.tags.get(contract.TAG_BATCH_ID) or '(none)'} (same split)"
              for r in baselines]
     return runs + baselines, notes
 
 
 def _batch_ids(runs: Sequence[Any]) -> list[str]:
-    return sorted({i for r in runs if (i := r.data.tags.get(tracking.TAG_BATCH_ID))})
+    return sorted({i for r in runs if (i := r.data.tags.get(contract.TAG_BATCH_ID))})
 
 
 def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
@@ -301,11 +271,11 @@ def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
     usable, skipped = [], []
     for run in runs:
         tags, info = run.data.tags, run.info
-        if tags.get(tracking.TAG_KIND) not in (LLM, BASELINE):
+        if tags.get(contract.TAG_KIND) not in contract.MODEL_KINDS:
             continue  # batch parents, reports, foreign runs: not models
         name = info.run_name or info.run_id[:8]
         if info.status != "FINISHED":
-            err = tags.get(tracking.TAG_ERROR, "")
+            err = tags.get(contract.TAG_ERROR, "")
             skipped.append(f"{name}: {info.status}" + (f" ({err[:120]})" if err else ""))
         elif "test_accuracy" not in run.data.metrics:
             skipped.append(f"{name}: no test metrics (not evaluated)")
@@ -320,17 +290,17 @@ def latest_per_model(runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
     groups: dict[tuple[str, str], list[Any]] = {}
     for run in runs:
         tags = run.data.tags
-        key = (tags.get(tracking.TAG_KIND, ""), tags.get(tracking.TAG_MODEL_NAME)
+        key = (tags.get(contract.TAG_KIND, ""), tags.get(contract.TAG_MODEL_NAME)
                or run.info.run_name)
         groups.setdefault(key, []).append(run)
     kept: list[Any] = []
     for group in groups.values():
         newest = max(group, key=lambda r: r.info.start_time)
-        batch = newest.data.tags.get(tracking.TAG_BATCH_ID, "")
-        same_round = [r for r in group if r.data.tags.get(tracking.TAG_BATCH_ID, "") == batch]
+        batch = newest.data.tags.get(contract.TAG_BATCH_ID, "")
+        same_round = [r for r in group if r.data.tags.get(contract.TAG_BATCH_ID, "") == batch]
         by_seed: dict[str, Any] = {}
         for run in same_round:
-            seed = run.data.tags.get(tracking.TAG_SEED, "")
+            seed = run.data.tags.get(contract.TAG_SEED, "")
             if seed not in by_seed or run.info.start_time > by_seed[seed].info.start_time:
                 by_seed[seed] = run
         kept += by_seed.values()
@@ -344,7 +314,7 @@ def check_split(runs: Sequence[Any], batch: str | None = None) -> None:
     """Refuse runs made on different splits: their test rows differ, so nothing is comparable."""
     by_hash: dict[str, list[str]] = {}
     for run in runs:
-        h = run.data.tags.get(tracking.TAG_SPLIT_HASH, "") or "(no split hash)"
+        h = run.data.tags.get(contract.TAG_SPLIT_HASH, "") or "(no split hash)"
         by_hash.setdefault(h, []).append(f"{run.info.run_name} ({run.info.run_id[:8]})")
     if len(by_hash) > 1:
         detail = "; ".join(f"split {h}: {', '.join(sorted(names))}"
@@ -371,14 +341,14 @@ def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
     if len(group) == 1:
         return group[0]
     keys = set.intersection(*(set(r.metrics) for r in group))
-    keys = {k for k in keys if not k.endswith(("_ci_low", "_ci_high"))}
+    keys = {k for k in keys if not k.endswith((contract.CI_LOW, contract.CI_HIGH))}
     values = {k: np.array([r.metrics[k] for r in group], dtype=float) for k in keys}
     first = group[0]
     return dataclasses.replace(
         first,
         metrics={k: float(v.mean()) for k, v in values.items()},
         spread={k: float(v.std(ddof=1)) for k, v in values.items()
-                if k.startswith(("test_", "zeroshot_test_"))},
+                if k.startswith((f"{contract.PREFIX_TEST}_", f"{contract.PREFIX_ZEROSHOT}_"))},
         seeds=[r.seed if r.seed is not None else i for i, r in enumerate(group)],
         run_ids=[r.run_id for r in group],
         predictions=majority_vote([r.predictions for r in group], first.name),

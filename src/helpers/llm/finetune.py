@@ -42,19 +42,23 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from helpers import tracking
 from helpers.config import Params, ParamsError
+from helpers.contract import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    ARTIFACT_ADAPTERS,
+    ARTIFACT_ADAPTERS_LAST,
+    TAG_MODEL_NAME,
+    TAG_SEED,
+    TAG_STOPPED_EARLY,
+)
+from helpers.llm import fast_training
+from helpers.llm.batches import Batches
 
-ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 LAST_DIR = "last"
 CHECKPOINT_DIR = "checkpoint"
-# Folder names of the adapters among the run's MLflow artifacts.
-ARTIFACT_BEST = "adapters"
-ARTIFACT_LAST = "adapters_last"
 
-# mlx-lm pads each batch to 1 + a multiple of this (its own rule, kept for identical batches).
-PAD_TO = 32
 
 
 class TrainingDiverged(FloatingPointError):
@@ -134,7 +138,7 @@ def add_lora(model: nn.Module, params: Params) -> int:
     check_num_layers(model, params)
     if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
         raise RuntimeError("the model already has LoRA layers (it was trained before): load it "
-                           "again with helpers.models.load before training")
+                           "again with helpers.llm.models.load before training")
     model.freeze()
     linear_to_lora_layers(model, params.num_layers, lora_config(params))
     return trainable_parameters(model)
@@ -190,67 +194,6 @@ def load_datasets(prepared: Any, tokenizer: Any, params: Params) -> tuple[Any, A
         warnings.warn(f"the valid split has {len(valid_set)} rows, fewer than batch_size="
                       f"{params.batch_size}: training without validation", stacklevel=2)
     return CacheDataset(train_set), valid
-
-
-# --------------------------------------------------------------------------- batches
-
-
-class Batches:
-    """mlx-lm's `iterate_batches`, made resumable and countable.
-
-    Same batches as mlx-lm (rows sorted by length, grouped, padded to 1 + a multiple of 32), but
-    the training order comes from a generator of its own keyed by (seed, epoch) rather than
-    numpy's global state, so that `skip` batches can be passed over on resume and the rest come
-    out exactly as in an uninterrupted run. Validation batches come in one fixed order. Counts
-    the real (unpadded) tokens of the training batches for tokens/s.
-    """
-
-    def __init__(self, seed: int = 0, skip: int = 0):
-        self.seed = seed
-        self.skip = skip
-        self.train_tokens = 0
-        self._warned = False
-
-    def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None,
-                 comm_group=None):
-        if comm_group is not None and comm_group.size() > 1:
-            raise NotImplementedError("tablora trains on one machine (no distributed groups)")
-        groups = self._groups(dataset, batch_size)
-        if not loop:  # validation / evaluation: one pass, always the same batches
-            order = np.random.default_rng(self.seed).permutation(len(groups))
-            for i in order:
-                yield self._collate(dataset, groups[i], max_seq_length)
-            return
-        epoch, pos = divmod(self.skip, len(groups))
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
-            for i in order[pos:]:
-                batch, lengths = self._collate(dataset, groups[i], max_seq_length)
-                self.train_tokens += int(lengths[:, 1].sum().item())
-                yield batch, lengths
-            epoch, pos = epoch + 1, 0
-
-    @staticmethod
-    def _groups(dataset, batch_size: int) -> list[list[int]]:
-        if len(dataset) < batch_size:
-            raise ValueError(f"a split has {len(dataset)} rows but batch_size={batch_size}: "
-                             "lower batch_size")
-        idx = sorted(range(len(dataset)), key=dataset.itemlen)
-        return [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
-
-    def _collate(self, dataset, rows: list[int], max_seq_length: int) -> tuple[mx.array, mx.array]:
-        items = [dataset[j] for j in rows]  # (tokens, offset of the answer)
-        lengths = [min(len(tokens), max_seq_length) for tokens, _ in items]
-        if max(len(t) for t, _ in items) > max_seq_length and not self._warned:
-            self._warned = True
-            warnings.warn(f"some sequences are longer than max_seq_length={max_seq_length} "
-                          "tokens and are truncated (their answer may be cut off)", stacklevel=2)
-        width = min(1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO), max_seq_length)
-        arr = np.zeros((len(items), width), np.int32)
-        for j, ((tokens, _), n) in enumerate(zip(items, lengths, strict=True)):
-            arr[j, :n] = tokens[:n]
-        offsets = [offset for _, offset in items]
-        return mx.array(arr), mx.array(list(zip(offsets, lengths, strict=True)))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -466,12 +409,10 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     resumed_from = state["step"]
     _tag_run(params, n_trainable)
 
-    from helpers import speed
-
     fast = loss is None and batches is None and params.fast_training
     if fast:
-        # Same losses and gradients as mlx-lm's default path, less work (see helpers.speed).
-        batches = speed.FastTraining(model, seed=params.seed, skip=state["step"])
+        # Same losses and gradients as mlx-lm's default path, less work (llm.fast_training).
+        batches = fast_training.FastTraining(model, seed=params.seed, skip=state["step"])
         loss = batches.loss
     loss = loss or mlx_trainer.default_loss
     batches = batches or Batches(seed=params.seed, skip=state["step"])
@@ -482,7 +423,7 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
         try:
             _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
                          remaining)
-        except speed.FastPathUnsupported:
+        except fast_training.FastPathUnsupported:
             if not fast:
                 raise
             # Checked on the first batch, before any update: the plain path starts clean.
@@ -544,9 +485,9 @@ def _tag_run(params: Params, n_trainable: int) -> None:
     import mlflow
 
     run = mlflow.get_run(mlflow.active_run().info.run_id)
-    tags = {tracking.TAG_SEED: str(params.seed)}
-    if tracking.TAG_MODEL_NAME not in run.data.tags:  # a batch sets it without the seed suffix
-        tags[tracking.TAG_MODEL_NAME] = params.name
+    tags = {TAG_SEED: str(params.seed)}
+    if TAG_MODEL_NAME not in run.data.tags:  # a batch sets it without the seed suffix
+        tags[TAG_MODEL_NAME] = params.name
     mlflow.set_tags(tags)
     mlflow.log_metric("trainable_parameters", n_trainable)
 
@@ -561,8 +502,8 @@ def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> Tra
     if state["best_step"] is None:  # no validation data: the last adapter is the run's adapter
         save_adapter(model, out, adapter_config(params, step=step))
     for name in (ADAPTER_FILE, ADAPTER_CONFIG):
-        mlflow.log_artifact(str(out / name), artifact_path=ARTIFACT_BEST)
-        mlflow.log_artifact(str(out / LAST_DIR / name), artifact_path=ARTIFACT_LAST)
+        mlflow.log_artifact(str(out / name), artifact_path=ARTIFACT_ADAPTERS)
+        mlflow.log_artifact(str(out / LAST_DIR / name), artifact_path=ARTIFACT_ADAPTERS_LAST)
     tps = state["step_tokens"] / state["step_seconds"] if state["step_seconds"] else 0.0
     recent = state["recent_losses"]
     final_loss = float(np.mean(recent)) if recent else float("nan")
@@ -574,7 +515,7 @@ def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> Tra
     if state["best_val_loss"] is not None:
         summary.update(best_val_loss=state["best_val_loss"], best_val_step=state["best_step"])
     mlflow.log_metrics(summary)
-    mlflow.set_tag("tablora.stopped_early", str(state["stopped_early"]).lower())
+    mlflow.set_tag(TAG_STOPPED_EARLY, str(state["stopped_early"]).lower())
     return TrainResult(run_id=run_id, adapter_dir=out, last_dir=out / LAST_DIR, steps=step,
                        final_train_loss=final_loss, best_val_loss=state["best_val_loss"],
                        best_step=state["best_step"], stopped_early=state["stopped_early"],

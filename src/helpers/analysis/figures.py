@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers.records import LLM, RunRecord, score_key
-from helpers.report import LABELS, Comparison, confusion_counts
+from helpers import metrics
+from helpers.analysis.records import RunRecord, score_key
+from helpers.analysis.report import LABELS, Comparison, confusion_counts
+from helpers.contract import KIND_LLM
 
 
 def write_figures(c: Comparison, out: Path) -> list[Path]:
@@ -46,15 +48,15 @@ def fig_metric_bars(c: Comparison) -> Any:
     import seaborn as sns
 
     models = sorted(c.llms + c.baselines, key=score_key, reverse=True)
-    metrics = ("accuracy", "f1", "balanced_accuracy")
+    names = ("accuracy", "f1", "balanced_accuracy")
     if not models:
         return None
-    fig = _figure(4.2 * len(metrics), 0.45 * len(models) + 1.6)
-    axes = fig.subplots(1, len(metrics), sharey=True)
+    fig = _figure(4.2 * len(names), 0.45 * len(models) + 1.6)
+    axes = fig.subplots(1, len(names), sharey=True)
     order = [r.label for r in models]
-    for ax, metric in zip(axes, metrics, strict=True):
+    for ax, metric in zip(axes, names, strict=True):
         df = pd.DataFrame({"model": order, "value": [r.value(metric) for r in models],
-                           "type": ["LLM" if r.kind == LLM else "baseline" for r in models]})
+                           "type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in models]})
         sns.barplot(data=df, y="model", x="value", hue="type", order=order, dodge=False, ax=ax,
                     palette={"LLM": "#4C72B0", "baseline": "#A0A0A0"}, legend=ax is axes[0])
         low, high = zip(*(_error(r, metric) for r in models), strict=True)
@@ -87,18 +89,13 @@ def _grid(n: int, max_cols: int, width: float, height: float) -> tuple[Any, np.n
 
 
 def fig_confusion(c: Comparison) -> Any:
-    import seaborn as sns
-
     items = [(r, confusion_counts(r)) for r in c.llms + c.baselines]
     items = [(r, cm) for r, cm in items if cm is not None]
     if not items:
         return None
     fig, axes = _grid(len(items), max_cols=4, width=3.1, height=2.8)
     for ax, (r, cm) in zip(axes, items, strict=False):
-        mat = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
-        sns.heatmap(mat, annot=True, fmt=".0f", cbar=False, cmap="Blues", ax=ax,
-                    xticklabels=["No", "Yes"], yticklabels=["No", "Yes"])
-        ax.set(title=r.label, xlabel="predicted", ylabel="actual")
+        metrics.draw_confusion(ax, cm, r.label)
     for ax in axes[len(items):]:
         ax.set_visible(False)
     fig.suptitle("Confusion matrices (test)")
@@ -119,7 +116,8 @@ def fig_roc(c: Comparison) -> Any:
             continue
         fpr, tpr, _ = roc_curve(rows["label"], rows["p_yes"])
         auc = roc_auc_score(rows["label"], rows["p_yes"])
-        ax.plot(fpr, tpr, ls="-" if r.kind == LLM else "--", label=f"{r.label} (AUC {auc:.2f})")
+        ax.plot(fpr, tpr, ls="-" if r.kind == KIND_LLM else "--",
+                label=f"{r.label} (AUC {auc:.2f})")
         drawn += 1
     if not drawn:
         return None

@@ -1,7 +1,8 @@
 """The comparison: run records -> tables with CIs, paired tests with verdicts, REPORT.md.
 
-The records come from helpers.records (the runs notes/CONTRACTS.md "MLflow run records"
-describes), the figures from helpers.figures. Design choices that the numbers depend on:
+The records come from helpers.analysis.records (the runs helpers.contract describes); the
+figures (helpers.analysis.figures) and the entry points (helpers.analysis.compare) build on this
+module. Design choices that the numbers depend on:
 - One row per model (tablora.model_name): the latest FINISHED run per (kind, model, seed). Several
   seeds give the mean ± sd across seeds; their paired tests use the seed-majority vote per row
   (ties go to the first seed) — one deterministic classifier that uses every seed, where "the
@@ -16,7 +17,6 @@ describes), the figures from helpers.figures. Design choices that the numbers de
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,19 +26,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import stats, tracking
-from helpers.config import RUNS_DIR
-from helpers.records import (
-    BASELINE,
-    LLM,
+from helpers import metrics
+from helpers.analysis import stats
+from helpers.analysis.records import (
     Loaded,
     NoRuns,
     ReportError,
     RunRecord,
     load,
-    mlflow_client,
     score_key,
 )
+from helpers.contract import KIND_BASELINE, KIND_LLM, PREFIX_TEST, PREFIX_ZEROSHOT
 
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balance_gap")
 LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
@@ -178,8 +176,9 @@ class Comparison:
 def build(records: Sequence[RunRecord], experiment: str = "", batch: str | None = None,
           skipped: Sequence[str] = ()) -> Comparison:
     """Tests, ranks and headline from model records (pure: no MLflow)."""
-    llms = sorted((r for r in records if r.kind == LLM), key=score_key, reverse=True)
-    baselines = sorted((r for r in records if r.kind == BASELINE), key=score_key, reverse=True)
+    llms = sorted((r for r in records if r.kind == KIND_LLM), key=score_key, reverse=True)
+    baselines = sorted((r for r in records if r.kind == KIND_BASELINE), key=score_key,
+                       reverse=True)
     tests: list[Paired] = []
     for r in llms:
         if baselines:
@@ -190,7 +189,7 @@ def build(records: Sequence[RunRecord], experiment: str = "", batch: str | None 
     worse = {c.a.name for c in tests if c.family == VS_BEST_LLM and c.a_worse}
     ranks = stats.tie_ranks([r.name for r in llms], worse)
     zeroshot = [paired(r, r, ZEROSHOT, "test", "zeroshot") for r in llms
-                if "zeroshot_test_accuracy" in r.metrics]
+                if f"{PREFIX_ZEROSHOT}_accuracy" in r.metrics]
     adjust(zeroshot)
     comp = Comparison(experiment, batch, llms, baselines, tests, zeroshot, ranks, [],
                       list(skipped))
@@ -324,7 +323,7 @@ def llm_table(c: Comparison) -> str:
 def all_models_table(c: Comparison) -> str:
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
     best = {m: _best(everyone, m) for m in TABLE_METRICS}
-    rows = [[r.label, "LLM (fine-tuned)" if r.kind == LLM else "baseline"]
+    rows = [[r.label, "LLM (fine-tuned)" if r.kind == KIND_LLM else "baseline"]
             + [_marked(r, m, best[m]) for m in TABLE_METRICS] for r in everyone]
     return md_table(["Model", "Type"] + [LABELS[m] for m in TABLE_METRICS], rows)
 
@@ -345,11 +344,11 @@ def zeroshot_table(c: Comparison) -> str:
     rows = []
     for z in c.zeroshot:
         r = z.a
-        zs = "zeroshot_test_"
+        zs = f"{PREFIX_ZEROSHOT}_"
         zs_bal = f"{r.cell('recall', zs)} / {r.cell('specificity', zs)}"
         ft_bal = f"{r.cell('recall')} / {r.cell('specificity')}"
-        rows.append([r.label, r.cell("accuracy", "zeroshot_test_"), r.cell("accuracy"),
-                     _change(z, r.value("accuracy"), r.value("accuracy", "zeroshot_test_")),
+        rows.append([r.label, r.cell("accuracy", zs), r.cell("accuracy"),
+                     _change(z, r.value("accuracy"), r.value("accuracy", zs)),
                      zs_bal, ft_bal, z.text if z.test else z.note])
     return md_table(["Model", "Zero-shot", "Fine-tuned", "Change (points) [CI]",
                      "Zero-shot recall / specificity", "Fine-tuned recall / specificity",
@@ -360,10 +359,9 @@ def confusion_counts(r: RunRecord, which: str = "test") -> dict[str, float] | No
     """TP/TN/FP/FN from the predictions (the seed vote for merged seeds), else the metrics."""
     rows = r.rows(which)
     if rows is not None:
-        y, p = rows["label"].to_numpy(), rows["prediction"].to_numpy()
-        return {"tp": float(((y == 1) & (p == 1)).sum()), "tn": float(((y == 0) & (p == 0)).sum()),
-                "fp": float(((y == 0) & (p == 1)).sum()), "fn": float(((y == 1) & (p == 0)).sum())}
-    prefix = "test_" if which == "test" else "zeroshot_test_"
+        counts = metrics.confusion_counts(rows["label"].to_numpy(), rows["prediction"].to_numpy())
+        return {k: float(v) for k, v in counts.items()}
+    prefix = f"{PREFIX_TEST if which == 'test' else PREFIX_ZEROSHOT}_"
     if all(f"{prefix}{k}" in r.metrics for k in ("tp", "tn", "fp", "fn")):
         return {k: r.metrics[f"{prefix}{k}"] for k in ("tp", "tn", "fp", "fn")}
     return None
@@ -408,13 +406,13 @@ def results_frame(c: Comparison) -> pd.DataFrame:
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
     return pd.DataFrame({
         "Model": [r.label for r in everyone],
-        "Type": ["LLM" if r.kind == LLM else "baseline" for r in everyone],
+        "Type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in everyone],
         "Accuracy [95% CI]": [r.cell("accuracy") for r in everyone],
         "F1": [r.cell("f1", with_ci=False) for r in everyone],
         "Recall": [r.cell("recall") for r in everyone],
         "Specificity": [r.cell("specificity") for r in everyone],
         "Balance gap": [r.cell("balance_gap") for r in everyone],
-        "LLM rank": [c.ranks.get(r.name, "") if r.kind == LLM else "" for r in everyone],
+        "LLM rank": [c.ranks.get(r.name, "") if r.kind == KIND_LLM else "" for r in everyone],
     })
 
 
@@ -456,77 +454,3 @@ def markdown(c: Comparison, extra: str = "") -> str:
     if c.skipped:
         parts += ["## Runs left out", "\n".join(f"- {s}" for s in c.skipped)]
     return "\n\n".join(parts) + "\n"
-
-
-
-# ---------------------------------------------------------------- entry points
-
-def compare(experiment: str = "tablora", batch: str | None = None, against: str | None = None,
-            out: str | Path | None = None, figures: bool = True, log: bool = True
-            ) -> Comparison:
-    """Load, compare, write REPORT.md and the figures into `out`, log them to MLflow."""
-    loaded = load(experiment, batch or None)
-    c = build(loaded.records, experiment, batch or None, loaded.skipped)
-    if against:
-        compare_rounds(c, load_against(experiment, against).records, against)
-    c.out_dir = Path(out) if out else RUNS_DIR / "compare" / (batch or experiment)
-    if figures:
-        from helpers.figures import write_figures
-
-        c.figures = write_figures(c, c.out_dir)
-    c.markdown = markdown(c)
-    if figures:
-        (c.out_dir / "REPORT.md").write_text(c.markdown)
-    if log:
-        log_report(c, loaded)
-    return c
-
-
-def log_report(c: Comparison, loaded: Loaded) -> str:
-    """Log the out folder to the batch's parent run, else to a new run tagged kind=report."""
-    client = mlflow_client()
-    run_id = loaded.parent_run_id
-    if not run_id:
-        tags = {tracking.TAG_KIND: "report"}
-        if c.batch:
-            tags[tracking.TAG_BATCH_ID] = c.batch
-        run_id = client.create_run(loaded.experiment_id, run_name="comparison",
-                                   tags=tags).info.run_id
-        best = c.best_llm
-        if best is not None:
-            client.log_metric(run_id, "best_llm_test_accuracy", best.value("accuracy"))
-        client.set_terminated(run_id)
-    if c.out_dir and c.out_dir.is_dir():
-        client.log_artifacts(run_id, str(c.out_dir), "comparison")
-    return run_id
-
-
-def cli_compare(args: Any) -> int:
-    try:
-        c = compare(args.experiment, getattr(args, "batch", None), getattr(args, "against", None),
-                    getattr(args, "out", None))
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(c.markdown)
-    print(f"Report and figures: {c.out_dir}")
-    return 0
-
-
-def cli_recommend(args: Any) -> int:
-    from helpers import recommend
-
-    try:
-        loaded = load(args.experiment, getattr(args, "batch", None))
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    c = build(loaded.records, args.experiment, getattr(args, "batch", None), loaded.skipped)
-    plan = recommend.plan(c)
-    written = recommend.write(plan, c, Path(args.out))
-    print(recommend.summary(plan))
-    print("Written: " + ", ".join(str(p) for p in written))
-    folders = sorted({str(p.parent) for p in written if p.suffix == ".yaml"})
-    if folders:
-        print("Next round: tablora batch " + " ".join(folders))
-    return 0

@@ -15,15 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from helpers import config, scoring, tracking
+from helpers import config, metrics, tracking
 from helpers.config import Params
+from helpers.contract import (
+    ADAPTER_FILES,
+    ARTIFACT_ADAPTERS,
+    EVALUATION_SETTINGS,
+    PREFIX_TEST,
+    PREFIX_ZEROSHOT,
+    TAG_ADAPTER_DIR,
+    TAG_SPLIT_HASH,
+    THRESHOLD_METRICS,
+)
+from helpers.llm import scoring
 
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
-ADAPTER_ARTIFACT = "adapters"
-TAG_ADAPTER_DIR = "tablora.adapter_dir"
-# Metric name prefixes, as helpers.records reads them; the threshold metric of each.
-PREFIXES = {"zeroshot": "zeroshot_test", "finetuned": "test"}
-THRESHOLD_METRICS = {"zeroshot_test": "zeroshot_threshold", "test": "threshold"}
+# The two models an evaluation scores, and their metric prefixes (helpers.contract).
+PREFIXES = {"zeroshot": PREFIX_ZEROSHOT, "finetuned": PREFIX_TEST}
 
 
 class EvaluationError(RuntimeError):
@@ -78,12 +85,12 @@ def download_adapter(run_id: str) -> Path | None:
     import mlflow
 
     dst = config.CACHE_DIR / "adapters" / run_id
-    if is_adapter_dir(dst / ADAPTER_ARTIFACT):
-        return dst / ADAPTER_ARTIFACT  # artifacts of a run are immutable: reuse the download
+    if is_adapter_dir(dst / ARTIFACT_ADAPTERS):
+        return dst / ARTIFACT_ADAPTERS  # artifacts of a run are immutable: reuse the download
     dst.mkdir(parents=True, exist_ok=True)
     try:
         local = Path(mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=ADAPTER_ARTIFACT, dst_path=str(dst)))
+            run_id=run_id, artifact_path=ARTIFACT_ADAPTERS, dst_path=str(dst)))
     except Exception:  # MLflow raises several types for a missing artifact
         return None
     return local if is_adapter_dir(local) else None
@@ -113,13 +120,13 @@ def find_target(params: Params, run_id: str = "", adapter: str = "") -> Target:
         mlflow.MlflowClient().get_run(run_id)  # a clear MLflow error for an unknown id
     local = download_adapter(run_id)
     if local is not None:
-        return Target(run_id, local, f"artifact {ADAPTER_ARTIFACT}/ of run {run_id}")
+        return Target(run_id, local, f"artifact {ARTIFACT_ADAPTERS}/ of run {run_id}")
     fallback = params.adapter_dir
     if is_adapter_dir(fallback):
-        print(f"run {run_id} has no {ADAPTER_ARTIFACT}/ artifact: scoring {fallback} "
+        print(f"run {run_id} has no {ARTIFACT_ADAPTERS}/ artifact: scoring {fallback} "
               "(params output_dir) instead")
         return Target(run_id, fallback, f"params adapter_dir {fallback}")
-    raise EvaluationError(f"run {run_id} has no {ADAPTER_ARTIFACT}/ artifact and {fallback} "
+    raise EvaluationError(f"run {run_id} has no {ARTIFACT_ADAPTERS}/ artifact and {fallback} "
                           "holds no adapter: pass --adapter DIR, or train again.")
 
 
@@ -140,8 +147,6 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
                 prefix: str) -> Result:
     """Score the test split; the threshold is params.threshold or tuned on the valid split."""
-    import helpers.metrics as metrics
-
     threshold = math.nan
     if params.scoring == "logprob":
         threshold = params.threshold
@@ -164,8 +169,6 @@ def log_result(result: Result, params: Params) -> dict[str, float]:
     and the threshold (logprob) or the invalid-answer rate (generate)."""
     import mlflow
 
-    import helpers.metrics as metrics
-
     s = result.scores
     p_yes = s.p_yes if s.mode == "logprob" else None  # generate mode has no probabilities
     values = metrics.log_to_mlflow(result.prefix, result.y, result.prediction, p_yes,
@@ -185,12 +188,10 @@ def _check_split(prepared: Any, run_id: str) -> None:
     """The run must have been trained on the split that is scored here."""
     import mlflow
 
-    from helpers import data
-
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
-    trained_on = tags.get(tracking.TAG_SPLIT_HASH)
+    trained_on = tags.get(TAG_SPLIT_HASH)
     if trained_on is None:
-        data.log_to_mlflow(prepared)
+        tracking.log_dataset(prepared)
     elif trained_on != prepared.split_hash:
         raise EvaluationError(
             f"run {run_id} was trained on split {trained_on} but these params give split "
@@ -210,10 +211,8 @@ def evaluate(params: Params, prepared: Any, model: Any, tokenizer: Any,
     if target.run_id:
         _check_split(prepared, run_id)
     else:  # a new run for an adapter directory on its own
-        from helpers import data
-
         tracking.log_params(params)
-        data.log_to_mlflow(prepared)
+        tracking.log_dataset(prepared)
     results: dict[str, Result] = {}
     if params.eval_zeroshot:
         results["zeroshot"] = score_model(model, tokenizer, prepared, params,
@@ -230,7 +229,7 @@ def evaluate(params: Params, prepared: Any, model: Any, tokenizer: Any,
                      "threshold_mode": params.threshold_mode,
                      "eval_batch_size": params.eval_batch_size,
                      "max_new_tokens": params.max_new_tokens, "split_hash": prepared.split_hash},
-                    "evaluation/settings.json")
+                    EVALUATION_SETTINGS)
     return results
 
 
@@ -262,8 +261,6 @@ def comparison_table(results: dict[str, Result]) -> Any:
 
 
 def confusion_figures(results: dict[str, Result]) -> list[Any]:
-    import helpers.metrics as metrics
-
     figures = []
     for key, r in results.items():
         accuracy = float(np.mean(r.y == r.prediction))

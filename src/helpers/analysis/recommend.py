@@ -1,9 +1,9 @@
 """Recommendations: rules that read a round's results, and the next round's params files.
 
-Each rule is a pure function of RunRecords (helpers.report) that returns a Finding: the evidence
-it rests on, and concrete changes to the params (a factor or a new value). A model's changes
-combine in rule order: two factors on one key keep the larger (no compounding), a set value wins
-over what came before it. The next round:
+Each rule is a pure function of RunRecords (helpers.analysis.records) that returns a Finding:
+the evidence it rests on, and concrete changes to the params (a factor or a new value). A
+model's changes combine in rule order: two factors on one key keep the larger (no
+compounding), a set value wins over what came before it. The next round:
   config-a/  the underperformers (every LLM but the best that a rule fired for), one file each
              holding what differs from `_defaults.yaml` (derived from the earlier resolved params);
   config-b/  the best LLM, pushed (more LoRA capacity, bigger batches, more steps);
@@ -17,7 +17,6 @@ import os
 import re
 import tempfile
 import textwrap
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from helpers import report, stats
-from helpers.config import DEFAULTS_FILE_NAME, Params, flatten, load_params
-from helpers.records import RunRecord, score_key
+from helpers.analysis import report, stats
+from helpers.analysis.records import RunRecord, score_key
+from helpers.config import DEFAULTS_FILE_NAME, Params, flat_types, flatten, load_params, unflatten
 
 MARKER = "# Written by `tablora recommend`"
 
@@ -272,7 +271,7 @@ def merge_changes(findings: Sequence[Finding]) -> dict[str, Change]:
 def apply_changes(flat: dict[str, Any], changes: dict[str, Change]
                   ) -> tuple[dict[str, Any], list[str]]:
     """New flat params and 'key old -> new' lines; values rounded to what the schema types."""
-    types = _flat_types()
+    types = flat_types()
     new = dict(flat)
     lines = []
     for key, ch in changes.items():
@@ -286,17 +285,6 @@ def apply_changes(flat: dict[str, Any], changes: dict[str, Change]
             new[key] = value
             lines.append(f"{key}: {old} → {value}" + (f" (×{ch.factor:g})" if ch.factor else ""))
     return new, lines
-
-
-def _flat_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Params)
-    out = {}
-    for key, tp in hints.items():
-        if hasattr(tp, "__dataclass_fields__"):
-            out.update({f"{key}.{k}": v for k, v in typing.get_type_hints(tp).items()})
-        else:
-            out[key] = tp
-    return out
 
 
 # ---------------------------------------------------------------- the next round
@@ -403,17 +391,6 @@ def plan(c: report.Comparison, th: Thresholds = Thresholds()) -> Plan:
 
 
 # ---------------------------------------------------------------- writing
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, _, sub = key.partition(".")
-        if sub:
-            out.setdefault(section, {})[sub] = value
-        else:
-            out[key] = value
-    return out
-
 
 def _yaml(data: dict[str, Any]) -> str:
     import yaml

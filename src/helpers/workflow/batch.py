@@ -20,18 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import config, notebooks, tracking
+from helpers import config, contract, tracking
 from helpers.config import Params, ParamsError, load_params
+from helpers.workflow import notebooks
 
 MODEL_NOTEBOOKS = ("train", "evaluate")
-# Every notebook the batch runs must declare these (see notes/CONTRACTS.md).
-NOTEBOOK_PARAMETERS = ("params_path", "overrides", "run_id")
-# Tags only the batch writes: which plan a parent run ran (for --resume), which split a baselines
-# run belongs to, and the first line of the cell that failed (the UI then shows what the terminal
-# showed).
-TAG_PLAN_HASH = "tablora.plan_hash"
-TAG_BASELINES_KEY = "tablora.baselines_key"
-TAG_ERROR_CELL = "tablora.error_cell"
+# Every notebook the batch runs must declare these (see docs/ARCHITECTURE.md).
+NOTEBOOK_PARAMETERS = notebooks.PARAMETERS
 # Cause texts are cut to this in the terminal table (the full text is in MLflow and summary.json).
 CAUSE_CHARS = 300
 
@@ -43,8 +38,8 @@ class Job:
     file: Path
     name: str  # the params name: tablora.model_name
     run_name: str  # name + "-seed<k>" when the file runs with several seeds
-    params: Params | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    params: Params | None = None  # resolved: the file, its _defaults.yaml, the seed
+    base: Params | None = None  # the file as loaded (before the seed): its baselines' params
     error: str = ""  # why the file cannot be used
 
 
@@ -140,7 +135,7 @@ def _seed_jobs(file: Path, params: Params, seeds: list[int]) -> list[Job]:
             # Each seed trains its own adapter; a relative path keeps the hash machine-independent.
             base = params.output_dir or f"runs/adapters/{params.name}"
             overrides["output_dir"] = f"{base}-seed{seed}"
-        jobs.append(Job(file, params.name, run_name, params.replace(**overrides), overrides))
+        jobs.append(Job(file, params.name, run_name, params.replace(**overrides), params))
     return jobs
 
 
@@ -174,7 +169,7 @@ def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
             continue
         key = baselines_key(job.params)
         if key not in groups:
-            groups[key] = BaselineGroup(key, job.file, load_params(job.file), [])
+            groups[key] = BaselineGroup(key, job.file, job.base or job.params, [])
         if job.name not in groups[key].models:
             groups[key].models.append(job.name)
     return list(groups.values())
@@ -270,26 +265,27 @@ class Batch:
 
     def model_tags(self, job: Job) -> dict[str, str]:
         p = job.params
-        tags = {tracking.TAG_KIND: "llm", tracking.TAG_PARENT: self.parent_id,
-                tracking.TAG_BATCH_ID: self.batch_id, tracking.TAG_MODEL_NAME: job.name}
+        tags = {contract.TAG_KIND: contract.KIND_LLM, contract.TAG_PARENT: self.parent_id,
+                contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name}
         if p is not None:
-            tags.update({tracking.TAG_SEED: str(p.seed), tracking.TAG_PARAMS_HASH: p.hash(),
+            tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
         return tags
 
 
-def cli_batch(args: Any) -> int:
-    """`tablora batch PATH... [--resume] [--dry-run] [--only NAME] [--seeds 0,1] [--no-compare]`"""
-    jobs = select(plan_jobs(expand_paths(args.paths), parse_seeds(args.seeds)), args.only)
+def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = None,
+        resume: bool = False, dry_run: bool = False, compare: bool = True) -> int:
+    """Plan the batch of `paths` (files or folders) and run it (or print the plan); returns the
+    exit code: 1 when any model failed."""
+    jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
-    compare = not args.no_compare
-    if args.dry_run:
-        skips = _resume_skips_readonly(jobs, experiment) if args.resume else {}
+    if dry_run:
+        skips = _resume_skips_readonly(jobs, experiment) if resume else {}
         print(format_plan(jobs, groups, experiment, compare, skips))
         return 0
     _preflight()
-    return run_batch(jobs, groups, experiment, resume=args.resume, compare=compare)
+    return run_batch(jobs, groups, experiment, resume=resume, compare=compare)
 
 
 def _preflight() -> None:
@@ -346,15 +342,16 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
     that the finished runs it skips and the new ones end up in one batch for the comparison."""
     previous = _previous_batch(client, exp_id, plan) if resume else None
     if previous is not None:
-        batch_id = previous.data.tags[tracking.TAG_BATCH_ID]
+        batch_id = previous.data.tags[contract.TAG_BATCH_ID]
         client.update_run(previous.info.run_id, status="RUNNING")
         parent_id = previous.info.run_id
         print(f"--resume: continuing batch {batch_id}")
     else:
         batch_id = new_batch_id()
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
-            tracking.TAG_KIND: "batch", tracking.TAG_BATCH_ID: batch_id, TAG_PLAN_HASH: plan,
-            tracking.TAG_GIT_COMMIT: tracking.git_commit()})
+            contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
+            contract.TAG_PLAN_HASH: plan,
+            contract.TAG_GIT_COMMIT: tracking.git_commit()})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,8 +360,8 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
 
 def _previous_batch(client: Any, exp_id: str, plan: str) -> Any | None:
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'batch' and "
-        f"tags.`{TAG_PLAN_HASH}` = '{plan}'",
+        [exp_id], filter_string=f"tags.`{contract.TAG_KIND}` = '{contract.KIND_BATCH}' and "
+        f"tags.`{contract.TAG_PLAN_HASH}` = '{plan}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -373,9 +370,9 @@ def _previous_batch(client: Any, exp_id: str, plan: str) -> Any | None:
 def _batch_env(batch: Batch) -> Iterator[None]:
     """Runs a notebook starts by itself (baselines, comparison) join the batch: tracking.run()
     reads these; kernels inherit the environment."""
-    saved = {k: os.environ.get(k) for k in (tracking.ENV_BATCH_ID, tracking.ENV_PARENT_RUN_ID)}
-    os.environ[tracking.ENV_BATCH_ID] = batch.batch_id
-    os.environ[tracking.ENV_PARENT_RUN_ID] = batch.parent_id
+    saved = {k: os.environ.get(k) for k in (contract.ENV_BATCH_ID, contract.ENV_PARENT_RUN_ID)}
+    os.environ[contract.ENV_BATCH_ID] = batch.batch_id
+    os.environ[contract.ENV_PARENT_RUN_ID] = batch.parent_id
     try:
         yield
     finally:
@@ -390,17 +387,17 @@ def _finished_run(client: Any, exp_id: str, params_hash: str) -> Any | None:
     """A FINISHED LLM run with these exact params that got as far as test metrics (a run that
     ended after train.ipynb alone is FINISHED too, but not done)."""
     runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`{tracking.TAG_PARAMS_HASH}` = '{params_hash}' and "
-        f"tags.`{tracking.TAG_KIND}` = 'llm' and attributes.status = 'FINISHED'",
+        [exp_id], filter_string=f"tags.`{contract.TAG_PARAMS_HASH}` = '{params_hash}' and "
+        f"tags.`{contract.TAG_KIND}` = '{contract.KIND_LLM}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=20)
     for run in runs:
-        if any(k.startswith("test_") for k in run.data.metrics):
+        if any(k.startswith(contract.PREFIX_TEST + "_") for k in run.data.metrics):
             return run
     return None
 
 
 def _skip_note(run: Any) -> str:
-    batch_id = run.data.tags.get(tracking.TAG_BATCH_ID, "no batch")
+    batch_id = run.data.tags.get(contract.TAG_BATCH_ID, "no batch")
     return f"FINISHED run {run.info.run_id} ({batch_id}) has the same params"
 
 
@@ -441,7 +438,7 @@ def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
     for name in MODEL_NOTEBOOKS:
         print(f"{counter} {job.run_name}: {name} ...", flush=True)
         output = batch.out_dir / job.run_name / f"{name}.ipynb"
-        error = _execute(batch, outcome, name, job.file, job.overrides, outcome.run_id, output)
+        error = _execute(batch, outcome, name, job.params, outcome.run_id, output)
         _log_notebook(batch, outcome.run_id, output)
         secs = outcome.seconds[name]
         if error is not None:
@@ -457,12 +454,12 @@ def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
     return outcome
 
 
-def _execute(batch: Batch, outcome: Outcome, name: str, file: Path, overrides: dict[str, Any],
+def _execute(batch: Batch, outcome: Outcome, name: str, params: Params,
              run_id: str, output: Path, **extra: Any) -> BaseException | None:
     """Run one notebook; its wall time goes to outcome.seconds; returns the error, if any."""
     t0 = time.perf_counter()
     try:
-        notebooks.execute(name, file, overrides, run_id=run_id, output=output, attach=False,
+        notebooks.execute(name, params, run_id=run_id, output=output, attach=False,
                           **extra)
     except KeyboardInterrupt:
         if run_id:
@@ -489,20 +486,20 @@ def _fail(batch: Batch, outcome: Outcome, error: BaseException) -> None:
     outcome.status = "failed"
     outcome.cause = f"{exc} (cell: `{cell}`)" if cell else exc
     client = batch.client
-    if tracking.TAG_ERROR not in client.get_run(outcome.run_id).data.tags:
-        client.set_tag(outcome.run_id, tracking.TAG_ERROR, exc[:4000])
+    if contract.TAG_ERROR not in client.get_run(outcome.run_id).data.tags:
+        client.set_tag(outcome.run_id, contract.TAG_ERROR, exc[:4000])
     if cell:
-        client.set_tag(outcome.run_id, TAG_ERROR_CELL, cell[:500])
+        client.set_tag(outcome.run_id, contract.TAG_ERROR_CELL, cell[:500])
     client.set_terminated(outcome.run_id, "FAILED")
 
 
 def _broken_file(batch: Batch, job: Job, counter: str, outcome: Outcome) -> Outcome:
     """A params file that does not load is still a FAILED run, so the UI lists it too."""
     run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
-                                  tags={**batch.model_tags(job), tracking.TAG_ERROR: job.error})
+                                  tags={**batch.model_tags(job), contract.TAG_ERROR: job.error})
     outcome.run_id = run.info.run_id
     if job.file.is_file():
-        batch.client.log_artifact(outcome.run_id, str(job.file), "params")
+        batch.client.log_artifact(outcome.run_id, str(job.file), contract.ARTIFACT_PARAMS)
     batch.client.set_terminated(outcome.run_id, "FAILED")
     outcome.status, outcome.cause = "failed", f"ParamsError: {_one_line(job.error)}"
     print(f"{counter} {job.run_name}: FAILED before training: {_short(outcome.cause)}",
@@ -512,7 +509,7 @@ def _broken_file(batch: Batch, job: Job, counter: str, outcome: Outcome) -> Outc
 
 def _log_notebook(batch: Batch, run_id: str, output: Path) -> None:
     if output.is_file():
-        batch.client.log_artifact(run_id, str(output), "notebooks")
+        batch.client.log_artifact(run_id, str(output), contract.ARTIFACT_NOTEBOOKS)
 
 
 def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
@@ -532,7 +529,7 @@ def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
     # environment (TABLORA_*) covers a notebook that declares neither.
     extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
     run_id = batch.parent_id if "batch_id" in extra else ""
-    error = _execute(batch, outcome, "baselines", group.file, {}, run_id, output, **extra)
+    error = _execute(batch, outcome, "baselines", group.params, run_id, output, **extra)
     _log_notebook(batch, batch.parent_id, output)
     _tag_new_baseline_runs(batch, group.key, started_ms)
     secs = outcome.seconds["baselines"]
@@ -546,10 +543,10 @@ def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
 
 
 def _baseline_runs(batch: Batch, key: str, status: str = "", since_ms: int = 0) -> list[Any]:
-    filt = (f"tags.`{tracking.TAG_PARENT}` = '{batch.parent_id}' and "
-            f"tags.`{tracking.TAG_KIND}` = 'baseline'")
+    filt = (f"tags.`{contract.TAG_PARENT}` = '{batch.parent_id}' and "
+            f"tags.`{contract.TAG_KIND}` = '{contract.KIND_BASELINE}'")
     if key:
-        filt += f" and tags.`{TAG_BASELINES_KEY}` = '{key}'"
+        filt += f" and tags.`{contract.TAG_BASELINES_KEY}` = '{key}'"
     if status:
         filt += f" and attributes.status = '{status}'"
     if since_ms:
@@ -560,8 +557,8 @@ def _baseline_runs(batch: Batch, key: str, status: str = "", since_ms: int = 0) 
 def _tag_new_baseline_runs(batch: Batch, key: str, since_ms: int) -> None:
     """Mark the runs this split's baselines notebook made, so --resume can find them."""
     for run in _baseline_runs(batch, "", since_ms=since_ms):
-        if TAG_BASELINES_KEY not in run.data.tags:
-            batch.client.set_tag(run.info.run_id, TAG_BASELINES_KEY, key)
+        if contract.TAG_BASELINES_KEY not in run.data.tags:
+            batch.client.set_tag(run.info.run_id, contract.TAG_BASELINES_KEY, key)
 
 
 def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
@@ -575,9 +572,9 @@ def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
         return
     # The notebook failed before it started a run of its own: make one to carry the cause.
     run = batch.client.create_run(batch.experiment_id, run_name=f"baselines-{group.key}", tags={
-        tracking.TAG_KIND: "baseline", tracking.TAG_PARENT: batch.parent_id,
-        tracking.TAG_BATCH_ID: batch.batch_id, TAG_BASELINES_KEY: group.key,
-        tracking.TAG_ERROR: exc[:4000], **({TAG_ERROR_CELL: cell[:500]} if cell else {})})
+        contract.TAG_KIND: contract.KIND_BASELINE, contract.TAG_PARENT: batch.parent_id,
+        contract.TAG_BATCH_ID: batch.batch_id, contract.TAG_BASELINES_KEY: group.key,
+        contract.TAG_ERROR: exc[:4000], **({contract.TAG_ERROR_CELL: cell[:500]} if cell else {})})
     outcome.run_id = run.info.run_id
     batch.client.set_terminated(outcome.run_id, "FAILED")
 
@@ -594,7 +591,7 @@ def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
     output = batch.out_dir / "compare.ipynb"
     extra = _declared(path, batch_id=batch.batch_id, experiment=first.params.experiment,
                       out_dir=str(batch.out_dir / "compare"))
-    error = _execute(batch, outcome, "compare", first.file, {}, "", output, **extra)
+    error = _execute(batch, outcome, "compare", first.params, "", output, **extra)
     _log_notebook(batch, batch.parent_id, output)
     if error is None:
         outcome.status = "ok"
@@ -695,8 +692,8 @@ class Summary:
 def _log_summary(batch: Batch, summary: Summary) -> None:
     d = summary.to_dict()
     client = batch.client
-    client.log_text(batch.parent_id, summary.text(), "summary.txt")
-    client.log_dict(batch.parent_id, d, "summary.json")
+    client.log_text(batch.parent_id, summary.text(), contract.SUMMARY_TEXT)
+    client.log_dict(batch.parent_id, d, contract.SUMMARY_JSON)
     for key in ("success_rate", "n_failed", "n_models", "total_seconds"):
         client.log_metric(batch.parent_id, key, d[key])
     client.set_terminated(batch.parent_id, "FAILED" if summary.failed else "FINISHED")

@@ -2,13 +2,13 @@
 
 Interface (both plug into mlx_lm.tuner.trainer.train as `loss=` / `iterate_batches=`)::
 
-    fast = speed.FastTraining(model, seed=params.seed, skip=steps_done)
+    fast = FastTraining(model, seed=params.seed, skip=steps_done)
     trainer.train(model, optimizer, train_set, valid_set, args,
-                  loss=fast.loss, iterate_batches=fast)   # or helpers.finetune.train(...,
+                  loss=fast.loss, iterate_batches=fast)   # or helpers.llm.finetune.train(...,
                                                           #    loss=fast.loss, batches=fast)
 
 `fast` is the batch iterator (same signature as mlx-lm's iterate_batches, plus `train_tokens`, the
-real tokens of the training batches yielded, as helpers.finetune.Batches) and `fast.loss` the
+real tokens of the training batches yielded, as helpers.llm.batches.Batches) and `fast.loss` the
 loss (same signature and value as mlx-lm's default_loss, for the batches `fast` yields). It may be
 made before the LoRA layers are added; what gets cached is decided on the first batch.
 
@@ -29,15 +29,16 @@ b. Frozen-prefix cache. With LoRA only on the top k blocks and the base frozen, 
    position 0 (no KV cache), and with right padding the causal mask keeps real positions
    independent of the padding, so the batch width does not change them.
 c. Faster kernels: llama-family blocks run on a SwiGLU and a softmax built on a multiply-add exp
-   (MLX's CPU exp is slow; see "fast llama blocks" below), gradients written out. Same values
+   (MLX's CPU exp is slow; see helpers.llm.kernels), gradients written out. Same values
    to float32 rounding; fast_kernels=False runs the model's own block code.
 d. Less padding and per-step work: rows are batched with rows of similar token length (mlx-lm
    0.32.2 sorts a CacheDataset by `len(raw dict)` = 1, i.e. keeps file order) and padded to a
    multiple of 8 (mlx-lm: 32, plus one); batches (token arrays, target indices) are built once.
 
-Batch order, as helpers.finetune.Batches: epoch e in numpy.random.default_rng([seed, e]) order,
-the first `skip` batches passed over (a resumed run continues the same sequence); validation
-(loop=False) in default_rng(seed) order. sort_by_length=False keeps mlx-lm's batch membership.
+Batch order: helpers.llm.batches.batch_order, as for mlx-lm's path (Batches): epoch e in
+numpy.random.default_rng([seed, e]) order, the first `skip` batches passed over (a resumed run
+continues the same sequence); validation (loop=False) in default_rng(seed) order.
+sort_by_length=False keeps mlx-lm's batch membership.
 
 The cache is valid while (checked on every call; PrefixCacheInvalid otherwise):
 - no trainable parameter sits below the first trainable block (found from the model: the lowest
@@ -58,9 +59,7 @@ a small precision cost (loss within ~1e-3). cache_nbytes() reports it.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -71,44 +70,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["FastTraining", "make_fast_training", "PrefixCacheInvalid", "FastPathUnsupported",
-           "default_lanes"]
-
-PAD_ID = 0  # what mlx-lm's iterate_batches pads with (np.zeros), and so its last target
-PAD_MULTIPLE = 8  # batch width rounded up to this: few distinct shapes for mx.compile to trace
-MAX_LANES = 4  # CPU streams working side by side (see default_lanes)
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
-
-
-def default_lanes() -> int:
-    """How many MLX streams forward-only work is spread over: one per core (at most MAX_LANES)
-    on the CPU, 1 on a GPU. MLX runs a stream's element-wise kernels on one thread, so with one
-    stream a core idles outside the GEMMs (see cpu_lanes)."""
-    return min(cpu_cores(), MAX_LANES) if mx.default_device() == mx.cpu else 1
-
-
-_LANE_STREAMS: list[Any] = []  # CPU streams made so far: each holds a thread, so reuse them
-
-
-@contextlib.contextmanager
-def cpu_lanes(lanes: int):
-    """`lanes` streams to run forward passes side by side on, the BLAS on cpu_cores() // lanes
-    threads meanwhile (restored after), so that each lane's GEMMs keep to their share of the
-    cores. One lane: the default stream, the BLAS untouched."""
-    if lanes <= 1:
-        yield [mx.default_stream(mx.default_device())]
-        return
-    from helpers import blas
-
-    while len(_LANE_STREAMS) < lanes:
-        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
-    with blas.threads(max(1, cpu_cores() // lanes)):
-        yield _LANE_STREAMS[:lanes]
+from helpers.llm.batches import batch_order, length_groups
+from helpers.llm.kernels import PAD_ID, PAD_MULTIPLE, blocks, lm_head
+from helpers.llm.lanes import cpu_lanes, default_lanes
 
 
 class PrefixCacheInvalid(RuntimeError):
@@ -156,163 +120,11 @@ def _lora_blocks(model: nn.Module) -> tuple[int, list[str]]:
     return first, names
 
 
-def lm_head(model: nn.Module):
-    """The LM head as a callable on hidden states (tied embeddings or a separate lm_head)."""
-    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-    return model.model.embed_tokens.as_linear if tied or not hasattr(model, "lm_head") else (
-        model.lm_head)
-
-
-# --------------------------------------------------------------------------- fast llama blocks
-# Profile of a SmolLM2 block on MLX's CPU backend (4 x 184 tokens, 2 threads): its 7 GEMMs take
-# about a third of the forward time, as long as PyTorch's; attention and SwiGLU take most of the
-# rest, 2-2.5x PyTorch's, because MLX's CPU exp and sigmoid are slow (18.6 and 23.4 ns a value
-# in bench/kernels.py: scalar library calls). mx.compile fuses chains of multiply-adds into one
-# loop instead, so the fast path runs llama-family blocks itself, same modules and weights, with
-# the softmax's exp and SwiGLU's sigmoid written as such chains (no library call, no bit tricks
-# that break the fusion), their gradients written out. bench/kernels.py, compiled, on one
-# SmolLM2 block's shapes: softmax 2.7x and SwiGLU 7.9x faster than MLX's own.
-
-# exp(t) for t in [-1, 0]: Taylor to degree 10 (error < 3e-8, float32's rounding).
-_EXP_TAYLOR = tuple(1 / math.factorial(k) for k in range(11))
-# tanh(x) = x P(x^2) / Q(x^2) on |x| <= 7.905 (tanh is 1 to float32 beyond): Eigen's rational
-# approximation (generic_fast_tanh_float); error < 4e-7.
-_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
-           5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13,
-           -2.76076847742355e-16)
-_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04,
-           1.19825839466702e-06)
-
-
-def _horner(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
-    p = coefficients[-1]
-    for c in reversed(coefficients[:-1]):
-        p = p * x + c
-    return p
-
-
-def _exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0 (a softmax's x - max): exp(x / 32) ** 32, by five squarings.
-
-    Relative error < 1e-5 (the squarings multiply float32 rounding by 32); exactly 0 below -32
-    (where exp < 1.3e-14, and masked scores sit): no denormal floats downstream (x86 computes
-    those ~100x slower).
-    """
-    p = _horner(mx.maximum(x, -32.0) * (1 / 32), _EXP_TAYLOR)
-    for _ in range(5):
-        p = p * p
-    return mx.where(x < -32.0, 0.0, p)
-
-
-def _sigmoid(x: mx.array) -> mx.array:
-    """1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2, tanh rational (absolute error < 3e-7)."""
-    t = mx.clip(x * 0.5, -7.90531110763549805, 7.90531110763549805)
-    t2 = t * t
-    return 0.5 + 0.5 * t * _horner(t2, _TANH_P) / _horner(t2, _TANH_Q)
-
-
-@mx.custom_function
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up, as mlx_lm.models.activations.swiglu."""
-    return gate * _sigmoid(gate) * up
-
-
-@_swiglu.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    gate, up = primals
-    s = _sigmoid(gate)
-    gs = gate * s
-    return cotangent * up * (s + gs * (1 - s)), cotangent * gs
-
-
-@mx.custom_function
-def _softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis."""
-    e = _exp_nonpositive(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-@_softmax.vjp
-def _softmax_vjp(primals, cotangent, output):
-    return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
-
-
-# mlx-lm model modules whose blocks are llama's: pre-norm attention (q/k/v/o projections, RoPE,
-# grouped-query heads; Qwen2 adds biases to q/k/v, which its Linear layers carry) and SwiGLU MLP.
-LLAMA_FORM_MODULES = ("llama", "qwen2")
-
-
-def _is_llama_block(layer: nn.Module) -> bool:
-    """A block whose forward `_llama_block` reproduces (and `verify` checks): llama's (SmolLM2,
-    Llama, Mistral) or Qwen2's, without a sliding window."""
-    import importlib
-
-    for name in LLAMA_FORM_MODULES:
-        m = importlib.import_module(f"mlx_lm.models.{name}")
-        if (type(layer) is m.TransformerBlock and type(layer.mlp) is m.MLP
-                and type(layer.self_attn) is m.Attention):
-            return not getattr(layer, "use_sliding", False)
-    return False
-
-
-def _causal_bias(length: int, prefix: int = 0) -> mx.array:
-    """Additive causal mask [length, prefix + length]: 0 where a position may look (the whole
-    prefix, and itself and what comes before it), -1e9 above the diagonal (its exp is 0)."""
-    i = mx.arange(length)
-    bias = mx.where(i[:, None] >= i[None], 0.0, -1e9).astype(mx.float32)
-    return mx.concatenate([mx.zeros((length, prefix)), bias], axis=1) if prefix else bias
-
-
-def _llama_block(layer: nn.Module, h: mx.array, bias: mx.array,
-                 prefix_kv: tuple[mx.array, mx.array] | None = None) -> mx.array:
-    """llama.TransformerBlock.__call__ on the fast SwiGLU and softmax.
-
-    prefix_kv: this block's keys and values [1, n_kv_heads, P, head_dim] of P earlier tokens
-    (an mlx-lm KVCache's state after the shared prompt prefix), read by every row of h, which
-    then holds positions P..P+L-1; bias is _causal_bias(L, P). None: positions 0..L-1.
-    """
-    attn, mlp = layer.self_attn, layer.mlp
-    x = layer.input_layernorm(h)
-    B, L, _ = x.shape
-    offset = 0 if prefix_kv is None else prefix_kv[0].shape[2]
-    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = attn.rope(q, offset=offset), attn.rope(k, offset=offset)
-    if prefix_kv is not None:
-        pk, pv = prefix_kv
-        k = mx.concatenate([mx.broadcast_to(pk, (B, *pk.shape[1:])), k], axis=2)
-        v = mx.concatenate([mx.broadcast_to(pv, (B, *pv.shape[1:])), v], axis=2)
-    # Grouped-query attention: query head i reads key/value head i // rep.
-    rep = attn.n_heads // attn.n_kv_heads
-    q = (q * attn.scale).reshape(B, attn.n_kv_heads, rep, L, -1)
-    k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
-    o = _softmax(q @ k.swapaxes(-1, -2) + bias) @ v
-    o = o.reshape(B, attn.n_heads, L, -1).transpose(0, 2, 1, 3).reshape(B, L, -1)
-    h = h + attn.o_proj(o)
-    x = layer.post_attention_layernorm(h)
-    return h + mlp.down_proj(_swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
-
-
-def _blocks(model: nn.Module, h: mx.array, start: int, stop: int,
-            fast_kernels: bool = True) -> mx.array:
-    """Blocks start..stop-1 of the model on h [B, T, D], no cache (positions from 0)."""
-    from mlx_lm.models.base import create_attention_mask
-
-    mask = create_attention_mask(h, None)  # "causal" for T > 1, as LlamaModel does without cache
-    bias = _causal_bias(h.shape[1]) if fast_kernels else None
-    for layer in model.model.layers[start:stop]:
-        if fast_kernels and _is_llama_block(layer):
-            h = _llama_block(layer, h, bias)
-        else:
-            h = layer(h, mask, cache=None)
-    return h
-
 
 class FastTraining:
     """mlx-lm `loss` and `iterate_batches` with an answer-only LM head and a frozen-prefix cache.
 
-    The instance itself is the iterate_batches callable (helpers.finetune's `batches`), and
+    The instance itself is the iterate_batches callable (helpers.llm.finetune's `batches`), and
     `.loss` the loss. It may be made before the LoRA layers are added: what is cached is decided
     on the first batch.
     model: the mlx-lm model (its LoRA layers in place by the first batch; base frozen).
@@ -343,7 +155,7 @@ class FastTraining:
         self._plans: dict[tuple, _Plan] = {}
         self._prefix_fn = None  # the compiled embedding + frozen blocks
         self._verified = False
-        # Real (unpadded) tokens of the training batches yielded: helpers.finetune's tokens/s.
+        # Real (unpadded) tokens of the training batches yielded: helpers.llm.finetune's tokens/s.
         self.train_tokens = 0
         # For profiles: tokens yielded (real and padded) and the time spent filling the cache.
         self.stats = {"real_tokens": 0, "padded_tokens": 0, "prefix_seconds": 0.0}
@@ -380,7 +192,7 @@ class FastTraining:
             h, start = model.model.embed_tokens(x), 0
         else:
             h, start = x.astype(mx.float32), self.first_trainable
-        h = _blocks(model, h, start, len(model.model.layers), self.fast_kernels)
+        h = blocks(model, h, start, len(model.model.layers), self.fast_kernels)
         h = h.reshape(-1, h.shape[-1])[positions]  # gather first: the head runs on N rows only
         return lm_head(model)(model.model.norm(h))
 
@@ -389,25 +201,16 @@ class FastTraining:
                  seed: int | None = None, comm_group=None):
         """Drop-in for mlx_lm.tuner.trainer.iterate_batches; yields (x, positions, targets).
 
-        Batch order as helpers.finetune.Batches: training epoch e in the order of
-        numpy.random.default_rng([seed, e]), the first `skip` batches passed over (resume);
-        validation (loop=False) in the fixed order of default_rng(seed).
+        Batch order: helpers.llm.batches.batch_order (`skip` batches passed over on resume).
         """
         if comm_group is not None and comm_group.size() > 1:
             raise NotImplementedError("the fast path trains on one machine")
         self._setup()
         plan = self._plan(dataset, batch_size, max_seq_length)
-        n = len(plan.batches)
-        if not loop:
-            for i in np.random.default_rng(self.seed).permutation(n):
-                yield self._materialize(plan.batches[i])
-            return
-        epoch, pos = divmod(self.skip, n)
-        while True:
-            for i in np.random.default_rng([self.seed, epoch]).permutation(n)[pos:]:
+        for i in batch_order(len(plan.batches), self.seed, self.skip, loop):
+            if loop:
                 self.train_tokens += plan.batches[i].n_real
-                yield self._materialize(plan.batches[i])
-            epoch, pos = epoch + 1, 0
+            yield self._materialize(plan.batches[i])
 
     iterate_batches = __call__
 
@@ -433,13 +236,11 @@ class FastTraining:
         items = [dataset[i] for i in range(len(dataset))]  # tokenizes once (CacheDataset keeps)
         items = [it if len(it) == 2 and not isinstance(it[1], list) else (it, 0) for it in items]
         if self.sort_by_length:
-            order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-        else:  # mlx-lm's (and finetune.Batches'): CacheDataset.itemlen is len(raw dict) = 1
+            groups = length_groups(len(items), batch_size, lambda i: len(items[i][0]))
+        else:  # mlx-lm's (and Batches'): CacheDataset.itemlen is len(raw dict) = 1
             len_fn = (dataset.itemlen if hasattr(dataset, "itemlen")
                       else lambda i: len(items[i][0]))
-            order = sorted(range(len(items)), key=len_fn)
-        groups = [order[i: i + batch_size]
-                  for i in range(0, len(order) - batch_size + 1, batch_size)]
+            groups = length_groups(len(items), batch_size, len_fn)
         plan = _Plan(weakref.ref(dataset) if _weakrefable(dataset) else (lambda d=dataset: d))
         plan.batches = [self._make_batch(items, g, max_seq_length) for g in groups]
         self._plans[key] = plan
@@ -486,7 +287,7 @@ class FastTraining:
             # batch width. The frozen weights enter as constants: clear() drops it with the cache.
             def forward(ids):
                 h = self.model.model.embed_tokens(ids)
-                return _blocks(self.model, h, 0, self.first_trainable, self.fast_kernels)
+                return blocks(self.model, h, 0, self.first_trainable, self.fast_kernels)
 
             self._prefix_fn = mx.compile(forward)
         if self.lanes > 1 and len(tokens) > 1:
@@ -534,9 +335,3 @@ def _weakrefable(obj) -> bool:
         return True
     except TypeError:
         return False
-
-
-def make_fast_training(model: nn.Module, **kwargs):
-    """(loss, iterate_batches) for mlx_lm.tuner.trainer.train; see FastTraining."""
-    fast = FastTraining(model, **kwargs)
-    return fast.loss, fast.iterate_batches

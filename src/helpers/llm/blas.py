@@ -108,7 +108,7 @@ def describe() -> str:
     """One line for logs: which BLAS MLX uses."""
     a = ensure_blas()
     if a == "reference":
-        return "MLX BLAS: bundled reference BLAS (slow; see helpers.blas)"
+        return "MLX BLAS: bundled reference BLAS (slow; see helpers.llm.blas)"
     if a == "accelerate":
         return "MLX BLAS: Apple Accelerate"
     return f"MLX BLAS: {a}"

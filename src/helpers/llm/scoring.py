@@ -10,10 +10,11 @@ tokens after a position, so padding changes nothing that is read).
 
 On MLX's CPU backend two more levers apply, each giving the same log-probs to float32 rounding
 (tests/test_scoring.py): llama-block models (SmolLM2, Llama, Mistral) run a compiled forward on
-helpers.speed's multiply-add softmax and SwiGLU (`_fast_logprobs`; other architectures, and the
-GPU, run the model's own forward), and batches are spread over one MLX stream per core with the
-BLAS on one thread each (`lanes`): MLX's element-wise kernels use one thread per stream, so one
-stream leaves a core idle outside the matrix multiplies. bench/eval_speed.py measures each lever.
+the multiply-add softmax and SwiGLU of helpers.llm.kernels (`_fast_logprobs`; other
+architectures, and the GPU, run the model's own forward), and batches are spread over one MLX
+stream per core with the BLAS on one thread each (helpers.llm.lanes): MLX's element-wise
+kernels use one thread per stream, so one stream leaves a core idle outside the GEMMs.
+bench/eval_speed.py measures each lever.
 
 `generate`: greedy decoding of max_new_tokens tokens, then the first yes/no word (after removing
 `<think>...</think>` reasoning). An answer without one is invalid: counted, and scored as wrong.
@@ -30,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from helpers.config import Params
+from helpers.llm import kernels
+from helpers.llm import lanes as cpu
+from helpers.llm.kernels import PAD_ID
 
 Messages = list[dict[str, str]]
-# Right-padding token. Any id works: pads sit after every scored position of their row, and
-# causal attention never looks ahead.
-PAD_ID = 0
 
 
 @dataclass
@@ -190,30 +191,26 @@ def _scored_logits(model: Any, x: Any, cache: Any, rows: Any, cols: Any) -> Any:
     forward (any mlx-lm architecture, any device), through an mlx-lm KV cache."""
     import mlx.core as mx
 
-    from helpers.speed import lm_head
-
     module = type(model).__module__.rsplit(".", 1)[-1]
     if module in _PLAIN_HEAD_MODULES and hasattr(model, "model"):
         # The vocabulary projection is ~20% of a small model's work per token: skip it for the
         # ~100 prompt positions per row that are never read.
-        return lm_head(model)(model.model(x, cache)[rows, cols]).astype(mx.float32)
+        return kernels.lm_head(model)(model.model(x, cache)[rows, cols]).astype(mx.float32)
     return model(x, cache=cache)[rows, cols].astype(mx.float32)
 
 
 def fast_path_applies(model: Any) -> bool:
     """Whether `_fast_logprobs` reproduces this model's forward: every block a llama-form block
-    (SmolLM2, Llama, Mistral, Qwen2; helpers.speed._is_llama_block) and MLX on the CPU, where its
+    (SmolLM2, Llama, Mistral, Qwen2; kernels.is_llama_block) and MLX on the CPU, where its
     multiply-add softmax/SwiGLU and fused kernels pay off. Elsewhere the model's own forward runs.
     """
     import mlx.core as mx
 
-    from helpers import speed
-
     inner = getattr(model, "model", None)
     return (mx.default_device() == mx.cpu
-            and type(model).__module__.rsplit(".", 1)[-1] in speed.LLAMA_FORM_MODULES
+            and type(model).__module__.rsplit(".", 1)[-1] in kernels.LLAMA_FORM_MODULES
             and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm"))
-            and all(speed._is_llama_block(layer) for layer in inner.layers))
+            and all(kernels.is_llama_block(layer) for layer in inner.layers))
 
 
 def _fast_logprobs(model: Any) -> Any:
@@ -221,21 +218,20 @@ def _fast_logprobs(model: Any) -> Any:
     (rows[i], cols[i]), for llama-block models on the CPU (see fast_path_applies).
 
     prefix_kv: keys and values per block, [1, n_kv_heads, P, head_dim] each (an mlx-lm KV cache
-    of the shared prefix), or nothing. The blocks run on helpers.speed's multiply-add softmax and
-    SwiGLU; mx.compile fuses their element-wise work. Traced once per (batch shape, stream).
+    of the shared prefix), or nothing. The blocks run on the multiply-add softmax and SwiGLU of
+    helpers.llm.kernels; mx.compile fuses their element-wise work. Traced once per (batch shape,
+    stream).
     """
     import mlx.core as mx
 
-    from helpers import speed
-
-    layers, head = model.model.layers, speed.lm_head(model)
+    layers, head = model.model.layers, kernels.lm_head(model)
 
     def forward(tokens, rows, cols, targets, *prefix_kv):
         h = model.model.embed_tokens(tokens)
-        bias = speed._causal_bias(tokens.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
+        bias = kernels.causal_bias(tokens.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
         for i, layer in enumerate(layers):
             kv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
-            h = speed._llama_block(layer, h, bias, kv)
+            h = kernels.llama_block(layer, h, bias, kv)
         return _target_logprobs(head(model.model.norm(h[rows, cols])), targets)
 
     return mx.compile(forward)
@@ -274,11 +270,10 @@ class _Batch:
 
     @classmethod
     def build(cls, suffixes: list[list[int]], answers: list[_Answer]) -> _Batch:
-        from helpers.speed import PAD_MULTIPLE  # few widths: few traces for mx.compile
-
         contexts = list(dict.fromkeys(a.context for a in answers))
         seqs = [s + list(c) for s in suffixes for c in contexts]
-        width = PAD_MULTIPLE * -(-max(len(r) for r in seqs) // PAD_MULTIPLE)
+        # Few widths: few traces for mx.compile.
+        width = kernels.PAD_MULTIPLE * -(-max(len(r) for r in seqs) // kernels.PAD_MULTIPLE)
         tokens = np.full((len(seqs), width), PAD_ID, np.int32)
         for r, seq in enumerate(seqs):
             tokens[r, : len(seq)] = seq
@@ -326,8 +321,6 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     """
     import mlx.core as mx
 
-    from helpers import speed
-
     n = len(prompt_ids)
     out = np.zeros((n, len(answers)), dtype=np.float64)
     if n == 0:
@@ -344,12 +337,12 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     else:
         forward = _plain_logprobs(model, cache)
 
-    lanes = max(1, lanes or speed.default_lanes())
+    lanes = max(1, lanes or cpu.default_lanes())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)
     groups = [order[s: s + batch_size] for s in range(0, n, batch_size)]
     # A round of `lanes` batches at a time, batch i of the round on stream i.
-    with speed.cpu_lanes(lanes) as streams, progress_bar(n, desc, progress) as bar:
+    with cpu.cpu_lanes(lanes) as streams, progress_bar(n, desc, progress) as bar:
         for r in range(0, len(groups), lanes):
             pending = []
             for stream, idx in zip(streams, groups[r: r + lanes], strict=False):

@@ -1,4 +1,5 @@
-"""helpers.speed gives mlx-lm's losses and gradients, only faster (tiny model, real MLX)."""
+"""helpers.llm.fast_training gives mlx-lm's losses and gradients, only faster (tiny model,
+real MLX)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import numpy as np
 import pytest
 
 import helpers  # noqa: F401 - loads the BLAS before mlx
+from helpers.llm import fast_training
 
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
-
-from helpers import speed  # noqa: E402
 
 N_LAYERS, LORA_LAYERS, BATCH = 4, 2, 4
 
@@ -90,7 +90,7 @@ def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, 
     data = _dataset(tokenizer, _records(BATCH))
     lengths = [len(data[i][0]) for i in range(BATCH)]
     assert len(set(lengths)) > 1  # padding is exercised
-    fast = speed.FastTraining(model, cache_prefix=cache_prefix, fast_kernels=fast_kernels,
+    fast = fast_training.FastTraining(model, cache_prefix=cache_prefix, fast_kernels=fast_kernels,
                               cache_dtype=getattr(mx, cache_dtype))
     plain = _value_and_grad(model, trainer.default_loss, _one_batch(trainer.iterate_batches, data))
     ours = _value_and_grad(model, fast.loss, _one_batch(fast, data))
@@ -102,55 +102,19 @@ def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, 
 def test_prefix_over_parallel_streams_equals_one_stream(tiny):
     """The frozen blocks' output computed with the rows split over CPU streams (lanes) is the
     one-stream output, for an odd row count too; the BLAS thread count is restored."""
-    from helpers import blas
+    from helpers.llm import blas
 
     model, tokenizer = tiny
     data = _dataset(tokenizer, _records(3, seed=5))
     before = blas.get_threads()
     hidden = {}
     for lanes in (1, 2):
-        fast = speed.FastTraining(model, lanes=lanes)
+        fast = fast_training.FastTraining(model, lanes=lanes)
         (x, _, _), = list(fast(data, 3, 2048))
         hidden[lanes] = np.asarray(x)
     assert hidden[1].shape[0] == 3 and hidden[1].ndim == 3  # a cached hidden state, not ids
     np.testing.assert_allclose(hidden[2], hidden[1], atol=1e-5)
     assert blas.get_threads() == before
-
-
-def test_fast_exp_sigmoid_and_kernels():
-    """The multiply-add exp (x <= 0) and sigmoid are float32-accurate, exp is exactly 0 far
-    below and for masked scores, NaN stays NaN; SwiGLU and softmax with their hand-written
-    gradients equal MLX's."""
-    x = mx.concatenate([mx.linspace(-40, 0, 20001), mx.array([-1e9, -mx.inf, mx.nan])])
-    got, want = speed._exp_nonpositive(x), mx.exp(x)
-    rel = np.abs(np.asarray(got[:20001]) - np.asarray(want[:20001])) / np.asarray(want[:20001])
-    near = np.asarray(x[:20001]) >= -32  # below: 0 instead of < 1.3e-14
-    assert rel[near].max() < 2e-5 and np.asarray(got[:20001])[~near].max() == 0.0
-    assert np.asarray(got[20001:20003]).tolist() == [0.0, 0.0] and np.isnan(got[-1].item())
-
-    z = mx.concatenate([mx.linspace(-60, 60, 20001), mx.array([mx.inf, -mx.inf, mx.nan])])
-    sig = np.asarray(speed._sigmoid(z))
-    exact = 1 / (1 + np.exp(-np.asarray(z[:20001], dtype=np.float64)))
-    assert np.abs(sig[:20001] - exact).max() < 5e-7
-    assert 0.0 <= sig[:20001].min() and sig[:20001].max() <= 1.0
-    assert sig[20001:20003].tolist() == pytest.approx([1.0, 0.0], abs=1e-6) and np.isnan(sig[-1])
-
-    mx.random.seed(0)
-    g, u = mx.random.normal((3, 50)) * 4, mx.random.normal((3, 50))
-    from mlx_lm.models.activations import swiglu
-
-    def close(a, b):
-        return float(mx.abs(a - b).max().item()) <= 1e-5 * (float(mx.abs(b).max().item()) + 1)
-
-    assert close(speed._swiglu(g, u), swiglu(g, u))
-    for ours, theirs in zip(mx.grad(lambda a, b: (speed._swiglu(a, b) * u).sum(), (0, 1))(g, u),
-                            mx.grad(lambda a, b: (swiglu(a, b) * u).sum(), (0, 1))(g, u),
-                            strict=True):
-        assert close(ours, theirs)
-    s = g + speed._causal_bias(50)[:3]
-    assert close(speed._softmax(s), mx.softmax(s, axis=-1))
-    assert close(mx.grad(lambda a: (speed._softmax(a) * u).sum())(s),
-                 mx.grad(lambda a: (mx.softmax(a, axis=-1) * u).sum())(s))
 
 
 def test_truncated_rows_match_plain(tiny):
@@ -163,7 +127,7 @@ def test_truncated_rows_match_plain(tiny):
     offsets = [data[i][1] for i in range(BATCH)]
     max_len = lengths[-1] - 1  # the longest row is truncated, its answer partly kept
     assert max(offsets) < max_len
-    fast = speed.FastTraining(model)
+    fast = fast_training.FastTraining(model)
     plain = _value_and_grad(model, trainer.default_loss,
                             _one_batch(trainer.iterate_batches, data, max_len))
     ours = _value_and_grad(model, fast.loss, _one_batch(fast, data, max_len))
@@ -183,7 +147,7 @@ def test_training_run_matches_plain(tiny, tmp_path):
                                 val_batches=-1, steps_per_save=100,
                                 adapter_file=str(tmp_path / "adapters.safetensors"))
     ends = []
-    for fast in (None, speed.FastTraining(model)):
+    for fast in (None, fast_training.FastTraining(model)):
         model.update(start)
         paths = {"loss": fast.loss, "iterate_batches": fast} if fast else {}
         trainer.train(model, optim.Adam(learning_rate=1e-2), data, valid, args=args, **paths)
@@ -206,10 +170,10 @@ def test_order_resumes_and_counts_tokens(tiny):
         return [(round(float(np.asarray(x).sum()), 3), tuple(np.asarray(t).tolist()))
                 for x, _, t in (next(it) for _ in range(n))]
 
-    whole = speed.FastTraining(model, seed=2)
+    whole = fast_training.FastTraining(model, seed=2)
     seq = firsts(whole, 8)  # two epochs of 4 batches, each in its own order
     assert len(set(seq[:4])) == 4 and sorted(seq[:4]) == sorted(seq[4:])
-    assert firsts(speed.FastTraining(model, seed=2, skip=3), 5) == seq[3:]
+    assert firsts(fast_training.FastTraining(model, seed=2, skip=3), 5) == seq[3:]
     assert whole.train_tokens == 2 * sum(len(data[i][0]) for i in range(4 * BATCH))
     # Rows sorted by length, widths rounded up to 8: little padding.
     assert whole.stats["real_tokens"] <= whole.stats["padded_tokens"]
@@ -225,13 +189,13 @@ def test_cache_refuses_lora_below_it(tiny_model_dir):
     model.freeze()
     linear_to_lora_layers(model, 1, {"rank": 2, "scale": 1.0, "dropout": 0.0})
     data = _dataset(tokenizer, _records(BATCH))
-    fast = speed.FastTraining(model)
+    fast = fast_training.FastTraining(model)
     next(fast(data, BATCH, 2048))
     assert fast.first_trainable == N_LAYERS - 1
     # A LoRA layer added below the cached blocks: their output is no longer fixed.
     attn = model.model.layers[N_LAYERS - 2].self_attn
     attn.q_proj = LoRALinear.from_base(attn.q_proj, r=2)
-    with pytest.raises(speed.PrefixCacheInvalid):
+    with pytest.raises(fast_training.PrefixCacheInvalid):
         next(fast(data, BATCH, 2048))
 
 
@@ -248,7 +212,7 @@ def test_lora_dropout_is_fine_and_other_forwards_are_refused(tiny_model_dir):
     model.freeze()
     linear_to_lora_layers(model, LORA_LAYERS, lora)
     data = _dataset(tokenizer, _records(BATCH))
-    next(speed.FastTraining(model)(data, BATCH, 2048))
+    next(fast_training.FastTraining(model)(data, BATCH, 2048))
 
     other = gemma.Model(gemma.ModelArgs(
         model_type="gemma", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -256,19 +220,20 @@ def test_lora_dropout_is_fine_and_other_forwards_are_refused(tiny_model_dir):
         num_key_value_heads=1))
     other.freeze()
     linear_to_lora_layers(other, 1, {**lora, "dropout": 0.0})
-    with pytest.raises(speed.FastPathUnsupported):
-        next(speed.FastTraining(other)(data, BATCH, 2048))
+    with pytest.raises(fast_training.FastPathUnsupported):
+        next(fast_training.FastTraining(other)(data, BATCH, 2048))
 
 
 @pytest.mark.filterwarnings("ignore:.*appear identically in train:UserWarning")
 def test_finetune_train_with_the_fast_path_matches_plain(tmp_path, tiny_model_dir, monkeypatch):
-    """helpers.finetune.train(loss=fast.loss, batches=fast): the same train and validation loss
+    """helpers.llm.finetune.train(loss=fast.loss, batches=fast): the same train and validation loss
     histories as its plain path (sort_by_length=False: the same batches in the same order)."""
     import mlflow
     import pandas as pd
     import yaml
 
-    from helpers import config, data, finetune, models, tracking
+    from helpers import config, data, tracking
+    from helpers.llm import finetune, models
 
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -286,7 +251,7 @@ def test_finetune_train_with_the_fast_path_matches_plain(tmp_path, tiny_model_di
         model, tokenizer = models.load(params.model_id)
         paths = {}
         if kind == "fast":
-            fast = speed.FastTraining(model, seed=params.seed, sort_by_length=False)
+            fast = fast_training.FastTraining(model, seed=params.seed, sort_by_length=False)
             paths = {"loss": fast.loss, "batches": fast}
         with tracking.run(params) as run:
             finetune.train(model, tokenizer, data.prepare(params), params, **paths)

@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers.config import KERNEL_NAME, NOTEBOOKS_DIR, RUNS_DIR, load_params
+from helpers import contract, tracking
+from helpers.config import (
+    KERNEL_NAME,
+    NOTEBOOKS_DIR,
+    RUNS_DIR,
+    Params,
+    load_params,
+    write_resolved,
+)
 
 NOTEBOOKS = ("train", "evaluate", "baselines", "compare")
+# Every notebook declares these in its `parameters` cell (plain literals: docs/ARCHITECTURE.md).
+PARAMETERS = ("params_path", "overrides", "run_id")
 
 
 class NotebookFailed(RuntimeError):
@@ -96,38 +106,41 @@ def _unparsed_hint(path: Path, names: list[str]) -> str:
             "a '=' inside a comment breaks its parser; remove it from the comment")
 
 
-def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None = None,
+def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | None = None,
             run_id: str = "", output: str | Path | None = None, progress: bool = True,
             attach: bool = True, **extra: Any) -> NotebookResult:
-    """Execute notebooks/<name>.ipynb with a params file; returns where the executed copy is.
+    """Execute notebooks/<name>.ipynb on resolved params; returns where the executed copy is.
 
-    Raises NotebookFailed (with the failing cell) when a cell raises. The params file is loaded
-    here first, so that a bad file fails fast with its own message instead of inside a kernel.
+    params: the resolved Params (or a params file, loaded here with `overrides`, so that a bad
+    file fails fast with its own message instead of inside a kernel). They are written beside the
+    executed copy as a resolved params file (config.write_resolved), the notebook's params_path:
+    the kernel reads every value from there, nothing from the user's file again.
+    Raises NotebookFailed (with the failing cell) when a cell raises.
     attach: log the executed copy, failed or not, as `notebooks/<file>` to every MLflow run the
     notebook opened (`tablora batch` passes False: it files notebooks under its own runs).
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    params_path = Path(params_path).expanduser().resolve()
-    load_params(params_path, overrides)  # fail fast, with the file and key named
+    if not isinstance(params, Params):
+        params = load_params(params, overrides)
+    elif overrides:
+        params = params.replace(**overrides)
     src = notebook_path(name)
-    parameters = {"params_path": str(params_path), "overrides": dict(overrides or {}),
-                  "run_id": run_id, **extra}
-    check_parameters(src, parameters)
     if output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        output = RUNS_DIR / "notebooks" / f"{stamp}-{name}-{params_path.stem}.ipynb"
+        output = RUNS_DIR / "notebooks" / f"{stamp}-{name}-{params.name}.ipynb"
     output = Path(output)
+    resolved = write_resolved(params, output.with_name(f"{output.stem}.params.yaml"))
+    parameters = {"params_path": str(resolved), "overrides": {}, "run_id": run_id, **extra}
+    check_parameters(src, parameters)
     output.parent.mkdir(parents=True, exist_ok=True)
-    from helpers import tracking
-
     # The kernel inherits our environment: give it the absolute tracking URI.
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     ids_file = output.with_name(f".{output.name}.runs")
     ids_file.unlink(missing_ok=True)
-    previous = os.environ.get(tracking.ENV_RUN_IDS_FILE)
-    os.environ[tracking.ENV_RUN_IDS_FILE] = str(ids_file)
+    previous = os.environ.get(contract.ENV_RUN_IDS_FILE)
+    os.environ[contract.ENV_RUN_IDS_FILE] = str(ids_file)
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
@@ -139,9 +152,9 @@ def execute(name: str, params_path: str | Path, overrides: dict[str, Any] | None
         raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e)) from None
     finally:
         if previous is None:
-            os.environ.pop(tracking.ENV_RUN_IDS_FILE, None)
+            os.environ.pop(contract.ENV_RUN_IDS_FILE, None)
         else:
-            os.environ[tracking.ENV_RUN_IDS_FILE] = previous
+            os.environ[contract.ENV_RUN_IDS_FILE] = previous
         if attach:
             _attach(output, ids_file)
         ids_file.unlink(missing_ok=True)
@@ -153,8 +166,6 @@ def _attach(output: Path, ids_file: Path) -> None:
     the notebook's own results are already in MLflow)."""
     import mlflow
 
-    from helpers import tracking
-
     try:
         run_ids = list(dict.fromkeys(ids_file.read_text().split()))
     except OSError:
@@ -164,7 +175,7 @@ def _attach(output: Path, ids_file: Path) -> None:
     client = mlflow.MlflowClient(tracking.tracking_uri())
     for rid in run_ids:
         try:
-            client.log_artifact(rid, str(output), "notebooks")
+            client.log_artifact(rid, str(output), contract.ARTIFACT_NOTEBOOKS)
         except Exception as e:  # noqa: BLE001 - a store hiccup must not hide the notebook's result
             print(f"warning: could not attach {output} to run {rid}: {e}", file=sys.stderr)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from helpers import blas, config
+from helpers import config
+from helpers.llm import blas
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +433,8 @@ def model_info(model) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
-def cli_model(model_id: str, prompt: str, max_tokens: int = 32, dequantize: str = "auto") -> int:
-    """`tablora model`: load the model and answer one prompt greedily (a smoke test)."""
+def answer(model_id: str, prompt: str, max_tokens: int = 32, dequantize: str = "auto") -> str:
+    """Load the model and answer one chat prompt greedily (`tablora model`'s smoke test)."""
     model, tokenizer = load(model_id, dequantize)  # first: a bad model_id fails before mlx_lm
     from mlx_lm import generate
 
@@ -441,6 +442,11 @@ def cli_model(model_id: str, prompt: str, max_tokens: int = 32, dequantize: str 
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds the special tokens: encode it as is.
     ids = tokenizer.encode(text, add_special_tokens=False)
-    answer = generate(model, tokenizer, ids, max_tokens=max_tokens)  # default sampler: greedy
-    print(answer.strip())
-    return 0
+    return generate(model, tokenizer, ids, max_tokens=max_tokens).strip()  # greedy by default
+
+
+def load_tokenizer(model_id: str) -> Any:
+    """The model's tokenizer only (no weights): for token budgets before a model is loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve(model_id)))

@@ -1,4 +1,4 @@
-"""notebooks/evaluate.ipynb run by papermill on the tiny model, into a temporary MLflow store."""
+"""helpers.llm.evaluate through notebooks/evaluate.ipynb (papermill, tiny model, real MLflow)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import data, evaluate, notebooks, tracking
+from helpers import contract, data, tracking
 from helpers.config import load_params
+from helpers.llm import evaluate
+from helpers.workflow import notebooks
 
 TINY_PARAMS = {
     "name": "tiny",
@@ -40,8 +42,8 @@ def setup(tmp_path, tiny_model_dir, mlflow_store):
     mlflow.MlflowClient().create_experiment(params.experiment,
                                             artifact_location=(tmp_path / "art").as_uri())
     with tracking.run(params) as run:  # what the training notebook leaves behind
-        data.log_to_mlflow(prepared)
-        mlflow.log_artifacts(str(adapter), evaluate.ADAPTER_ARTIFACT)
+        tracking.log_dataset(prepared)
+        mlflow.log_artifacts(str(adapter), contract.ARTIFACT_ADAPTERS)
     return path, params, prepared, adapter, run.info.run_id
 
 
@@ -86,7 +88,7 @@ def test_evaluate_an_adapter_directory_on_its_own(setup):
     # The notebook's calls in-process (a second kernel would double this file's run time).
     import mlflow
 
-    from helpers import models
+    from helpers.llm import models
 
     path, _, prepared, adapter, training_run = setup
     params = load_params(path, {"scoring": "generate", "max_new_tokens": 2,
@@ -98,8 +100,8 @@ def test_evaluate_an_adapter_directory_on_its_own(setup):
         results = evaluate.evaluate(params, prepared, model, tokenizer, target)
     new = mlflow.MlflowClient().get_run(run.info.run_id)
     assert new.info.run_id != training_run
-    assert new.data.tags[evaluate.TAG_ADAPTER_DIR] == str(adapter)
-    assert new.data.tags[tracking.TAG_SPLIT_HASH] == prepared.split_hash
+    assert new.data.tags[contract.TAG_ADAPTER_DIR] == str(adapter)
+    assert new.data.tags[contract.TAG_SPLIT_HASH] == prepared.split_hash
     m = new.data.metrics
     assert "test_accuracy_ci_low" in m and "zeroshot_test_accuracy" not in m
     assert m["test_invalid_rate"] == results["finetuned"].scores.invalid_rate

@@ -1,0 +1,98 @@
+"""The contract between the code that writes MLflow runs and the code that reads them.
+
+Every run kind, tag, metric name and artifact path that more than one module uses is spelled here
+once; writers (tracking, finetune, evaluate, baselines, batch) and readers (analysis, predict)
+import these names. A run of tablora is:
+
+    tags       tablora.kind (one of KINDS), tablora.model_name, tablora.seed, tablora.split_hash,
+               tablora.params_hash, tablora.batch_id, mlflow.parentRunId (nested in a batch) ...
+    metrics    <prefix>_<metric> for each scored model (prefix "test" for the fine-tuned LLM or
+               the baseline, "zeroshot_test" for the LLM before fine-tuning), with 95% bootstrap
+               bounds <prefix>_<metric>_ci_low / _ci_high; train_loss / val_loss per step
+    artifacts  predictions/<prefix>.csv (row_id,label,p_yes,prediction[,raw]), adapters/,
+               params/, figures/, notebooks/, data/
+
+Nothing here imports anything: every module may import it.
+"""
+
+from __future__ import annotations
+
+# The splits of a table (helpers.data), as dataset inputs and in metric names.
+SPLITS = ("train", "valid", "test")
+
+# ---------------------------------------------------------------- run kinds (tag tablora.kind)
+KIND_LLM = "llm"  # one params file at one seed: training + zero-shot and fine-tuned evaluation
+KIND_BASELINE = "baseline"  # one classical model on one split
+KIND_BATCH = "batch"  # the parent run of `tablora batch`
+KIND_REPORT = "report"  # a comparison logged outside a batch
+MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
+
+# ---------------------------------------------------------------- tags
+TAG_KIND = "tablora.kind"
+TAG_MODEL_NAME = "tablora.model_name"  # the params name (or baseline name), without seed suffix
+TAG_SEED = "tablora.seed"
+TAG_SPLIT_HASH = "tablora.split_hash"  # which rows are train/valid/test (helpers.data)
+TAG_PARAMS_HASH = "tablora.params_hash"  # the resolved params (batch --resume)
+TAG_BATCH_ID = "tablora.batch_id"
+TAG_MODEL_FAMILY = "tablora.model_family"
+TAG_MODEL_SIZE = "tablora.model_size"
+TAG_ERROR = "tablora.error"  # why a run FAILED, one line
+TAG_ERROR_CELL = "tablora.error_cell"  # the first line of the notebook cell that failed
+TAG_PLAN_HASH = "tablora.plan_hash"  # which batch command a parent run ran (--resume)
+TAG_BASELINES_KEY = "tablora.baselines_key"  # which split group a baselines run belongs to
+TAG_ADAPTER_DIR = "tablora.adapter_dir"  # the adapter an evaluation scored
+TAG_STOPPED_EARLY = "tablora.stopped_early"
+TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_PARENT = "mlflow.parentRunId"
+
+# ---------------------------------------------------------------- metrics
+PREFIX_TEST = "test"  # the fine-tuned LLM, or a baseline, on the test split
+PREFIX_ZEROSHOT = "zeroshot_test"  # the LLM before fine-tuning, on the same rows
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+# The decision threshold of each scored model, logged as a metric.
+THRESHOLD_METRICS = {PREFIX_TEST: "threshold", PREFIX_ZEROSHOT: "zeroshot_threshold"}
+# Per-step training curves (mlx-lm's report keys, with units spelled out: see tracking).
+TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
+TOKENS_PER_SEC = "tokens_per_sec"
+TRAIN_SECONDS = "train_seconds"
+
+
+def metric(prefix: str, name: str) -> str:
+    """metric("test", "accuracy") -> "test_accuracy"."""
+    return f"{prefix}_{name}"
+
+
+# ---------------------------------------------------------------- artifacts
+ARTIFACT_PARAMS = "params"  # the params file(s) a run was made from
+ARTIFACT_NOTEBOOKS = "notebooks"  # the executed notebooks
+ARTIFACT_FIGURES = "figures"
+ARTIFACT_DATA = "data"  # the split file
+ARTIFACT_ADAPTERS = "adapters"  # the best adapter (lowest validation loss)
+ARTIFACT_ADAPTERS_LAST = "adapters_last"  # the adapter after the last step
+ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or report run
+ERROR_FILE = "error.txt"
+EVALUATION_SETTINGS = "evaluation/settings.json"
+SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
+
+# Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_FILE, ADAPTER_CONFIG)
+
+
+def predictions_path(prefix: str) -> str:
+    """predictions/test.csv, predictions/zeroshot_test.csv: row_id,label,p_yes,prediction[,raw]."""
+    return f"predictions/{prefix}.csv"
+
+
+PREDICTION_COLUMNS = ("row_id", "label", "p_yes", "prediction")
+
+# ---------------------------------------------------------------- environment
+# Set by `tablora batch` for the notebooks it runs (kernels inherit the environment): every run a
+# notebook starts on its own (the baselines, the comparison) joins the batch and nests under it.
+ENV_BATCH_ID = "TABLORA_BATCH_ID"
+ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
+# Set by helpers.workflow.notebooks.execute: the runs a notebook opens are listed in this file,
+# one id a line, so that the executed notebook can be attached to them once the kernel is done.
+ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"

@@ -1,0 +1,45 @@
+"""helpers.analysis.figures: each figure drawn from hand-built records, or left out without
+its data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from helpers.analysis import figures, report
+from helpers.analysis.records import RunRecord
+
+LABELS = np.array([1] * 20 + [0] * 30)
+
+
+def record(name, kind, wrong, seed, zeroshot=False) -> RunRecord:
+    rng = np.random.default_rng(seed)
+    pred = LABELS.copy()
+    flip = rng.choice(len(LABELS), wrong, replace=False)
+    pred[flip] = 1 - pred[flip]
+    p_yes = np.clip(pred * 0.6 + rng.uniform(0, 0.4, len(LABELS)), 0, 1)
+    df = pd.DataFrame({"row_id": np.arange(len(LABELS)), "label": LABELS, "p_yes": p_yes,
+                       "prediction": pred})
+    acc = float((pred == LABELS).mean())
+    m = {"test_accuracy": acc, "test_f1": acc, "test_balanced_accuracy": acc,
+         "test_accuracy_ci_low": acc - 0.1, "test_accuracy_ci_high": min(acc + 0.1, 1)}
+    if zeroshot:
+        m.update(zeroshot_test_accuracy=0.5, zeroshot_test_accuracy_ci_low=0.4,
+                 zeroshot_test_accuracy_ci_high=0.6)
+    history = {"train_loss": [(1, 2.0), (2, 1.0)], "val_loss": [(0, 2.5), (2, 1.2)]}
+    return RunRecord(name, kind=kind, metrics=m, predictions=df,
+                     history=history if kind == "llm" else {})
+
+
+def test_every_figure_is_written(tmp_path):
+    c = report.build([record("llm-a", "llm", 8, 1, zeroshot=True), record("rf", "baseline", 4, 2)])
+    paths = figures.write_figures(c, tmp_path)
+    assert {p.stem for p in paths} == {"metric_bars", "confusion", "roc", "loss", "zeroshot"}
+    assert all(p.stat().st_size > 5000 for p in paths)  # drawn, not blank
+
+
+def test_figures_without_their_data_are_left_out(tmp_path):
+    base = record("rf", "baseline", 4, 2)
+    base.predictions = None
+    c = report.build([base])
+    assert {p.stem for p in figures.write_figures(c, tmp_path)} == {"metric_bars"}

@@ -1,0 +1,89 @@
+"""helpers.workflow.notebooks and the notebooks themselves: shape, parameters, resolved params."""
+
+from __future__ import annotations
+
+import ast
+
+import nbformat
+import papermill
+import pytest
+
+from helpers import config
+from helpers.config import NOTEBOOKS_DIR, load_params
+from helpers.workflow import notebooks
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_every_notebook_is_thin_and_parameterized(name):
+    """One `parameters` cell of plain literals holding the shared parameters; no def or class;
+    committed without outputs."""
+    path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, (ast.Assign, ast.AnnAssign)), ast.dump(node)
+        ast.literal_eval(node.value)  # a literal: papermill's override replaces it as is
+    assert set(notebooks.PARAMETERS) <= set(papermill.inspect_notebook(str(path)))
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "def " not in code and "class " not in code
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in nb.cells if c.cell_type == "code")
+
+
+def test_resolved_params_load_back_equal(tmp_path):
+    """What a batch hands a notebook: every key resolved, the hash kept, paths relative to the
+    user's file still found there, no _defaults.yaml merged a second time."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "_defaults.yaml").write_text("num_iters: 7\n")
+    (folder / "m.yaml").write_text("lora_rank: 4\ndataset:\n  source: data.csv\n")
+    params = load_params(folder / "m.yaml", {"seed": 3})
+    path = config.write_resolved(params, tmp_path / "out" / "m.params.yaml")
+    (folder / "_defaults.yaml").write_text("num_iters: 99\n")  # edited mid-batch: no effect
+    back = load_params(path)
+    assert back == params and back.hash() == params.hash()
+    assert back.num_iters == 7 and back.seed == 3 and back.source_file == str(folder / "m.yaml")
+
+
+def test_an_edited_resolved_file_is_refused(tmp_path):
+    path = config.write_resolved(load_params(None), tmp_path / "r.yaml")
+    path.write_text(path.read_text().replace("lora_rank: 8", "lora_rank: 16"))
+    with pytest.raises(config.ParamsError, match="was edited"):
+        load_params(path)
+
+
+def test_a_parameter_the_notebook_does_not_declare_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown notebook parameter"):
+        notebooks.check_parameters(NOTEBOOKS_DIR / "train.ipynb", {"params_pth": "x"})
+
+
+def test_an_unparsable_parameter_line_is_explained(tmp_path):
+    """papermill skips a parameters line whose comment holds '=': say so."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": config.KERNEL_NAME, "display_name": "tablora",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('run_id = ""  # a = b breaks the parser')]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, str(path))
+    with pytest.raises(ValueError, match="'=' inside a comment"):
+        notebooks.check_parameters(path, {"run_id": ""})
+
+
+def test_a_failing_cell_is_named(tmp_path, mlflow_store, monkeypatch):
+    """NotebookFailed carries the exception and the cell that raised; the executed copy stays."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": config.KERNEL_NAME, "display_name": "tablora",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('params_path = ""\noverrides = {}\nrun_id = ""'),
+                nbformat.v4.new_code_cell('raise KeyError("no such column")')]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    monkeypatch.setattr(notebooks, "NOTEBOOKS_DIR", tmp_path)
+    nbformat.write(nb, str(tmp_path / "boom.ipynb"))
+    with pytest.raises(notebooks.NotebookFailed) as e:
+        notebooks.execute("boom", load_params(None), output=tmp_path / "out.ipynb",
+                          progress=False)
+    assert e.value.ename == "KeyError" and "no such column" in e.value.evalue
+    assert e.value.cell.startswith("raise KeyError") and (tmp_path / "out.ipynb").is_file()
+    assert (tmp_path / "out.params.yaml").is_file()  # what the kernel was given

@@ -1,0 +1,50 @@
+"""helpers.analysis.records: seeds merged, the latest run per model, one split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers.analysis import records
+from helpers.analysis.records import ReportError, RunRecord
+
+
+def frame(pred, p_yes=None, rows=(1, 2, 3, 4)) -> pd.DataFrame:
+    return pd.DataFrame({"row_id": list(rows), "label": [1, 1, 0, 0], "prediction": pred,
+                         "p_yes": p_yes if p_yes is not None else [0.5] * len(pred)})
+
+
+def test_majority_vote_ties_go_to_the_first_seed():
+    votes = records.majority_vote([frame([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2]),
+                                   frame([1, 1, 0, 0], [0.7, 0.6, 0.4, 0.2]),
+                                   frame([0, 1, 1, 0], [0.2, 0.8, 0.6, 0.2])], "m")
+    assert votes["prediction"].tolist() == [1, 1, 1, 0]
+    assert np.allclose(votes["p_yes"], [0.6, 0.5, 0.6, 0.2])
+    tie = records.majority_vote([frame([1, 0, 1, 0]), frame([0, 1, 0, 1])], "m")
+    assert tie["prediction"].tolist() == [1, 0, 1, 0]  # the first seed's
+
+
+def test_seeds_of_different_rows_are_refused():
+    with pytest.raises(ReportError, match="different test rows"):
+        records.majority_vote([frame([1, 0, 1, 0]), frame([1, 0, 1, 0], rows=(1, 2, 3, 9))], "m")
+
+
+def test_merge_seeds_means_sd_and_no_ci():
+    runs = [RunRecord("m", seed=s, metrics={"test_accuracy": a, "test_accuracy_ci_low": 0.1,
+                                            "train_seconds": 10.0 * (s + 1)},
+                      predictions=frame([1, 0, 1, 0])) for s, a in ((1, 0.6), (0, 0.8))]
+    merged = records.merge_seeds(runs)
+    assert merged.seeds == [0, 1] and merged.label == "m (2 seeds)"
+    assert merged.value("accuracy") == pytest.approx(0.7)
+    assert merged.spread["test_accuracy"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert "test_accuracy_ci_low" not in merged.metrics and merged.ci("accuracy") is None
+    assert merged.cell("accuracy") == "70.0% ± 14.1"
+
+
+def test_record_cells_and_sizes():
+    r = RunRecord("m", metrics={"test_accuracy": 0.542, "test_accuracy_ci_low": 0.415,
+                                "test_accuracy_ci_high": 0.669}, model_size="3B")
+    assert r.cell("accuracy") == "54.2% [41.5, 66.9]" and r.size_in_params() == 3e9
+    assert RunRecord("x", model_id="org/tiny-135M-x").size_in_params() == 1.35e8
+    assert records.score_key(RunRecord("nan")) < records.score_key(r)

@@ -1,0 +1,86 @@
+"""helpers.tracking on a real (temporary) MLflow store: runs, their ends, params, datasets."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import contract, data, tracking
+from helpers.config import load_params
+
+
+@pytest.fixture
+def params(tmp_path):
+    frame = pd.DataFrame({"x": range(40), "y": ["a", "b"] * 20})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "trk", "dataset": {
+        "source": "t.csv", "target": "y", "positive_label": "a", "test_size": 0.25,
+        "valid_size": 0.25}}))
+    return load_params(path)
+
+
+def test_a_run_ends_finished_failed_or_killed(params, mlflow_store):
+    client = mlflow.MlflowClient(mlflow_store)
+    with tracking.run(params) as ok:
+        pass
+    with pytest.raises(ZeroDivisionError), tracking.run(params, run_name="bad") as bad:
+        1 / 0  # noqa: B018
+    with pytest.raises(KeyboardInterrupt), tracking.run(params, run_name="stop") as stop:
+        raise KeyboardInterrupt
+    assert client.get_run(ok.info.run_id).info.status == "FINISHED"
+    failed = client.get_run(bad.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags[contract.TAG_ERROR].startswith("ZeroDivisionError")
+    assert [a.path for a in client.list_artifacts(bad.info.run_id)] == [contract.ERROR_FILE]
+    assert client.get_run(stop.info.run_id).info.status == "KILLED"
+    assert ok.data.tags[contract.TAG_KIND] == contract.KIND_LLM
+    assert tracking.find_run("trk", "toy").info.run_id == ok.info.run_id
+    assert tracking.find_run("trk", "nobody") is None
+
+
+def test_log_params_flattens_and_keeps_the_file(params, mlflow_store):
+    with tracking.run(params) as run:
+        tracking.log_params(params)
+        tracking.log_params(params)  # again (a resumed run): no "param changed" error
+    r = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id)
+    assert r.data.params["dataset.target"] == "y" and r.data.params["lora_scale"] == "2.0"
+    assert r.data.tags[contract.TAG_PARAMS_HASH] == params.hash()
+    arts = mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id,
+                                                             contract.ARTIFACT_PARAMS)
+    assert [a.path for a in arts] == ["params/toy.yaml"]
+
+
+def test_log_dataset(params, mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TABLORA_CACHE", str(tmp_path / "cache"))
+    p = data.prepare(params)
+    with tracking.run(params) as run:
+        tracking.log_dataset(p)
+    r = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id)
+    assert r.data.tags[contract.TAG_SPLIT_HASH] == p.split_hash
+    assert r.data.metrics["data_test_rows"] == len(p.split["test"])
+    assert r.data.metrics["data_train_positive"] == p.class_counts("train")["positive"]
+    assert sorted(i.tags[0].value for i in r.inputs.dataset_inputs) == ["test", "train", "valid"]
+    arts = mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "data")
+    assert [a.path for a in arts] == ["data/split.json"]
+
+
+def test_training_logger_renames_mlx_lm_keys(params, mlflow_store):
+    logger = tracking.TrainingLogger()
+    with tracking.run(params) as run:
+        logger.on_train_loss_report({"iteration": 3, "train_loss": 0.5,
+                                     "tokens_per_second": 100.0, "peak_memory": 1.5,
+                                     "learning_rate": 1e-4})
+        logger.on_val_loss_report({"iteration": 3, "val_loss": 0.7})
+    m = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id).data.metrics
+    assert m == {"train_loss": 0.5, contract.TOKENS_PER_SEC: 100.0, "peak_memory_gb": 1.5,
+                 "learning_rate": 1e-4, "val_loss": 0.7}
+
+
+def test_model_tags_from_ids():
+    assert tracking.model_tags("mlx-community/Llama-3.2-3B-Instruct-4bit") == {
+        contract.TAG_MODEL_FAMILY: "llama", contract.TAG_MODEL_SIZE: "3B"}
+    assert tracking.model_tags("builtin:smollm2-135m-instruct")[contract.TAG_MODEL_SIZE] == "135M"
+    assert tracking.model_tags("microsoft/Phi-3-mini-4k")[contract.TAG_MODEL_SIZE] == "mini"
