@@ -99,8 +99,9 @@ def main() -> int:
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tablora-bench-demo-"))
+    # TABLORA_OUTPUT_ROOT: adapters may go to this temporary folder (outside the project's runs/).
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "TABLORA_OUTPUT_ROOT": str(tmp)}
     experiment = "bench-demo"
     sets = [f"experiment={experiment}", f"output_dir={tmp / 'adapters'}", *a.overrides]
     params_args = [str(a.params), *[x for s in sets for x in ("--set", s)]]

@@ -10,6 +10,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing outside this machine is reachable
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _output_root(tmp_path_factory):
+    """Tests write adapters under their tmp_path: an allowed output_dir root (config.output_roots),
+    also for the `tablora` commands and kernels they start (they inherit the environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TABLORA_OUTPUT_ROOT", str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random llama model directory that mlx_lm.load and helpers.llm.models.load accept."""

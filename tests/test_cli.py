@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
+from helpers.config import ParamsError
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -55,7 +56,7 @@ def test_params_errors_exit_2(tmp_path, capsys):
 def test_overrides_are_read_as_yaml():
     assert cli._overrides(["num_iters=5", "dataset.test_size=0.3", "name=a=b"]) == {
         "num_iters": 5, "dataset.test_size": 0.3, "name": "a=b"}
-    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+    with pytest.raises(ParamsError, match="expected KEY=VALUE"):
         cli._overrides(["num_iters"])
 
 

@@ -141,3 +141,43 @@ def test_cli_prepare_missing_file_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "missing.yaml: params file not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_dir_must_stay_inside_the_allowed_roots(tmp_path, monkeypatch):
+    # Regression: output_dir pointed anywhere, and training then deleted files there (issue 15).
+    from helpers import config
+
+    monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.delenv(config.ENV_OUTPUT_ROOT, raising=False)
+    p = write(tmp_path / "m.yaml", "num_iters: 5\n")
+    for outside in (str(tmp_path / "elsewhere"), "/etc", str(tmp_path / "runs"),
+                    str(tmp_path / "runs" / ".." / "x"), "runs/../../x"):
+        with pytest.raises(ParamsError, match="'output_dir'.*outside the folders"):
+            load_params(p, {"output_dir": outside})
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ParamsError, match="'output_dir'"):  # a link out of runs/ is out
+        load_params(p, {"output_dir": str(tmp_path / "runs" / "link" / "a")})
+    assert load_params(p, {"output_dir": str(tmp_path / "runs" / "a")}).adapter_dir == (
+        tmp_path / "runs" / "a")
+    assert load_params(p, {"output_dir": "runs/adapters/x"}).output_dir == "runs/adapters/x"
+    monkeypatch.setenv(config.ENV_OUTPUT_ROOT, str(tmp_path / "elsewhere"))
+    assert load_params(p, {"output_dir": str(tmp_path / "elsewhere" / "a")}).output_dir
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "a\\b", "", " a", "-x",
+                                  "x" * 101, "a\nb", 'say "hi"'])
+def test_name_is_a_plain_file_name(tmp_path, name):
+    p = write(tmp_path / "m.yaml", "num_iters: 5\n")
+    with pytest.raises(ParamsError, match="'name'.*plain file name"):
+        load_params(p, {"name": name})
+
+
+def test_names_with_quotes_and_spaces_are_fine(tmp_path):
+    p = write(tmp_path / "m.yaml", "num_iters: 5\n")
+    assert load_params(p, {"name": "o'x v2 (big)"}).name == "o'x v2 (big)"
+
+
+def test_a_folder_is_not_a_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="is a folder, not a params file"):
+        load_params(tmp_path)

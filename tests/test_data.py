@@ -411,3 +411,44 @@ def test_no_validation_split(tmp_path):
     p = data.prepare(make_params(tmp_path, **{"dataset.valid_size": 0.0}))
     assert p.split["valid"] == [] and len(p.split["test"]) == 15
     assert (p.data_dir / "valid.jsonl").read_text() == ""
+
+
+# --- untrusted params and tables (issue 15) ----------------------------------------------------
+
+
+def test_template_sandbox_refuses_python_internals(tmp_path):
+    # Regression: prompt.template ran shell commands through a plain jinja2.Environment.
+    marker = tmp_path / "marker"
+    for payload in (f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}",
+                    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                    "{% for x in ().__class__.__base__.__subclasses__() %}{{ x }}{% endfor %}"):
+        params = make_params(tmp_path, **{"prompt.template": payload + " {{ row.age }}"})
+        assert "refused by the template sandbox" in error_of(params)
+    assert not marker.exists()
+    # What templates are for still works inside the sandbox.
+    ok = make_params(tmp_path, **{"prompt.template":
+                                  "{% for i in items %}{{ i.name | upper }}={{ i.value }};"
+                                  "{% endfor %}"})
+    assert data.prepare(ok).prompts("test")[0].splitlines()[2].startswith("AGE=")
+
+
+def test_repeated_column_names_are_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("age,age,outcome\n" + "1,2,sick\n3,4,well\n" * 20)
+    params = make_params(tmp_path, **{"dataset.source": "d.csv"})
+    assert "'age' appear more than once" in error_of(params)
+
+
+def test_header_only_table_has_no_rows(tmp_path):
+    (tmp_path / "h.csv").write_text("age,outcome\n")
+    assert "no rows" in error_of(make_params(tmp_path, **{"dataset.source": "h.csv"}))
+
+
+def test_unquoted_yes_gets_a_hint_to_quote_it(tmp_path):
+    df = table().assign(outcome=["yes"] * 24 + ["no"] * 36)
+    path = tmp_path / "run.yaml"
+    df.to_csv(tmp_path / "data.csv", index=False)
+    path.write_text("dataset:\n  source: data.csv\n  target: outcome\n  positive_label: yes\n")
+    message = error_of(config.load_params(path))
+    assert "dataset.positive_label True" in message and 'positive_label: "yes"' in message
+    path.write_text(path.read_text().replace("label: yes", "label: 'yes'"))
+    assert data.prepare(config.load_params(path)).positive_label == "yes"

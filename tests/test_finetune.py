@@ -172,3 +172,45 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
     assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+
+
+def test_resumed_steps_are_logged_once(toy):
+    # Regression: steps re-done after the last checkpoint appeared twice in the loss history.
+    params = toy(num_iters=8, save_every=3, steps_per_eval=4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, batches=_InterruptAfter(5, seed=params.seed))  # checkpoint at 3, 5 logged
+    run_id = mlflow.search_runs(filter_string="attributes.status = 'KILLED'",
+                                output_format="list")[0].info.run_id
+    resumed, _ = _train(params, run_id=run_id)
+    assert resumed.resumed_from == 3
+    client = mlflow.MlflowClient()
+    for key, steps in (("train_loss", list(range(1, 9))), ("val_loss", [0, 4, 8])):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+
+
+def test_output_dir_with_foreign_files_is_refused_and_kept(toy, tmp_path):
+    # Regression: training cleared checkpoint/ and last/ of any output_dir (issue 15).
+    out = tmp_path / "theirs"
+    for rel, text in (("checkpoint/notes.txt", "keep"), ("last/keep.txt", "keep"),
+                      ("adapter_config.json", '{"mine": 1}')):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ParamsError, match="files that tablora did not write"):
+        _train(toy(num_iters=2, output_dir=str(out)))
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
+    # A folder tablora made carries its marker, and is reused (cleared) by the next run.
+    ours = tmp_path / "ours"
+    _train(toy(num_iters=2, output_dir=str(ours)))
+    assert (ours / finetune.OUTPUT_MARKER).is_file()
+    (ours / "stray.txt").write_text("a user's file in tablora's folder")
+    _train(toy(num_iters=2, output_dir=str(ours)))
+    assert (ours / "stray.txt").is_file() and (ours / contract.ADAPTER_FILE).is_file()
+
+
+def test_one_training_at_a_time_per_output_dir(toy, tmp_path):
+    params = toy(num_iters=2)
+    with finetune._output_lock(params.adapter_dir):
+        with pytest.raises(ParamsError, match="another training run is writing"):
+            finetune.train(None, None, None, params)
+    _train(params)  # released

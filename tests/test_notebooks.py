@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+from pathlib import Path
 
 import nbformat
 import papermill
@@ -87,3 +89,65 @@ def test_a_failing_cell_is_named(tmp_path, mlflow_store, monkeypatch):
     assert e.value.ename == "KeyError" and "no such column" in e.value.evalue
     assert e.value.cell.startswith("raise KeyError") and (tmp_path / "out.ipynb").is_file()
     assert (tmp_path / "out.params.yaml").is_file()  # what the kernel was given
+
+
+def test_four_commands_at_once_on_one_store(tmp_path, tiny_model_dir):
+    """Regression: every command's kernel used `notebooks/kernel-ipc-N` sockets, and two commands
+    started together took the same N ("Invalid Signature", no runs). Four at once, on one fresh
+    store: all finish, every run is FINISHED, no socket file is left (issue 15)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import mlflow
+    import yaml
+
+    rows = [f"{i},{(i * 7) % 10},{'yes' if i % 2 else 'no'}" for i in range(24)]
+    (tmp_path / "t.csv").write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "model_id": str(tiny_model_dir), "experiment": "together", "num_iters": 3,
+        "batch_size": 2, "num_layers": 2, "steps_per_eval": 3, "val_batches": 1,
+        "dataset": {"source": "t.csv", "target": "y", "positive_label": "yes",
+                    "test_size": 0.25, "valid_size": 0.25},
+        "baselines": {"models": ["majority", "logistic_l2"], "cv_folds": 2}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "TABLORA_RUNS": str(tmp_path / "runs"), "TABLORA_CACHE": str(tmp_path / "cache")}
+    env.pop("TABLORA_OWNER", None)
+    commands = [["baselines"], ["baselines"], ["train", "--set", "name=tiny-a"],
+                ["train", "--set", "name=tiny-b"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "helpers", c[0], str(tmp_path / "p.yaml"),
+                               *c[1:]], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    results = [(p.pid, *p.communicate(timeout=900), p.returncode) for p in procs]
+
+    for (_, _out, err, code), command in zip(results, commands, strict=True):
+        assert code == 0, (command, err[-3000:])
+        assert "Traceback" not in err and "Invalid Signature" not in err, err[-3000:]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        ["majority", "logistic_l2"] * 2 + ["tiny-a", "tiny-b"])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    # No socket or connection file left: not in the project, not in the system's temp folder.
+    for folder in (config.PROJECT_ROOT, NOTEBOOKS_DIR, tmp_path, tmp_path / "runs"):
+        assert not list(folder.glob("kernel-ipc*")) and not list(folder.glob("kernel-*.json"))
+    pids = {str(pid) for pid, *_ in results}
+    left = [p for p in Path(tempfile.gettempdir()).glob(f"{notebooks.KERNEL_DIR_PREFIX}*")
+            if p.name[len(notebooks.KERNEL_DIR_PREFIX):].split("-")[0] in pids]
+    assert not left
+
+
+def test_a_killed_commands_kernel_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    stale = tmp_path / f"{notebooks.KERNEL_DIR_PREFIX}{dead}-abc"
+    (stale / "x").mkdir(parents=True)
+    (stale / "kernel-ipc-1").write_text("")
+    mine = notebooks._kernel_dir()
+    assert not stale.exists() and mine.is_dir() and mine.parent == tmp_path
+    assert mine.name.startswith(f"{notebooks.KERNEL_DIR_PREFIX}{os.getpid()}-")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import mlflow
 import pandas as pd
 import pytest
@@ -84,3 +89,86 @@ def test_model_tags_from_ids():
         contract.TAG_MODEL_FAMILY: "llama", contract.TAG_MODEL_SIZE: "3B"}
     assert tracking.model_tags("builtin:smollm2-135m-instruct")[contract.TAG_MODEL_SIZE] == "135M"
     assert tracking.model_tags("microsoft/Phi-3-mini-4k")[contract.TAG_MODEL_SIZE] == "mini"
+
+
+def test_find_run_by_a_name_with_quotes(params, mlflow_store):
+    # Regression: a quote in the run name reached MLflow's filter string unescaped (issue 15).
+    ids = {}
+    for name in ("o'x", 'say "hi"', "it's \"both\"", "o_x"):
+        with tracking.run(params, run_name=name) as run:
+            ids[name] = run.info.run_id
+    for name, run_id in ids.items():
+        assert tracking.find_run("trk", name).info.run_id == run_id
+    assert tracking.find_run("trk", "o'y") is None
+
+
+def test_a_run_names_its_owner_and_beats(params, mlflow_store):
+    with tracking.run(params) as run:
+        tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags[contract.TAG_OWNER] == tracking.owner()
+    assert abs(float(tags[contract.TAG_HEARTBEAT]) - time.time()) < 120
+    client = mlflow.MlflowClient()
+    client.set_tag(run.info.run_id, contract.TAG_HEARTBEAT, "0")
+    with tracking.heartbeat([run.info.run_id], every=0.05):
+        for _ in range(200):  # the tag is refreshed from the background thread
+            time.sleep(0.05)
+            if client.get_run(run.info.run_id).data.tags[contract.TAG_HEARTBEAT] != "0":
+                break
+    assert float(client.get_run(run.info.run_id).data.tags[contract.TAG_HEARTBEAT]) > 0
+
+
+# A process that opens a run and waits (its run stays RUNNING until the process ends).
+HOLDER = """
+import sys, time
+from helpers import tracking
+from helpers.config import load_params
+with tracking.run(load_params(sys.argv[1]), run_name=sys.argv[2]) as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_runs_of_a_killed_process_are_marked_killed(params, mlflow_store, tmp_path):
+    """SIGKILL leaves a run RUNNING in MLflow; mark_stale_runs ends it KILLED, not a live one."""
+    env = {k: v for k, v in os.environ.items() if k != contract.ENV_OWNER}  # each its own owner
+    procs = {name: subprocess.Popen([sys.executable, "-c", HOLDER, params.source_file, name],
+                                    stdout=subprocess.PIPE, text=True, env=env)
+             for name in ("killed", "alive")}
+    try:
+        ids = {name: p.stdout.readline().strip() for name, p in procs.items()}
+        procs["killed"].kill()
+        procs["killed"].wait()
+        client = mlflow.MlflowClient()
+        assert client.get_run(ids["killed"]).info.status == "RUNNING"  # what MLflow leaves
+        exp_id = client.get_experiment_by_name("trk").experiment_id
+
+        # A run owned by a process on another machine: judged by its heartbeat alone.
+        remote = client.create_run(exp_id, tags={contract.TAG_OWNER: "elsewhere:1",
+                                                 contract.TAG_HEARTBEAT: str(time.time() - 7200)})
+        fresh = client.create_run(exp_id, tags={contract.TAG_OWNER: "elsewhere:2",
+                                                contract.TAG_HEARTBEAT: str(time.time())})
+        stale = tracking.mark_stale_runs(exp_id, timeout=3600)
+
+        assert sorted(stale) == sorted([ids["killed"], remote.info.run_id])
+        assert client.get_run(ids["killed"]).info.status == "KILLED"
+        assert "is gone" in client.get_run(ids["killed"]).data.tags[contract.TAG_ERROR]
+        assert client.get_run(remote.info.run_id).info.status == "KILLED"
+        assert client.get_run(ids["alive"]).info.status == "RUNNING"
+        assert client.get_run(fresh.info.run_id).info.status == "RUNNING"
+        # A live process's run cannot be taken over; the killed one can be resumed.
+        with pytest.raises(tracking.StoreError, match="is RUNNING in process"):
+            with tracking.run(params, run_id=ids["alive"]):
+                pass
+        with tracking.run(params, run_id=ids["killed"]):
+            pass
+        assert client.get_run(ids["killed"]).info.status == "FINISHED"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_a_store_that_cannot_be_opened_is_a_store_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
+    with pytest.raises(tracking.StoreError, match="missing"):
+        tracking.setup("x")

@@ -30,7 +30,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from helpers import contract, metrics, tracking
-from helpers.config import Params
+from helpers.config import Params, ParamsError
 
 # A category seen fewer times than this in training is grouped with the other rare ones into one
 # "infrequent" column (a one-off value cannot be learned from, and it would widen the matrix);
@@ -159,15 +159,15 @@ def fit_model(name: str, X: pd.DataFrame, y: np.ndarray, params: Params
               ) -> tuple[Pipeline, dict[str, Any], float | None]:
     """Fit one baseline: (fitted pipeline, hyperparameters used, CV score or None)."""
     if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r} in baselines.models: known are "
-                         f"{', '.join(BASELINES)}")
+        raise ParamsError(f"unknown baseline {name!r} in baselines.models: known are "
+                          f"{', '.join(BASELINES)}")
     spec = BASELINES[name]
     if params.baselines.mode == "fixed":
         chosen = dict(params.baselines.fixed.get(name, {}))
         try:
             model = spec.factory(params.seed, **chosen)
         except TypeError as e:
-            raise ValueError(f"baselines.fixed.{name}: {e}") from None
+            raise ParamsError(f"baselines.fixed.{name}: {e}") from None
         return model.fit(X, y), chosen, None
     cv = _cv(y, params.baselines.cv_folds, params.seed)
     model = spec.factory(params.seed)

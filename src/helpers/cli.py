@@ -4,6 +4,8 @@ helpers. The only module that reads command-line arguments or prints for the ter
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,18 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     """--set key=value (value read as YAML: 5 -> int, 1e-5 -> float via the params loader)."""
     import yaml
 
+    from helpers.config import ParamsError
+
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --set {pair!r}: expected KEY=VALUE, e.g. --set num_iters=50")
+            raise ParamsError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set num_iters=50")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {pair!r}: the value is not valid YAML ({e}); quote it, "
+                              f"e.g. --set '{key.strip()}=\"{value}\"'") from None
     return out
 
 
@@ -65,6 +73,13 @@ def _notebook(name: str, a: argparse.Namespace, **extra: Any) -> int:
     from helpers.workflow import notebooks
 
     params = load_params(a.params, _overrides(a.overrides))  # the one parse: errors name the key
+    notebooks.check_data(params)
+    if a.run_id:  # resuming: first end the runs whose process was killed outright
+        from helpers import tracking
+
+        for rid in tracking.mark_stale_runs(tracking.setup(params.experiment)):
+            print(f"run {rid}: its process is gone: marked KILLED")
+        tracking.get_run(a.run_id)  # an unknown id: one line now, not after a kernel start
     res = notebooks.execute(name, params, run_id=a.run_id or "", **extra)
     print(f"{name}: done in {res.seconds:.0f}s; executed notebook: {res.output}")
     return 0
@@ -170,27 +185,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="only the runs of this batch id (default: all)")
     p.add_argument("--out", type=Path, required=True, help="folder for the next round's files")
     p.set_defaults(func=cmd_recommend)
+
+    debug_help = "on an error, show its traceback (also TABLORA_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for p in sub.choices.values():  # after the sub-command too: tablora train X --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from helpers.config import ParamsError
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of a known error (contract.USER_ERRORS), raised here or inside a
+    notebook's kernel; None for any other exception (a bug: it keeps its traceback)."""
+    from helpers.contract import USER_ERRORS
+    from helpers.workflow.notebooks import NotebookFailed
 
+    if isinstance(e, NotebookFailed):
+        message = e.evalue if e.ename in USER_ERRORS else None
+    elif any(cls.__name__ in USER_ERRORS for cls in type(e).__mro__):
+        message = str(e)
+    else:
+        return None
+    return " ".join(message.split()) if message is not None else None
+
+
+def _kernel_traceback(e: BaseException) -> str:
+    """The traceback a notebook's kernel printed (without its colours), for --debug and bugs."""
+    lines = getattr(e, "traceback", None)
+    if not isinstance(lines, list) or not lines:
+        return ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TABLORA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        # Known failure types carry a message written for the user; others get a traceback.
-        if getattr(e, "user_facing", False):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+        # Known errors carry a message written for the user: that line alone, exit 2. Others
+        # (and every error with --debug) get their traceback, the kernel's first.
+        message = user_error(e)
+        if message is None or debug:
+            kernel = _kernel_traceback(e)
+            if kernel:
+                print(f"the notebook's kernel raised:\n{kernel}\n", file=sys.stderr)
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from typing import Any, Literal, Union
 # src/helpers/config.py -> the repository root (the package is installed editable).
 PROJECT_ROOT = Path(os.environ.get("TABLORA_HOME", Path(__file__).resolve().parents[2])).resolve()
 CACHE_DIR = Path(os.environ.get("TABLORA_CACHE", PROJECT_ROOT / ".cache")).resolve()
-RUNS_DIR = PROJECT_ROOT / "runs"
+# Executed notebooks, resolved params and adapters (TABLORA_RUNS: elsewhere, e.g. for tests).
+RUNS_DIR = Path(os.environ.get("TABLORA_RUNS", PROJECT_ROOT / "runs")).resolve()
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = PROJECT_ROOT / "params"
 DEMO_PARAMS = PARAMS_DIR / "demo" / "smollm2-135m.yaml"
@@ -204,13 +205,50 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "n_bootstrap": (lambda v: v >= 100, "an integer >= 100"),
-    "name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "name": (lambda v: _plain_name(v), "a plain file name: letters, digits, spaces and "
+             "punctuation, not starting with '.' or '-', without / \\ : * ? \" < > | or control "
+             "characters, at most 100 characters"),
     "dataset.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.valid_size": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "dataset.split_seed": (lambda v: v >= 0, "an integer >= 0"),
     "prompt.digits": (lambda v: 1 <= v <= 12, "an integer from 1 to 12"),
     "baselines.cv_folds": (lambda v: v >= 2, "an integer >= 2"),
 }
+
+
+def _plain_name(name: str) -> bool:
+    """`name` names files and folders (runs/adapters/<name>, notebooks): one plain path part."""
+    import re
+
+    return bool(re.fullmatch(r'[^./\-\\:*?"<>|\x00-\x1f\x7f][^/\\:*?"<>|\x00-\x1f\x7f]{0,99}',
+                             name)) and name.strip() == name
+
+
+# TABLORA_OUTPUT_ROOT: folders (separated by os.pathsep) where output_dir may point besides runs/.
+ENV_OUTPUT_ROOT = "TABLORA_OUTPUT_ROOT"
+
+
+def output_roots() -> list[Path]:
+    """The folders an output_dir must lie in: the project's runs/ and TABLORA_OUTPUT_ROOT."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ENV_OUTPUT_ROOT, "").split(os.pathsep)
+             if p.strip()]
+    # PROJECT_ROOT/runs too: a batch's seeds write to runs/adapters/... (relative, see batch).
+    roots = [RUNS_DIR.resolve(), (PROJECT_ROOT / "runs").resolve(), *(p.resolve() for p in extra)]
+    return list(dict.fromkeys(roots))
+
+
+def _check_output_dir(output_dir: str, origin: str) -> None:
+    """Adapters are written (and old ones deleted) only below the allowed roots."""
+    if not output_dir:
+        return
+    path = resolve_path(output_dir).resolve()  # symlinks followed: a link out of runs/ is out
+    roots = output_roots()
+    if any(path != root and path.is_relative_to(root) for root in roots):
+        return
+    raise ParamsError(f"{origin}: 'output_dir' = {output_dir!r} resolves to {path}, outside the "
+                      f"folders tablora writes adapters to ({', '.join(map(str, roots))}): use a "
+                      f"folder inside {roots[0]}, leave output_dir empty (runs/adapters/<name>), "
+                      f"or name its parent in the environment variable {ENV_OUTPUT_ROOT}.")
 
 
 def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
@@ -288,6 +326,9 @@ _SECTIONS = {"dataset", "prompt", "baselines"}
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, not a params file: give one .yaml file "
+                          "(`tablora batch` takes folders).")
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found. Check the path (it is taken relative "
                           f"to the current directory {Path.cwd()}).")
@@ -507,6 +548,7 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
                                   f"range: it must be {allowed}")
     if cls is Params:
         obj = dataclasses.replace(obj, source_file=source_file)
+        _check_output_dir(obj.output_dir, origin)
         if obj.dataset.test_size + obj.dataset.valid_size >= 1:
             raise ParamsError(f"{origin}: dataset.test_size + dataset.valid_size = "
                               f"{obj.dataset.test_size + obj.dataset.valid_size} leaves no "

@@ -43,6 +43,8 @@ TAG_BASELINES_KEY = "tablora.baselines_key"  # which split group a baselines run
 TAG_ADAPTER_DIR = "tablora.adapter_dir"  # the adapter an evaluation scored
 TAG_STOPPED_EARLY = "tablora.stopped_early"
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
+TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
+TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
 
@@ -96,3 +98,23 @@ ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
 # Set by helpers.workflow.notebooks.execute: the runs a notebook opens are listed in this file,
 # one id a line, so that the executed notebook can be attached to them once the kernel is done.
 ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"
+# Set by helpers.workflow.notebooks.execute: "host:pid" of the command that started the kernel,
+# the owner (TAG_OWNER) of the runs the kernel opens.
+ENV_OWNER = "TABLORA_OWNER"
+
+# ---------------------------------------------------------------- errors
+# Exceptions whose message is written for the user (it names the file, key, column or run and
+# the fix): every command prints that message as one `error:` line and exits 2, whether it was
+# raised in the command's process or inside a notebook kernel (where only the name comes back).
+# Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (
+    "ParamsError",  # helpers.config: a params file, key or override
+    "DataError",  # helpers.data: the table, a column, the template
+    "ModelUnavailable",  # helpers.llm.models: a model that cannot be found or fetched
+    "TrainingDiverged",  # helpers.llm.finetune: NaN loss, with the learning rate to use
+    "EvaluationError",  # helpers.llm.evaluate: no run or adapter to score
+    "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
+    "StoreError",  # helpers.tracking: the MLflow store or a run id
+    "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
+    "FileNotFoundError",  # a path given on the command line
+)

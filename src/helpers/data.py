@@ -34,8 +34,6 @@ SPLIT_FORMAT = 1  # bump when the split JSON layout or the splitting procedure c
 class DataError(ValueError):
     """Data that cannot be used; the message names the file, the column and the fix."""
 
-    user_facing = True
-
 
 # ---------------------------------------------------------------------------------------------
 # Sources
@@ -78,13 +76,21 @@ def load_source(params: Params) -> pd.DataFrame:
                             "Parquet path.")
         return BUILTINS[name]()
     path = config.resolve_path(src, _params_dir(params))
+    if path.is_dir():
+        raise DataError(f"dataset.source {src!r}: {path} is a folder; give a CSV, TSV or Parquet "
+                        f"file. Fix dataset.source in {params.source_file or 'the params'}.")
     if not path.is_file():
         here = _params_dir(params)
         where = f"{here} (the params file's folder) and " if here else ""
         raise DataError(f"dataset.source {src!r}: file not found (looked in {where}"
                         f"{config.PROJECT_ROOT}). Fix dataset.source in "
                         f"{params.source_file or 'the params'}.")
-    return _read_table(path)
+    table = _read_table(path)
+    if len(table) == 0:
+        raise DataError(f"{path}: no rows (the file holds only a header, columns "
+                        f"{', '.join(map(repr, table.columns[:10]))}): add data rows, or fix "
+                        f"dataset.source in {params.source_file or 'the params'}.")
+    return table
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -94,13 +100,33 @@ def _read_table(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+            sep = "\t" if suffix == ".tsv" else ","
+            table = pd.read_csv(path, sep=sep)
+            _check_header(path, sep)
+            return table
+    except DataError:
+        raise
     except Exception as e:  # pandas/pyarrow raise many types for a bad file
         raise DataError(f"{path}: could not read it as {suffix[1:].upper()}: "
                         f"{type(e).__name__}: {e}. Check that it is a valid, non-empty "
                         f"{suffix[1:].upper()} file with a header row.") from None
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: use .csv, .tsv or "
                     ".parquet.")
+
+
+def _check_header(path: Path, sep: str) -> None:
+    """pandas renames a repeated column name (`age`, `age.1`), which then reaches the prompts
+    as a feature of its own: refuse the file instead, naming the column."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=sep), [])
+    names = [h.strip() for h in header]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more "
+                        "than once in the header row (pandas would rename the second one to "
+                        f"{repeated[0] + '.1'!r}): rename or remove the repeated columns.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,9 +175,24 @@ def _check_target(table: pd.DataFrame, params: Params, origin: str) -> Any:
     for v in values:
         if str(v) == str(spec.positive_label):
             return v
+    hint = _yaml_bool_hint(spec, values)
     raise DataError(f"{origin}: dataset.positive_label {spec.positive_label!r} is not a value of "
                     f"column {spec.target!r}; its values are {', '.join(map(repr, values))}. Set "
-                    "dataset.positive_label to the one that means 'Yes'.")
+                    f"dataset.positive_label to the one that means 'Yes'.{hint}")
+
+
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans.
+_YAML_BOOLS = {True: ("yes", "y", "true", "on"), False: ("no", "n", "false", "off")}
+
+
+def _yaml_bool_hint(spec: Any, values: list) -> str:
+    label = spec.positive_label
+    if not isinstance(label, bool):
+        return ""
+    meant = [v for v in values if isinstance(v, str) and v.strip().lower() in _YAML_BOOLS[label]]
+    example = meant[0] if meant else _YAML_BOOLS[label][0]
+    return (f" YAML reads an unquoted yes/no/on/off as {str(label).lower()}: put the label in "
+            f"quotes, e.g. positive_label: \"{example}\".")
 
 
 def _check_features(table: pd.DataFrame, params: Params, origin: str) -> list[str]:
@@ -373,8 +414,11 @@ def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]
     if source == "list":
         return lambda row: "\n".join(f"{names[f]}: {row[f]}" for f in features)
     import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    # Params files are untrusted: the sandbox refuses attribute access that leads out of the
+    # template (`cycler.__init__.__globals__.os...` would otherwise run shell commands).
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
     try:
         template = env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -390,6 +434,13 @@ def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]
             raise DataError(f"prompt.template: {e.message}. Variables: `row` (column -> value "
                             "text), `items` (name, description, value), `names`, and each column "
                             "whose name is an identifier.") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise DataError(f"prompt.template: refused by the template sandbox ({e}): a prompt "
+                            "template may use the row's values, filters and loops, not Python "
+                            "internals. Fix the template.") from None
+        except Exception as e:  # noqa: BLE001 - the template is the user's code: any error is theirs
+            raise DataError(f"prompt.template: rendering failed: {type(e).__name__}: {e}. Fix "
+                            "the template.") from None
 
     return render
 

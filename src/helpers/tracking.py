@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
+import threading
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from helpers.contract import (
     ARTIFACT_DATA,
     ARTIFACT_PARAMS,
     ENV_BATCH_ID,
+    ENV_OWNER,
     ENV_PARENT_RUN_ID,
     ENV_RUN_IDS_FILE,
     ERROR_FILE,
@@ -30,14 +34,25 @@ from helpers.contract import (
     TAG_DATA_SOURCE,
     TAG_ERROR,
     TAG_GIT_COMMIT,
+    TAG_HEARTBEAT,
     TAG_KIND,
     TAG_MODEL_FAMILY,
     TAG_MODEL_SIZE,
+    TAG_OWNER,
     TAG_PARAMS_HASH,
     TAG_PARENT,
     TAG_SPLIT_HASH,
     TOKENS_PER_SEC,
 )
+
+# A RUNNING run whose owner (TAG_OWNER) is a process of another machine is stale when its
+# heartbeat is older than this many seconds (TABLORA_HEARTBEAT_TIMEOUT overrides it).
+HEARTBEAT_SECONDS = 30
+HEARTBEAT_TIMEOUT = 15 * 60
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be used, or a run id is not in it; the message says which."""
 
 
 def tracking_uri() -> str:
@@ -66,22 +81,48 @@ def setup(experiment: str = "tablora") -> str:
     uri = tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        # Remote servers choose their own artifact store; locally keep artifacts under mlruns/.
-        location = artifact_root(uri) if uri.startswith("sqlite:") else None
-        try:
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        except Exception:  # another process created it first
+    try:
+        with _store_lock(uri):
+            client = mlflow.MlflowClient(uri)  # a new store's tables are made here
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
-                raise
-            exp_id = exp.experiment_id
-    else:
-        exp_id = exp.experiment_id
+                # Remote servers choose their own artifact store; locally keep artifacts under
+                # mlruns/.
+                location = artifact_root(uri) if uri.startswith("sqlite:") else None
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+    except StoreError:
+        raise
+    except Exception as e:  # MLflow and SQLAlchemy raise many types for a store they cannot use
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise StoreError(f"MLflow store {uri}: cannot use it ({type(e).__name__}: {first}). "
+                         "Check MLFLOW_TRACKING_URI (a sqlite:////absolute/path.db in a folder "
+                         "that exists, or a running server), or unset it for the project's "
+                         "mlflow.db.") from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time sets up a SQLite store: commands started together on a fresh store
+    would otherwise race in MLflow's schema migrations (and in creating the experiment)."""
+    if not uri.startswith("sqlite:///") or os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    if not db.parent.is_dir():
+        raise StoreError(f"MLflow store {uri}: the folder {db.parent} does not exist. Create it "
+                         "or fix MLFLOW_TRACKING_URI.")
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_commit() -> str:
@@ -135,21 +176,27 @@ def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = 
     """Start (or resume, given `run_id`) the MLflow run of a params file.
 
     A run that raises is ended FAILED with the error text in a tag and an artifact; one that is
-    interrupted (Ctrl-C, kernel interrupt) is ended KILLED.
+    interrupted (Ctrl-C, kernel interrupt) is ended KILLED. While it runs, its owner tag names
+    this process (or the command that started this kernel) and a heartbeat tag is refreshed, so
+    that a run whose process was killed outright can be told from a live one (mark_stale_runs).
     """
     import mlflow
 
     setup(params.experiment)
+    owner_tags = {TAG_OWNER: owner(), TAG_HEARTBEAT: str(int(time.time()))}
     if run_id:
+        _check_resumable(run_id)
         active = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(owner_tags)
     else:
-        all_tags = {TAG_KIND: kind, **_batch_tags(), **(tags or {})}
+        all_tags = {TAG_KIND: kind, **_batch_tags(), **(tags or {}), **owner_tags}
         if nested_in:
             all_tags[TAG_PARENT] = nested_in
         active = mlflow.start_run(run_name=run_name or params.name, tags=all_tags)
     _note_run_id(active.info.run_id)
     try:
-        yield active
+        with heartbeat([active.info.run_id]):
+            yield active
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
         raise
@@ -159,6 +206,108 @@ def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = 
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def owner() -> str:
+    """"host:pid" of the process that owns the runs started here (see contract.ENV_OWNER)."""
+    return os.environ.get(ENV_OWNER) or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def get_run(run_id: str) -> Any:
+    """The run `run_id` of the store, or a StoreError naming the id and the store."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+    except Exception:  # MlflowException (RESOURCE_DOES_NOT_EXIST), or a malformed id
+        raise StoreError(f"run {run_id!r} is not in the MLflow store {tracking_uri()}: check "
+                         "the run id (the MLflow UI shows it), or leave --run-id out.") from None
+
+
+def _check_resumable(run_id: str) -> None:
+    """A run id that is in the store and not being written by another live process."""
+    found = get_run(run_id)
+    who = found.data.tags.get(TAG_OWNER, "")
+    if found.info.status == "RUNNING" and who and who != owner() and not _owner_gone(found):
+        raise StoreError(f"run {run_id} is RUNNING in process {who}: wait for it to end, or stop "
+                         "that process first (a killed process's run is marked KILLED by the "
+                         "next `tablora batch` or --run-id).")
+
+
+@contextlib.contextmanager
+def heartbeat(run_ids: list[str], every: float = HEARTBEAT_SECONDS) -> Iterator[list[str]]:
+    """Refresh TAG_HEARTBEAT of `run_ids` (a list the caller may extend) every `every` seconds
+    from a background thread, until the block ends."""
+    import mlflow
+
+    stop = threading.Event()
+    client = mlflow.MlflowClient(tracking_uri())
+
+    def beat() -> None:
+        while not stop.wait(every):
+            for rid in list(run_ids):
+                try:
+                    client.set_tag(rid, TAG_HEARTBEAT, str(int(time.time())))
+                except Exception:  # noqa: BLE001 - a busy store must not stop the work
+                    pass
+
+    thread = threading.Thread(target=beat, name="tablora-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield run_ids
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _owner_gone(run: Any, timeout: float | None = None) -> str:
+    """Why a RUNNING run's process is gone ("" when it may be alive or nothing says)."""
+    who = run.data.tags.get(TAG_OWNER, "")
+    host, _, pid = who.rpartition(":")
+    if not who or not pid.isdigit():
+        return ""  # not written by this version of tablora: leave it alone
+    if host == socket.gethostname() and not _pid_alive(int(pid)):
+        return f"its process {who} is gone"
+    if timeout is None:
+        timeout = float(os.environ.get("TABLORA_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))
+    try:
+        beat = float(run.data.tags.get(TAG_HEARTBEAT, ""))
+    except ValueError:
+        return ""
+    age = time.time() - beat
+    if age > timeout:
+        return f"no heartbeat from its process {who} for {age / 60:.0f} min"
+    return ""
+
+
+def mark_stale_runs(experiment_id: str, timeout: float | None = None) -> list[str]:
+    """End KILLED every RUNNING run of the experiment whose process is gone: on this machine its
+    owner's pid is not alive, or its heartbeat is older than `timeout` seconds. Returns their ids.
+    (MLflow keeps a run RUNNING forever when its process is killed outright, SIGKILL or a crash.)
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    stale = []
+    for found in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                    max_results=1000):
+        why = _owner_gone(found, timeout)
+        if not why:
+            continue
+        client.set_tag(found.info.run_id, TAG_ERROR, f"KILLED: {why} (marked by {owner()})")
+        client.set_terminated(found.info.run_id, "KILLED")
+        stale.append(found.info.run_id)
+    return stale
 
 
 def _note_run_id(run_id: str) -> None:
@@ -230,13 +379,28 @@ def find_run(experiment: str, name: str, status: str | None = "FINISHED") -> Any
     import mlflow
 
     exp_id = setup(experiment)
-    filt = f"attributes.run_name = '{name}'"
+    quoted = filter_value(name)
+    # MLflow's filter strings have no escape: a name holding both quote characters is matched
+    # with LIKE ('_' for each quote) and then exactly, here.
+    filt = (f"attributes.run_name = {quoted}" if quoted else
+            "attributes.run_name LIKE '{}'".format(name.replace("'", "_").replace('"', "_")))
     if status:
         filt += f" and attributes.status = '{status}'"
     runs = mlflow.MlflowClient().search_runs([exp_id], filter_string=filt,
                                              order_by=["attributes.start_time DESC"],
-                                             max_results=1)
+                                             max_results=1 if quoted else 1000)
+    runs = [r for r in runs if r.info.run_name == name]
     return runs[0] if runs else None
+
+
+def filter_value(text: str) -> str:
+    """`text` as a string value in an MLflow filter string: 'text', or "text" when it holds a
+    single quote; "" when it holds both kinds (MLflow's filter syntax cannot spell it)."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return ""
 
 
 class TrainingLogger:
@@ -253,11 +417,25 @@ class TrainingLogger:
                "learning_rate": "learning_rate", "tokens_per_second": TOKENS_PER_SEC,
                "peak_memory": "peak_memory_gb"}
 
+    def __init__(self, run_id: str = ""):
+        # A resumed run re-does the steps after its last checkpoint: MLflow would append their
+        # values a second time, so steps up to the last one already logged are not logged again.
+        self.logged = {"train": -1, "val": -1}
+        if run_id:
+            import mlflow
+
+            client = mlflow.MlflowClient()
+            for kind in self.logged:
+                steps = [m.step for m in client.get_metric_history(run_id, f"{kind}_loss")]
+                self.logged[kind] = max(steps, default=-1)
+
     def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
-        self._log(train_info)
+        if int(train_info["iteration"]) > self.logged["train"]:
+            self._log(train_info)
 
     def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
-        self._log(val_info)
+        if int(val_info["iteration"]) > self.logged["val"]:
+            self._log(val_info)
 
     def _log(self, info: dict[str, Any]) -> None:
         import mlflow

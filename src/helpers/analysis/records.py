@@ -35,8 +35,6 @@ HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
 class ReportError(ValueError):
     """Runs that cannot be compared (none, mixed splits, different test rows): said plainly."""
 
-    user_facing = True
-
 
 class NoRuns(ReportError):
     """No finished, evaluated model runs where the user pointed."""

@@ -36,8 +36,6 @@ PREFIXES = {"zeroshot": PREFIX_ZEROSHOT, "finetuned": PREFIX_TEST}
 class EvaluationError(RuntimeError):
     """No adapter or run to evaluate, or a mismatch; the message says what to pass instead."""
 
-    user_facing = True
-
 
 @dataclass
 class Target:
@@ -102,7 +100,6 @@ def find_target(params: Params, run_id: str = "", adapter: str = "") -> Target:
     adapter given: that directory (into `run_id`, or a new run). run_id given: its `adapters/`
     artifact, else params.adapter_dir. Neither: the latest FINISHED run named params.name.
     """
-    import mlflow
 
     tracking.setup(params.experiment)
     if adapter:
@@ -117,7 +114,7 @@ def find_target(params: Params, run_id: str = "", adapter: str = "") -> Target:
                 f"{params.source_file or 'PARAMS.yaml'}`), or pass --run-id or --adapter.")
         run_id = found.info.run_id
     else:
-        mlflow.MlflowClient().get_run(run_id)  # a clear MLflow error for an unknown id
+        tracking.get_run(run_id)  # a StoreError naming the id
     local = download_adapter(run_id)
     if local is not None:
         return Target(run_id, local, f"artifact {ARTIFACT_ADAPTERS}/ of run {run_id}")

@@ -18,6 +18,7 @@ PEFT convention, scale = lora_alpha / lora_rank (mlx-lm's default scale 20 = alp
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from helpers import tracking
+from helpers import config, tracking
 from helpers.config import Params, ParamsError
 from helpers.contract import (
     ADAPTER_CONFIG,
@@ -58,6 +60,11 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 LAST_DIR = "last"
 CHECKPOINT_DIR = "checkpoint"
+# Written into every adapter folder tablora creates: only a folder holding it is ever cleared.
+OUTPUT_MARKER = ".tablora-output.json"
+# What this module writes into an adapter folder (anything else there is not tablora's).
+OUTPUT_NAMES = (ADAPTER_FILE, ADAPTER_CONFIG, LAST_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp",
+                f"{CHECKPOINT_DIR}.old", OUTPUT_MARKER)
 
 
 
@@ -238,8 +245,35 @@ def restore_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimize
     mx.eval(model.parameters(), optimizer.state)
 
 
+def claim_output_dir(out: Path, params: Params) -> None:
+    """Make `out` a folder tablora owns (its marker file), or refuse: a folder that already holds
+    files is used only when tablora made it. (An adapter folder of an older tablora, inside
+    runs/ and holding nothing but adapter files, is adopted.)"""
+    marker = out / OUTPUT_MARKER
+    if marker.is_file():
+        return
+    if out.is_file():
+        raise ParamsError(f"output_dir {out}: is a file; output_dir must be a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    legacy = (entries and set(entries) <= set(OUTPUT_NAMES)
+              and out.resolve().is_relative_to(config.RUNS_DIR.resolve()))
+    if entries and not legacy:
+        where = f" (from {params.source_file})" if params.source_file else ""
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ParamsError(f"output_dir {out}{where}: the folder already holds files that tablora "
+                          f"did not write ({shown}); tablora writes and deletes adapters only in "
+                          f"folders it created (they hold {OUTPUT_MARKER}). Set output_dir to a "
+                          "new or empty folder, or leave it empty for runs/adapters/<name>.")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"written_by": "tablora", "params": params.name,
+                                  "contents": list(OUTPUT_NAMES[:-1])}, indent=1) + "\n")
+
+
 def _clear_outputs(out: Path) -> None:
-    """Remove an earlier run's adapters from `out` (only the files this module writes)."""
+    """Remove an earlier run's adapters from `out` (only the files this module writes, and only
+    in a folder tablora created: claim_output_dir first)."""
+    if not (out / OUTPUT_MARKER).is_file():
+        raise RuntimeError(f"{out}: not a tablora output folder (no {OUTPUT_MARKER}): not cleared")
     for name in (ADAPTER_FILE, ADAPTER_CONFIG):
         (out / name).unlink(missing_ok=True)
     for name in (LAST_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old"):
@@ -265,7 +299,7 @@ class _Supervisor(TrainingCallback):
         self.valid, self.loss, self.batches = valid, loss, batches
         self.state = state  # what a checkpoint stores (see _fresh_state)
         self.offset = state["step"]  # mlx-lm counts iterations from 1 on every call
-        self.logger = tracking.TrainingLogger()
+        self.logger = tracking.TrainingLogger(state["run_id"])
         self.recent = collections.deque(state["recent_losses"], maxlen=params.steps_per_report)
         self.bar = _progress_bar(params.num_iters, self.offset)
         self._tokens_seen = 0
@@ -387,7 +421,36 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     A checkpoint of this same run in `params.adapter_dir` (a run started again with its run_id)
     is resumed: weights, optimizer state, step, best val loss and MLflow steps continue. `loss`
     and `batches` replace mlx-lm's default_loss and the batch iterator (same signatures).
+    One training at a time writes into an adapter folder: a second one is refused.
     """
+    with _output_lock(params.adapter_dir):
+        return _train(model, tokenizer, prepared, params, loss=loss, batches=batches)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on `out` (a file beside it), released when training ends however."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ParamsError(f"output_dir {out}: another training run is writing its adapters "
+                              "there right now; wait for it, or give this run its own "
+                              "output_dir (or name).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
+           loss: Any = None, batches: Batches | None = None) -> TrainResult:
     import mlflow
 
     active = mlflow.active_run()
@@ -405,6 +468,7 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     n_trainable = add_lora(model, params)
     optimizer = build_optimizer(params)
     out = params.adapter_dir
+    claim_output_dir(out, params)
     state = _resume_or_start(out, run_id, model, optimizer, params)
     resumed_from = state["step"]
     _tag_run(params, n_trainable)
@@ -449,9 +513,9 @@ def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params) -
         return state
     if "train_loss" in mlflow.get_run(run_id).data.metrics:
         warnings.warn(f"run {run_id} has trained before but {out} holds no checkpoint of it: "
-                      "training again from step 0 (its curves will show both)", stacklevel=3)
+                      "training again from step 0 (steps already in its curves are not logged "
+                      "again)", stacklevel=3)
     _clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
     return _fresh_state(params, run_id)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.config import Params
+from helpers.config import Params, ParamsError
 from helpers.llm import kernels
 from helpers.llm import lanes as cpu
 from helpers.llm.kernels import PAD_ID
@@ -119,8 +119,8 @@ def answer_tokens(tokenizer: Any, prompt_text: str, answer: str) -> list[int]:
     # The answer merged with the prompt's last token: fall back to the answer on its own.
     alone = tokenizer.encode(answer, add_special_tokens=False)
     if not alone:
-        raise ValueError(f"answer {answer!r} encodes to no tokens: set prompt.answer_yes / "
-                         "prompt.answer_no to non-empty words")
+        raise ParamsError(f"answer {answer!r} encodes to no tokens: set prompt.answer_yes / "
+                          "prompt.answer_no to non-empty words")
     return list(alone)
 
 
@@ -444,8 +444,9 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
         answers = [answer_tokens(tokenizer, texts[0], a)
                    for a in (params.prompt.answer_yes, params.prompt.answer_no)]
         if answers[0] == answers[1]:
-            raise ValueError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
-                             f"{params.prompt.answer_no!r} give the same tokens: make them differ")
+            raise ParamsError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
+                              f"{params.prompt.answer_no!r} give the same tokens: make them "
+                              "differ")
         lp, prefix_len = answer_logprobs(model, ids, answers, params.eval_batch_size,
                                          use_prefix_cache, progress, desc or "scoring", fast,
                                          lanes)

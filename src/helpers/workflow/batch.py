@@ -104,7 +104,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, "
+        raise ParamsError(f"--seeds {text!r}: expected comma-separated integers, "
                          "e.g. 0,1,2") from None
 
 
@@ -148,7 +148,7 @@ def select(jobs: list[Job], only: list[str]) -> list[Job]:
     unknown = wanted - {n for j in jobs for n in (j.name, j.run_name, j.file.stem)}
     if unknown:
         known = ", ".join(sorted({j.name for j in jobs}))
-        raise ValueError(f"--only {', '.join(sorted(unknown))}: no such model in this batch "
+        raise ParamsError(f"--only {', '.join(sorted(unknown))}: no such model in this batch "
                          f"(models: {known})")
     return picked
 
@@ -262,11 +262,14 @@ class Batch:
     parent_id: str
     out_dir: Path
     client: Any
+    # The runs this process keeps alive (their heartbeat, see tracking.mark_stale_runs).
+    beating: list[str] = field(default_factory=list)
 
     def model_tags(self, job: Job) -> dict[str, str]:
         p = job.params
         tags = {contract.TAG_KIND: contract.KIND_LLM, contract.TAG_PARENT: self.parent_id,
-                contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name}
+                contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name,
+                **_owner_tags()}
         if p is not None:
             tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
@@ -307,6 +310,9 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
     # same time crash in its schema set-up. setup() also exports the absolute tracking URI.
     exp_id = tracking.setup(experiment)
     client = mlflow.MlflowClient()
+    # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
+    for rid in tracking.mark_stale_runs(exp_id):
+        print(f"run {rid}: its process is gone: marked KILLED", flush=True)
     batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
     print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
           f"executed notebooks in {batch.out_dir}", flush=True)
@@ -344,6 +350,8 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
     if previous is not None:
         batch_id = previous.data.tags[contract.TAG_BATCH_ID]
         client.update_run(previous.info.run_id, status="RUNNING")
+        for key, value in _owner_tags().items():
+            client.set_tag(previous.info.run_id, key, value)
         parent_id = previous.info.run_id
         print(f"--resume: continuing batch {batch_id}")
     else:
@@ -351,11 +359,15 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
             contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
             contract.TAG_PLAN_HASH: plan,
-            contract.TAG_GIT_COMMIT: tracking.git_commit()})
+            contract.TAG_GIT_COMMIT: tracking.git_commit(), **_owner_tags()})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
     return Batch(batch_id, exp_id, parent_id, out_dir, client)
+
+
+def _owner_tags() -> dict[str, str]:
+    return {contract.TAG_OWNER: tracking.owner(), contract.TAG_HEARTBEAT: str(int(time.time()))}
 
 
 def _previous_batch(client: Any, exp_id: str, plan: str) -> Any | None:
@@ -373,8 +385,10 @@ def _batch_env(batch: Batch) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in (contract.ENV_BATCH_ID, contract.ENV_PARENT_RUN_ID)}
     os.environ[contract.ENV_BATCH_ID] = batch.batch_id
     os.environ[contract.ENV_PARENT_RUN_ID] = batch.parent_id
+    batch.beating[:] = [batch.parent_id]
     try:
-        yield
+        with tracking.heartbeat(batch.beating):
+            yield
     finally:
         for key, value in saved.items():
             if value is None:
@@ -420,6 +434,38 @@ def _resume_skips_readonly(jobs: list[Job], experiment: str) -> dict[str, str]:
     return skips
 
 
+def _open_model_run(batch: Batch, job: Job, counter: str, resume: bool
+                    ) -> tuple[str, tuple[str, ...]]:
+    """The run train.ipynb and evaluate.ipynb write into, and which of them to run: with
+    --resume the latest interrupted (KILLED) run of these params continues, training from its
+    checkpoint (finetune resumes a run's own checkpoint) or, trained already, evaluating only."""
+    interrupted = _interrupted_run(batch, job.params.hash()) if resume else None
+    if interrupted is None:
+        run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
+                                      tags=batch.model_tags(job))
+        return run.info.run_id, MODEL_NOTEBOOKS
+    run_id = interrupted.info.run_id
+    batch.client.update_run(run_id, status="RUNNING")
+    if contract.TAG_ERROR in interrupted.data.tags:  # why it was KILLED: no longer true
+        batch.client.delete_tag(run_id, contract.TAG_ERROR)
+    for key, value in batch.model_tags(job).items():
+        batch.client.set_tag(run_id, key, value)
+    trained = "final_train_loss" in interrupted.data.metrics
+    names = ("evaluate",) if trained else MODEL_NOTEBOOKS
+    print(f"{counter} {job.run_name}: --resume: continuing interrupted run {run_id} ("
+          f"{'trained, evaluating' if trained else 'training from its last checkpoint'})",
+          flush=True)
+    return run_id, names
+
+
+def _interrupted_run(batch: Batch, params_hash: str) -> Any | None:
+    runs = batch.client.search_runs(
+        [batch.experiment_id], filter_string=f"tags.`{contract.TAG_PARAMS_HASH}` = "
+        f"'{params_hash}' and tags.`{contract.TAG_KIND}` = '{contract.KIND_LLM}' and "
+        "attributes.status = 'KILLED'", order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
     outcome = Outcome(job.run_name)
     if job.params is None:
@@ -431,11 +477,9 @@ def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
                 _skip_note(done))
             print(f"{counter} {job.run_name}: skipped (--resume: {outcome.note})", flush=True)
             return outcome
-    # The batch creates the run so that train.ipynb and evaluate.ipynb both write into it.
-    run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
-                                  tags=batch.model_tags(job))
-    outcome.run_id = run.info.run_id
-    for name in MODEL_NOTEBOOKS:
+    outcome.run_id, names = _open_model_run(batch, job, counter, resume)
+    batch.beating[1:] = [outcome.run_id]
+    for name in names:
         print(f"{counter} {job.run_name}: {name} ...", flush=True)
         output = batch.out_dir / job.run_name / f"{name}.ipynb"
         error = _execute(batch, outcome, name, job.params, outcome.run_id, output)

@@ -8,7 +8,9 @@ the names are checked against the notebook's `parameters` cell first.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,18 @@ NOTEBOOKS = ("train", "evaluate", "baselines", "compare")
 PARAMETERS = ("params_path", "overrides", "run_id")
 
 
+class NotebookError(ValueError):
+    """A notebook that cannot be run with tablora's parameters (its parameters cell)."""
+
+
 class NotebookFailed(RuntimeError):
     """A notebook raised: carries the failing cell and the exception, for the batch summary."""
 
-    def __init__(self, notebook: str, output: Path, ename: str, evalue: str, cell: str):
+    def __init__(self, notebook: str, output: Path, ename: str, evalue: str, cell: str,
+                 traceback: list[str] | None = None):
         self.notebook, self.output, self.ename, self.evalue, self.cell = (
             notebook, output, ename, evalue, cell)
+        self.traceback = traceback or []  # the kernel's, as the notebook shows it (ANSI colours)
         first = cell.strip().splitlines()[0] if cell.strip() else "?"
         super().__init__(f"{notebook}: {ename}: {evalue} (in cell starting `{first[:80]}`; "
                          f"executed notebook: {output})")
@@ -68,14 +76,58 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
-def _kernel_config() -> Any:
-    """Talk to the kernel over local IPC sockets, not TCP on localhost: nothing listens on a
-    network port, and ipykernel has no reason to warn about unencrypted TCP for every notebook."""
+# Each execute() gets its own folder for the kernel's connection file and IPC sockets: with
+# jupyter_client's default (relative `kernel-ipc-N`, N = the first free number) two commands
+# started together picked the same sockets and broke each other ("Invalid Signature").
+KERNEL_DIR_PREFIX = "tablora-kernel-"
+
+
+def _kernel_config(kernel_dir: Path | None = None) -> Any:
+    """Talk to the kernel over local IPC sockets in `kernel_dir`, not TCP on localhost: nothing
+    listens on a network port, and ipykernel has no reason to warn about unencrypted TCP for
+    every notebook. The kernel's own log is kept to critical messages: on Ctrl-C it logs a
+    ZMQError traceback for a reply it can no longer send (a cell's error is in the notebook)."""
     from traitlets.config import Config
 
-    if os.name != "posix":
-        return Config()
-    return Config({"KernelManager": {"transport": "ipc"}})
+    quiet = {"NotebookClient": {"extra_arguments": ["--IPKernelApp.log_level=CRITICAL"]}}
+    if os.name != "posix" or kernel_dir is None:
+        return Config(quiet)
+    return Config({**quiet, "KernelManager": {
+        "transport": "ipc", "ip": str(kernel_dir / "kernel-ipc"),
+        "connection_file": str(kernel_dir / "kernel.json")}})
+
+
+def _kernel_dir() -> Path:
+    """A fresh private folder for one kernel's sockets; folders left by killed commands (their
+    process is gone) are removed on the way."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{KERNEL_DIR_PREFIX}*-*"):
+        pid = old.name[len(KERNEL_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{KERNEL_DIR_PREFIX}{os.getpid()}-", dir=tmp))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def check_data(params: Params) -> None:
+    """Load, check and split the table of `params` here, before a kernel starts: a bad table or
+    template fails in a second, with its one-line DataError (the kernel then reuses the split)."""
+    import warnings
+
+    from helpers import data
+
+    with warnings.catch_warnings():  # the kernel shows them, with its output
+        warnings.simplefilter("ignore")
+        data.prepare(params)
 
 
 def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
@@ -84,7 +136,7 @@ def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
     declared = papermill.inspect_notebook(str(path))
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
-        raise ValueError(f"{path}: unknown notebook parameter(s) {unknown}; the notebook's "
+        raise NotebookError(f"{path}: unknown notebook parameter(s) {unknown}; the notebook's "
                          f"parameters cell declares {sorted(declared)}"
                          f"{_unparsed_hint(path, unknown)}")
 
@@ -128,7 +180,8 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
         params = params.replace(**overrides)
     src = notebook_path(name)
     if output is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        # The pid keeps two commands started in the same second apart.
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         output = RUNS_DIR / "notebooks" / f"{stamp}-{name}-{params.name}.ipynb"
     output = Path(output)
     resolved = write_resolved(params, output.with_name(f"{output.stem}.params.yaml"))
@@ -139,22 +192,29 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     ids_file = output.with_name(f".{output.name}.runs")
     ids_file.unlink(missing_ok=True)
-    previous = os.environ.get(contract.ENV_RUN_IDS_FILE)
+    saved = {k: os.environ.get(k) for k in (contract.ENV_RUN_IDS_FILE, contract.ENV_OWNER)}
     os.environ[contract.ENV_RUN_IDS_FILE] = str(ids_file)
+    # The runs the kernel opens are owned by this process (a batch: the batch's): when it is
+    # gone, tracking.mark_stale_runs may end them KILLED.
+    os.environ[contract.ENV_OWNER] = tracking.owner()
+    kernel_dir = _kernel_dir()
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
                                    kernel_name=ensure_kernel(), cwd=str(src.parent),
                                    progress_bar=progress and sys.stderr.isatty(),
                                    log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, config=_kernel_config())
+                                   stderr_file=sys.stderr, config=_kernel_config(kernel_dir))
     except PapermillExecutionError as e:
-        raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e)) from None
+        raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e),
+                             list(e.traceback or [])) from None
     finally:
-        if previous is None:
-            os.environ.pop(contract.ENV_RUN_IDS_FILE, None)
-        else:
-            os.environ[contract.ENV_RUN_IDS_FILE] = previous
+        shutil.rmtree(kernel_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if attach:
             _attach(output, ids_file)
         ids_file.unlink(missing_ok=True)
