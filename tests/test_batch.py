@@ -320,3 +320,75 @@ def test_round1_hub_models_fail_cleanly_offline(tmp_path, monkeypatch):
         line = next(ln for ln in failures.splitlines() if ln.strip().startswith(f"{name}:"))
         assert "offline" in line.lower() or "download" in line.lower(), line
         assert "Traceback" not in line
+
+
+def test_a_killed_batch_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """SIGKILL a batch while it trains (its runs stay RUNNING in MLflow), then `--resume`:
+    the stale runs end KILLED, the same run continues from its checkpoint step, the loss
+    history has one value per step and nothing is left RUNNING (issue 15)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import yaml
+
+    # TABLORA_HOME: a project of its own (runs/, .cache/), with the real train and evaluate
+    # notebooks and no baselines notebook (skipped: this test is about the model run).
+    home = tmp_path / "home"
+    (home / "notebooks").mkdir(parents=True)
+    for name in batch.MODEL_NOTEBOOKS:
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", home / "notebooks")
+    rows = [f"{i},{(i * 7) % 10},{'yes' if i % 2 else 'no'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "tiny.yaml").write_text(yaml.safe_dump({
+        "model_id": str(tiny_model_dir), "experiment": "resume", "num_iters": 150,
+        "save_every": 10, "batch_size": 2, "num_layers": 2, "steps_per_eval": 1000,
+        "val_batches": 1, "steps_per_report": 50, "eval_zeroshot": False, "n_bootstrap": 100,
+        "dataset": {"source": str(tmp_path / "t.csv"), "target": "y", "positive_label": "yes",
+                    "test_size": 0.25, "valid_size": 0.25}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TABLORA_")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", TABLORA_HOME=str(home),
+               TABLORA_OUTPUT_ROOT=str(tmp_path))
+    command = [sys.executable, "-m", "helpers", "batch", str(tmp_path / "params"), "--no-compare"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    state = home / "runs" / "adapters" / "tiny" / "checkpoint" / "trainer_state.json"
+    try:
+        while first.poll() is None:
+            try:
+                if json.loads(state.read_text())["step"] >= 20:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert first.poll() is None, "the batch finished before it could be killed"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the batch; its kernel follows its parent
+        first.wait()
+    time.sleep(3)  # the kernel notices (ipykernel polls its parent every second)
+    killed_at = json.loads(state.read_text())["step"]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp_id = client.get_experiment_by_name("resume").experiment_id
+    (run,) = client.search_runs([exp_id], "tags.`tablora.kind` = 'llm'")
+    assert run.info.status == "RUNNING" and killed_at < 150  # what MLflow is left with
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True,
+                             timeout=900)
+
+    out = resumed.stdout
+    rid = run.info.run_id
+    assert resumed.returncode == 0, out[-3000:] + resumed.stderr[-3000:]
+    assert f"run {rid}: its process is gone: marked KILLED" in out
+    assert f"continuing interrupted run {rid} (training from its last checkpoint)" in out
+    assert f"resuming run {rid} from its checkpoint at step {killed_at}" in out
+    runs = client.search_runs([exp_id])
+    assert [r.info.run_id for r in runs if r.data.tags[contract.TAG_KIND] == "llm"] == [rid]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    steps = [m.step for m in client.get_metric_history(rid, "train_loss")]
+    assert sorted(steps) == list(range(1, 151))  # each step once, before and after the kill
+    assert "test_accuracy" in client.get_run(rid).data.metrics

@@ -350,6 +350,8 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
     if previous is not None:
         batch_id = previous.data.tags[contract.TAG_BATCH_ID]
         client.update_run(previous.info.run_id, status="RUNNING")
+        if contract.TAG_ERROR in previous.data.tags:  # e.g. "KILLED: its process is gone"
+            client.delete_tag(previous.info.run_id, contract.TAG_ERROR)
         for key, value in _owner_tags().items():
             client.set_tag(previous.info.run_id, key, value)
         parent_id = previous.info.run_id
