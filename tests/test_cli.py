@@ -71,3 +71,43 @@ def test_python_m_helpers_runs_the_cli():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--dequantize" in proc.stdout
+
+
+def test_ctrl_c_prints_interrupted_and_kills_the_run(tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT to the terminal's process group) while training: "interrupted", exit
+    130, no kernel traceback (it printed a ZMQError one, issue 15), the run ends KILLED."""
+    import os
+    import signal
+    import threading
+
+    import mlflow
+    import yaml
+
+    rows = [f"{i},{'yes' if i % 2 else 'no'}" for i in range(24)]
+    (tmp_path / "t.csv").write_text("a,y\n" + "\n".join(rows) + "\n")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "model_id": str(tiny_model_dir), "experiment": "ctrl-c", "num_iters": 100000,
+        "batch_size": 2, "num_layers": 2, "steps_per_eval": 100000, "val_batches": 1,
+        "dataset": {"source": "t.csv", "target": "y", "positive_label": "yes",
+                    "test_size": 0.25, "valid_size": 0.25}}))
+    env = {k: v for k, v in os.environ.items() if k != "TABLORA_OWNER"}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
+               TABLORA_RUNS=str(tmp_path / "runs"), TABLORA_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "helpers", "train", str(tmp_path / "p.yaml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    for line in proc.stdout:
+        if "val_loss" in line:  # the first validation: training is under way
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 130
+    reader.join(timeout=30)
+    text = "".join(err)
+    assert "interrupted" in text and "Traceback" not in text and "ZMQError" not in text, text
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    assert run.info.status == "KILLED"

@@ -120,8 +120,7 @@ def _check_header(path: Path, sep: str) -> None:
     import csv
 
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f, delimiter=sep), [])
-    names = [h.strip() for h in header]
+        names = next(csv.reader(f, delimiter=sep), [])
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more "

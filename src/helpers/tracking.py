@@ -185,9 +185,11 @@ def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = 
     setup(params.experiment)
     owner_tags = {TAG_OWNER: owner(), TAG_HEARTBEAT: str(int(time.time()))}
     if run_id:
-        _check_resumable(run_id)
+        previous = _check_resumable(run_id)
         active = mlflow.start_run(run_id=run_id)
         mlflow.set_tags(owner_tags)
+        if TAG_ERROR in previous.data.tags:  # why it stopped last time: no longer true
+            mlflow.MlflowClient().delete_tag(run_id, TAG_ERROR)
     else:
         all_tags = {TAG_KIND: kind, **_batch_tags(), **(tags or {}), **owner_tags}
         if nested_in:
@@ -224,14 +226,15 @@ def get_run(run_id: str) -> Any:
                          "the run id (the MLflow UI shows it), or leave --run-id out.") from None
 
 
-def _check_resumable(run_id: str) -> None:
-    """A run id that is in the store and not being written by another live process."""
+def _check_resumable(run_id: str) -> Any:
+    """The run `run_id`, in the store and not being written by another live process."""
     found = get_run(run_id)
     who = found.data.tags.get(TAG_OWNER, "")
     if found.info.status == "RUNNING" and who and who != owner() and not _owner_gone(found):
         raise StoreError(f"run {run_id} is RUNNING in process {who}: wait for it to end, or stop "
                          "that process first (a killed process's run is marked KILLED by the "
                          "next `tablora batch` or --run-id).")
+    return found
 
 
 @contextlib.contextmanager
@@ -260,7 +263,8 @@ def heartbeat(run_ids: list[str], every: float = HEARTBEAT_SECONDS) -> Iterator[
         thread.join(timeout=5)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -276,7 +280,7 @@ def _owner_gone(run: Any, timeout: float | None = None) -> str:
     host, _, pid = who.rpartition(":")
     if not who or not pid.isdigit():
         return ""  # not written by this version of tablora: leave it alone
-    if host == socket.gethostname() and not _pid_alive(int(pid)):
+    if host == socket.gethostname() and not pid_alive(int(pid)):
         return f"its process {who} is gone"
     if timeout is None:
         timeout = float(os.environ.get("TABLORA_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT))

@@ -448,8 +448,6 @@ def _open_model_run(batch: Batch, job: Job, counter: str, resume: bool
         return run.info.run_id, MODEL_NOTEBOOKS
     run_id = interrupted.info.run_id
     batch.client.update_run(run_id, status="RUNNING")
-    if contract.TAG_ERROR in interrupted.data.tags:  # why it was KILLED: no longer true
-        batch.client.delete_tag(run_id, contract.TAG_ERROR)
     for key, value in batch.model_tags(job).items():
         batch.client.set_tag(run_id, key, value)
     trained = "final_train_loss" in interrupted.data.metrics

@@ -103,19 +103,9 @@ def _kernel_dir() -> Path:
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(f"{KERNEL_DIR_PREFIX}*-*"):
         pid = old.name[len(KERNEL_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not tracking.pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{KERNEL_DIR_PREFIX}{os.getpid()}-", dir=tmp))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
 
 
 def check_data(params: Params) -> None:
@@ -137,8 +127,8 @@ def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
         raise NotebookError(f"{path}: unknown notebook parameter(s) {unknown}; the notebook's "
-                         f"parameters cell declares {sorted(declared)}"
-                         f"{_unparsed_hint(path, unknown)}")
+                            f"parameters cell declares {sorted(declared)}"
+                            f"{_unparsed_hint(path, unknown)}")
 
 
 def _unparsed_hint(path: Path, names: list[str]) -> str:
