@@ -21,7 +21,8 @@ from typing import Any, Literal, Union
 # src/helpers/config.py -> the repository root (the package is installed editable).
 PROJECT_ROOT = Path(os.environ.get("TABLORA_HOME", Path(__file__).resolve().parents[2])).resolve()
 CACHE_DIR = Path(os.environ.get("TABLORA_CACHE", PROJECT_ROOT / ".cache")).resolve()
-RUNS_DIR = PROJECT_ROOT / "runs"
+# Executed notebooks and adapters; TABLORA_RUNS moves them (e.g. on a Dask worker).
+RUNS_DIR = Path(os.environ.get("TABLORA_RUNS", PROJECT_ROOT / "runs")).resolve()
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = PROJECT_ROOT / "params"
 DEMO_PARAMS = PARAMS_DIR / "demo" / "smollm2-135m.yaml"
