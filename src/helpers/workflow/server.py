@@ -240,20 +240,23 @@ def start_mlflow(db_url: str, artifacts: Path, host: str = DEFAULT_HOST,
     raise ServerError(f"mlflow server did not answer on {url}/health within 180 s")
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the server (and its uvicorn workers: its own process group), then SIGKILL."""
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop the server: SIGTERM to `mlflow server` alone (it forwards it to uvicorn, which stops
+    its workers; a SIGTERM to the whole group makes uvicorn restart the workers it loses), then
+    SIGKILL whatever is left of its process group."""
     import signal
 
-    if proc.poll() is not None:
-        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
+    proc.wait()
 
 
 def serve(db: str = "", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -261,6 +264,12 @@ def serve(db: str = "", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           allowed_hosts: str = "") -> int:
     """Run the server until Ctrl-C: over `db` (a SQLAlchemy URL), else over a PostgreSQL
     cluster of its own in .cache/server/postgres (started here, stopped on exit)."""
+    import signal
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
     artifacts = Path(artifacts or SERVER_DIR / "artifacts")
     pg = None
     started = False
