@@ -95,8 +95,8 @@ def main() -> None:
         params = write_params(tmp / "params", model_id(a.model, tmp), a.iters)
         # Untimed: the first import of these fills the OS file cache; whichever mode ran first
         # would pay for it.
-        subprocess.run([sys.executable, "-c", "import mlflow, mlx.core, mlx_lm, papermill, "
-                        "sklearn, distributed, helpers.workflow.batch"], check=True)
+        subprocess.run([sys.executable, "-c", "import helpers.workflow.batch, mlflow, mlx.core, "
+                        "mlx_lm, papermill, sklearn, distributed"], check=True)
         results: dict[str, list[dict]] = {"sequential": [], "workers": []}
         for r in range(a.rounds):
             for mode in ("sequential", "workers") if r % 2 == 0 else ("workers", "sequential"):

@@ -69,6 +69,34 @@ def test_workers_without_the_model_resource_are_refused():
             executor.Dask(address=cluster.scheduler_address)
 
 
+def _nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_dask_gives_a_free_worker_the_next_task_and_says_where_each_ran():
+    """Regression: handed to Dask all at once, resource-bound tasks queued behind a long one
+    on one worker while the other worker sat idle."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      dashboard_address=None, resources={executor.RESOURCE: 1}) as cluster:
+        with executor.Dask(address=cluster.scheduler_address, poll_seconds=0.2) as ex:
+            assert ex.parallel and "Dask: 2 worker(s) on the cluster at tcp://" in ex.describe()
+            # The long task first: whichever worker takes it, the others go to the other one.
+            for label, seconds in (("long", 4.0), ("a", 0.2), ("b", 0.2), ("c", 0.2)):
+                ex.submit(_nap, seconds, label=label)
+            assert ex.counts() == {"running": 0, "waiting": 4}
+            events = list(ex.events())
+    done = {e.label: e for e in events if e.kind == "done"}
+    started = [e.label for e in events if e.kind == "started"]
+    assert sorted(done) == ["a", "b", "c", "long"] and sorted(started) == sorted(done)
+    assert done["long"].result == 4.0 and not done["long"].error
+    others = {done[x].worker for x in "abc"}
+    assert len(others) == 1 and others != {done["long"].worker}, (done["long"].worker, others)
+    assert done["a"].worker.startswith("tcp://127.0.0.1:")
+
+
 # ---------------------------------------------------------------- a batch on a cluster
 
 EXPERIMENT = "cluster-test"

@@ -494,9 +494,12 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         if outcome is None:  # the task raised on every try, or its workers kept dying
             outcome = Outcome(_outcome_label(event.label, jobs, labels), status="failed",
                               cause=f"the task failed: {event.error}")
+        if event.result is None:
+            again = f"the task gave up: {event.error}"
+        else:
+            again = "the task ran again" + (f" as run {outcome.run_id}" if outcome.run_id else "")
         reaped = _reap(batch, task=event.label, keep=outcome.run_id,
-                       why="its worker ({worker}) was lost mid-run; the task ran again"
-                       + (f" as run {outcome.run_id}" if outcome.run_id else ""))
+                       why=f"its worker ({{worker}}) was lost mid-run; {again}")
         if not outcome.run_id and reaped:
             outcome.run_id = reaped[0].info.run_id
         outcome.worker = outcome.worker or event.worker
@@ -537,7 +540,8 @@ def _reap(batch: Batch, task: str = "", keep: str = "", why: str = "") -> list[A
     reaped = [r for r in runs if r.info.run_id != keep]
     for run in reaped:
         worker = run.data.tags.get(contract.TAG_WORKER, "unknown")
-        batch.client.set_tag(run.info.run_id, contract.TAG_ERROR, why.format(worker=worker))
+        batch.client.set_tag(run.info.run_id, contract.TAG_ERROR,
+                             why.replace("{worker}", worker)[:4000])
         batch.client.set_terminated(run.info.run_id, "KILLED")
     return reaped
 

@@ -11,19 +11,23 @@ on each) or a `LocalCluster` of N worker processes started here. Both have one i
             ...
 
 On Dask a task asks for the `model` resource, so a worker started with `--resources model=1`
-runs one model at a time whatever its thread count; a worker that dies mid-task (killed, out
-of memory, its machine gone) has its task run again on another worker, up to the scheduler's
-`distributed.scheduler.allowed-failures` times; a task that raises is retried `RETRIES` times.
+runs one model at a time whatever its thread count (and the executor hands Dask only as many
+tasks as there are such slots, so none waits behind a long one on a busy worker); a worker
+that dies mid-task (killed, out of memory, its machine gone) has its task run again on another
+worker, up to the scheduler's `distributed.scheduler.allowed-failures` times; a task that
+raises is retried `RETRIES` times.
 What a task sends and returns must pickle: it may run on another machine, with nothing of this
 one but its arguments.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -83,8 +87,10 @@ def _call(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     worker.log_event(TOPIC, {"key": str(worker.get_current_task()), "where": here})
     # Two workers of one machine start notebook kernels at the same moment; a kernel's IPC
     # socket files are named relative to the working directory (jupyter_client's "kernel-ipc"),
-    # so in a shared one they clash ("Invalid Signature"). Each worker has a scratch directory.
-    os.chdir(worker.local_directory)
+    # so in a shared one they clash ("Invalid Signature"). Each worker has a scratch directory;
+    # a worker in a process of its own (under a nanny, the default) moves there for good.
+    if multiprocessing.parent_process() is not None:
+        os.chdir(worker.local_directory)
     return fn(*args), here
 
 
@@ -153,7 +159,8 @@ class Dask(Executor):
 
         self.retries, self.poll_seconds = retries, poll_seconds
         self.cluster: Any = None
-        self._futures: dict[Any, str] = {}  # future -> label
+        self._backlog: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+        self._futures: dict[Any, str] = {}  # future handed to Dask -> label
         self._started: queue.Queue[dict[str, str]] = queue.Queue()  # filled by Dask's thread
         self._running: dict[str, str] = {}  # label -> worker, of tasks started and not done
         if address:
@@ -194,10 +201,26 @@ class Dask(Executor):
                 f"`{WORKER_COMMAND.format(address=address)}`")
 
     def submit(self, fn: Callable[..., Any], *args: Any, label: str) -> None:
-        key = f"{label}-{uuid.uuid4().hex[:8]}"  # readable in the dashboard, unique per batch
-        future = self.client.submit(_call, fn, *args, key=key, pure=False,
-                                    retries=self.retries, resources={RESOURCE: 1})
-        self._futures[future] = label
+        self._backlog.append((label, fn, args))
+
+    def _slots(self) -> int:
+        """How many tasks the workers can run at once: their `model` resources, summed."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        return int(sum((w.get("resources") or {}).get(RESOURCE, 0) for w in workers.values()))
+
+    def _hand_over(self) -> None:
+        """Give Dask as many tasks as there are free slots. Dask places a task that asks for a
+        resource on a worker as soon as it has it, so a batch handed over at once queues tasks
+        behind long ones while another worker idles (seen here: a 3-model batch left one of two
+        workers idle for its last model); retries and lost workers stay Dask's."""
+        free = self._slots() - len(self._futures)
+        while self._backlog and free > 0:
+            label, fn, args = self._backlog.pop(0)
+            key = f"{label}-{uuid.uuid4().hex[:8]}"  # readable in the dashboard, unique
+            future = self.client.submit(_call, fn, *args, key=key, pure=False,
+                                        retries=self.retries, resources={RESOURCE: 1})
+            self._futures[future] = label
+            free -= 1
 
     def _new_starts(self) -> Iterator[Event]:
         labels = {str(f.key): label for f, label in self._futures.items()}
@@ -214,16 +237,21 @@ class Dask(Executor):
     def events(self) -> Iterator[Event]:
         from distributed import wait
 
-        pending = set(self._futures)
-        while pending:
-            try:
-                done, pending = wait(pending, timeout=self.poll_seconds,
-                                     return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = set()
-            yield from self._new_starts()
+        while self._backlog or self._futures:
+            self._hand_over()
+            done: set[Any] = set()
+            if self._futures:
+                try:
+                    done = wait(list(self._futures), timeout=self.poll_seconds,
+                                return_when="FIRST_COMPLETED").done
+                except TimeoutError:
+                    pass
+            else:  # no worker (with a `model` slot) yet
+                time.sleep(self.poll_seconds)
+            # Finished first: the next task of a worker starts after its previous one ended.
             for future in done:
                 yield self._done(future)
+            yield from self._new_starts()
 
     def _done(self, future: Any) -> Event:
         label = self._futures.pop(future)
@@ -239,7 +267,8 @@ class Dask(Executor):
 
     def counts(self) -> dict[str, int]:
         running = len(self._running)
-        return {"running": running, "waiting": len(self._futures) - running}
+        return {"running": running,
+                "waiting": len(self._futures) - running + len(self._backlog)}
 
     def describe(self) -> str:
         workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
@@ -260,6 +289,7 @@ class Dask(Executor):
         for future in list(self._futures):
             future.cancel()
         self._futures.clear()
+        self._backlog.clear()
         try:
             self.client.close()
         finally:
