@@ -76,8 +76,11 @@ def run_batch(params: Path, workdir: Path, workers: int) -> dict:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                               cwd=workdir).returncode
     seconds = time.perf_counter() - t0
-    tail = (workdir / "batch.log").read_text(errors="replace").splitlines()
-    summary = next((ln for ln in tail if "models succeeded" in ln), "")
+    lines = (workdir / "batch.log").read_text(errors="replace").splitlines()
+    summary = next((ln for ln in lines if "models succeeded" in ln), "")
+    if code != 0:  # the temporary folder goes away: keep why in the output
+        at = next((i for i, ln in enumerate(lines) if ln.startswith("failures (")), len(lines))
+        print("\n".join(lines[at:at + 10] or lines[-20:]), flush=True)
     return {"seconds": seconds, "code": code, "summary": summary.strip()}
 
 

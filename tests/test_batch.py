@@ -345,8 +345,9 @@ def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_pa
                                    "  target: outcome\n  positive_label: sick\n")
     with isolated(tmp_path):
         (job,) = batch.plan_jobs([folder / "m.yaml"])
-        client = mlflow.MlflowClient()
-        b = batch._open_batch(client, tracking.setup("batch-test"), "plan", resume=False)
+        exp_id = tracking.setup("batch-test")
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        b = batch._open_batch(client, exp_id, "plan", resume=False)
         drawn = batch._splits(batch.baseline_groups([job]))[batch.baselines_key(job.params)]
         # This "worker" reads another version of the file.
         table.loc[0, "age"] += 1

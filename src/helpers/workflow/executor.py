@@ -22,7 +22,6 @@ one but its arguments.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import queue
 import socket
@@ -78,19 +77,13 @@ def where() -> str:
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> tuple[Any, str]:
-    """What a Dask worker runs: says it started, runs the task in the worker's own directory,
-    returns the result and where it ran."""
+    """What a Dask worker runs: says it started, runs the task, returns the result and where
+    it ran."""
     from distributed import get_worker
 
     worker = get_worker()
     here = where()
     worker.log_event(TOPIC, {"key": str(worker.get_current_task()), "where": here})
-    # Two workers of one machine start notebook kernels at the same moment; a kernel's IPC
-    # socket files are named relative to the working directory (jupyter_client's "kernel-ipc"),
-    # so in a shared one they clash ("Invalid Signature"). Each worker has a scratch directory;
-    # a worker in a process of its own (under a nanny, the default) moves there for good.
-    if multiprocessing.parent_process() is not None:
-        os.chdir(worker.local_directory)
     return fn(*args), here
 
 

@@ -70,12 +70,29 @@ def ensure_kernel() -> str:
 
 def _kernel_config() -> Any:
     """Talk to the kernel over local IPC sockets, not TCP on localhost: nothing listens on a
-    network port, and ipykernel has no reason to warn about unencrypted TCP for every notebook."""
+    network port, and ipykernel has no reason to warn about unencrypted TCP for every notebook.
+
+    The socket files are `<ip>-<port>`, and jupyter_client's default `ip` is "kernel-ipc" in the
+    working directory, which papermill sets to notebooks/ for every process: two processes
+    starting kernels at once (Dask workers of one machine) took the same files ("Invalid
+    Signature"). Each process gets a folder of its own."""
     from traitlets.config import Config
 
     if os.name != "posix":
         return Config()
-    return Config({"KernelManager": {"transport": "ipc"}})
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(_ipc_dir() / "kernel")}})
+
+
+def _ipc_dir() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"tablora-ipc-{os.getpid()}"
+    if not path.is_dir():
+        path.mkdir(mode=0o700)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def check_parameters(path: Path, parameters: dict[str, Any]) -> None:
