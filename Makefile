@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tablora-setup
 UNAME := $(shell uname -s)
 
-.PHONY: help setup blas demo test test-fast lint bench ui lab clean
+.PHONY: help setup blas postgres demo test test-fast lint bench ui server lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,7 @@ setup: $(STAMP)  ## create .venv, install tablora (editable, dev extras), regist
 # Re-runs only when the dependencies change: a second `make setup` takes seconds.
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory blas
+	@$(MAKE) --no-print-directory postgres
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -34,6 +35,13 @@ ifeq ($(UNAME),Linux)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
 	else echo "warning: no OpenBLAS found; install libopenblas0-pthread (or set TABLORA_BLAS), MLX will be slow"; fi
 endif
+
+postgres:  ## install PostgreSQL for `make server` and its tests where we can (root + apt)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing postgresql (the tracking server's database; its tests need it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "note: no PostgreSQL found; \`make server\` needs it (apt-get install postgresql, brew install postgresql)"; fi
 
 demo: setup  ## the main job on the embedded model: baselines, fine-tune, evaluate, compare
 	$(VENV)/bin/tablora batch params/demo
@@ -54,9 +62,13 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/train_speed.py
 	$(PY) bench/eval_speed.py
 	$(PY) bench/demo.py
+	$(PY) bench/batch_scale.py
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port 5000
+
+server: setup  ## shared MLflow server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (.cache/server)
+	$(VENV)/bin/tablora server
 
 lab: setup  ## JupyterLab on 127.0.0.1:8888 with the notebooks
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks/

@@ -392,3 +392,47 @@ def test_a_killed_batch_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     steps = [m.step for m in client.get_metric_history(rid, "train_loss")]
     assert sorted(steps) == list(range(1, 151))  # each step once, before and after the kill
     assert "test_accuracy" in client.get_run(rid).data.metrics
+
+
+# ---------------------------------------------------------------- tasks on another machine
+
+
+def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_path, monkeypatch):
+    """The batch draws the split once; a worker whose copy of the data file differs must not
+    train on other rows under the same model name."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from helpers import tracking
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"age": rng.normal(50, 10, 60).round(3),
+                          "outcome": ["sick", "well"] * 30})
+    folder = tmp_path / "params"
+    folder.mkdir()
+    table.to_csv(folder / "data.csv", index=False)
+    (folder / "m.yaml").write_text("experiment: batch-test\ndataset:\n  source: data.csv\n"
+                                   "  target: outcome\n  positive_label: sick\n")
+    with isolated(tmp_path):
+        (job,) = batch.plan_jobs([folder / "m.yaml"])
+        exp_id = tracking.setup("batch-test")
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        b = batch._open_batch(client, exp_id, "plan", resume=False)
+        drawn = batch._splits(batch.baseline_groups([job]))[batch.baselines_key(job.params)]
+        # This "worker" reads another version of the file.
+        table.loc[0, "age"] += 1
+        table.to_csv(folder / "data.csv", index=False)
+        task = batch.ModelTask(b.ref(), "m", "[1/1]", "m", job.params, b.model_tags(job),
+                               *drawn)
+        outcome = batch.model_task(task)
+    theirs = outcome.cause.split("split hash ")[1].split()[0]
+    assert outcome.status == "failed" and theirs != drawn[0]
+    assert outcome.cause.startswith(f"SplitMismatch: split hash {theirs} on ")
+    assert f"differs from the batch's {drawn[0]}: this machine's {folder / 'data.csv'} is not " \
+           "the data the batch split" in outcome.cause
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[contract.TAG_TASK] == "m"
+    assert run.data.tags[contract.TAG_ERROR].startswith("SplitMismatch: split hash")
+    assert not (tmp_path / "runs" / b.batch_id / "m" / "train.ipynb").exists()  # nothing ran

@@ -187,6 +187,23 @@ def test_split_deterministic_and_saved(tmp_path, cache, monkeypatch):
     assert d.split_hash != a.split_hash and d.split["test"] != a.split["test"]
 
 
+def test_a_split_drawn_elsewhere_is_used_as_is(tmp_path, monkeypatch):
+    """What a batch worker does: check the table's hash, then take the batch's rows."""
+    params = make_params(tmp_path)
+    drawn = data.prepare(params)
+    assert data.table_split_hash(params) == drawn.split_hash
+    # The batch's machine drew other rows (say, another scikit-learn): this machine uses them.
+    doc = json.loads(drawn.split_file.read_text())
+    train, test = doc["split"]["train"], doc["split"]["test"]
+    doc["split"]["train"], doc["split"]["test"] = test + train[9:], train[:9]
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "worker")
+    path = data.install_split(json.dumps(doc), drawn.split_hash)
+    assert path == tmp_path / "worker" / "splits" / drawn.split_hash / "split.json"
+    assert data.prepare(params).split["test"] == doc["split"]["test"] != drawn.split["test"]
+    with pytest.raises(data.DataError, match="labelled"):
+        data.install_split(json.dumps(doc), "0" * 16)
+
+
 def test_split_partitions_and_stratifies(tmp_path):
     p = data.prepare(make_params(tmp_path))
     ids = [i for s in data.SPLITS for i in p.split[s]]

@@ -101,7 +101,15 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from helpers.workflow import batch
 
     return batch.run(a.paths, seeds=a.seeds, only=a.only, resume=a.resume, dry_run=a.dry_run,
-                     compare=not a.no_compare)
+                     compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0)
+
+
+def cmd_server(a: argparse.Namespace) -> int:
+    from helpers.workflow import server
+
+    return server.serve(db=a.db or "", host=a.host, port=a.port, artifacts=a.artifacts,
+                        db_port=a.db_port or 0, workers=a.workers or 0,
+                        allowed_hosts=a.allowed_hosts or "")
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -171,7 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this model (repeatable)")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides the files)")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="tcp://HOST:8786",
+                       help="run the models on this Dask scheduler's workers (started as `dask "
+                       "worker tcp://HOST:8786 --nthreads 1 --resources model=1`)")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run the models on N worker processes of this machine (a Dask "
+                       "LocalCluster)")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("server", help="a shared MLflow tracking server over PostgreSQL, "
+                       "artifacts proxied (for batches on several machines)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (0.0.0.0: reachable from other machines)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--db", metavar="URL", help="a PostgreSQL database, e.g. "
+                   "postgresql+psycopg://user:pass@host:5432/mlflow (default: a cluster of "
+                   "its own in .cache/server/postgres, made and started here)")
+    p.add_argument("--db-port", type=int, help="port of that own cluster (default: free)")
+    p.add_argument("--artifacts", type=Path,
+                   help="where the server keeps artifacts (default .cache/server/artifacts)")
+    p.add_argument("--workers", type=int, help="server worker processes (MLflow's default: 4)")
+    p.add_argument("--allowed-hosts", help="Host headers to accept beyond localhost and "
+                   "private IPs, e.g. mlflow.lab.example:5000 (MLflow's --allowed-hosts)")
+    p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("compare", help="tables, statistics and plots from the MLflow runs")
     p.add_argument("--experiment", default="tablora")

@@ -40,6 +40,8 @@ TAG_ERROR = "tablora.error"  # why a run FAILED, one line
 TAG_ERROR_CELL = "tablora.error_cell"  # the first line of the notebook cell that failed
 TAG_PLAN_HASH = "tablora.plan_hash"  # which batch command a parent run ran (--resume)
 TAG_BASELINES_KEY = "tablora.baselines_key"  # which split group a baselines run belongs to
+TAG_TASK = "tablora.task"  # the batch task a run was made by: every attempt of it carries it
+TAG_WORKER = "tablora.worker"  # where the run ran: the Dask worker's address, host and pid
 TAG_ADAPTER_DIR = "tablora.adapter_dir"  # the adapter an evaluation scored
 TAG_STOPPED_EARLY = "tablora.stopped_early"
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
@@ -98,6 +100,9 @@ ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
 # Set by helpers.workflow.notebooks.execute: the runs a notebook opens are listed in this file,
 # one id a line, so that the executed notebook can be attached to them once the kernel is done.
 ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"
+# Set by a batch task on a worker: a JSON object of tags that every run its notebooks start carry
+# (the task, the worker, the baselines key), since those runs are made inside the kernel.
+ENV_RUN_TAGS = "TABLORA_RUN_TAGS"
 # Set by helpers.workflow.notebooks.execute: "host:pid" of the command that started the kernel,
 # the owner (TAG_OWNER) of the runs the kernel opens.
 ENV_OWNER = "TABLORA_OWNER"

@@ -557,6 +557,24 @@ def prepare(params: Params) -> Prepared:
     return prepared
 
 
+def table_split_hash(params: Params) -> str:
+    """The split hash of the table as this machine reads it: what prepare() would key its split
+    by. A batch worker compares it with the batch's before it trains on anything."""
+    return split_hash(_with_row_ids(load_source(params), describe_source(params)), params)
+
+
+def install_split(split_json: str, shash: str) -> Path:
+    """Keep a split computed elsewhere (the batch's machine) as this machine's split of `shash`,
+    so that prepare() loads those rows instead of drawing them again; returns the file."""
+    path = config.CACHE_DIR / "splits" / shash / "split.json"
+    if json.loads(split_json).get("split_hash") != shash:
+        raise DataError(f"the split sent for hash {shash} is labelled "
+                        f"{json.loads(split_json).get('split_hash')!r}: not installing it")
+    if not path.is_file() or path.read_text(encoding="utf-8") != split_json:
+        _atomic_write(path, split_json)
+    return path
+
+
 def _save_split(path: Path, split: dict[str, list], shash: str, params: Params,
                 origin: str) -> None:
     spec = params.dataset

@@ -27,6 +27,7 @@ from helpers.contract import (
     ENV_OWNER,
     ENV_PARENT_RUN_ID,
     ENV_RUN_IDS_FILE,
+    ENV_RUN_TAGS,
     ERROR_FILE,
     KIND_LLM,
     SPLITS,
@@ -322,7 +323,9 @@ def _note_run_id(run_id: str) -> None:
 
 
 def _batch_tags() -> dict[str, str]:
-    tags = {}
+    import json
+
+    tags = {str(k): str(v) for k, v in json.loads(os.environ.get(ENV_RUN_TAGS) or "{}").items()}
     if os.environ.get(ENV_BATCH_ID):
         tags[TAG_BATCH_ID] = os.environ[ENV_BATCH_ID]
     if os.environ.get(ENV_PARENT_RUN_ID):

@@ -4,6 +4,12 @@ A batch is one MLflow parent run (tablora.kind=batch) with a child run per model
 baselines run once per distinct split, then the comparison. A model that fails is recorded (FAILED
 run, cause in a tag, the executed notebook as an artifact) and the batch goes on; the summary at
 the end says which failed and why, and the exit code is non-zero when any did.
+
+The models and the baselines are tasks for a workflow.executor: here one after another, or on a
+Dask cluster (`--cluster`, `--workers`). A task gets everything it needs as picklable arguments
+(the resolved params, the batch's MLflow ids and tracking URI, the split the batch drew) and
+makes its own MLflow run, so it runs the same on another machine; a run whose worker died is
+ended KILLED by the batch once its task has run again elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 from helpers import config, contract, tracking
 from helpers.config import Params, ParamsError, load_params
-from helpers.workflow import notebooks
+from helpers.workflow import executor, notebooks
 
 MODEL_NOTEBOOKS = ("train", "evaluate")
 # Every notebook the batch runs must declare these (see docs/ARCHITECTURE.md).
@@ -53,6 +59,7 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # notebook -> wall time
     cause: str = ""
     note: str = ""
+    worker: str = ""  # where it ran (executor.where())
 
     @property
     def total_seconds(self) -> float:
@@ -275,11 +282,77 @@ class Batch:
                          **tracking.model_tags(p.model_id)})
         return tags
 
+    def ref(self, quiet: bool = False) -> BatchRef:
+        return BatchRef(self.batch_id, self.experiment_id, self.parent_id,
+                        tracking.tracking_uri(), quiet)
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A Batch as a task carries it to a worker: ids and the tracking URI, no client."""
+
+    batch_id: str
+    experiment_id: str
+    parent_id: str
+    tracking_uri: str
+    quiet: bool = False  # notebook output to a log file (on a cluster), not the terminal
+
+    def open(self) -> Batch:
+        """The Batch on the machine that runs the task. The worker's own MLFLOW_TRACKING_URI
+        wins (the batch's may name a host as only the batch's machine sees it); either way the
+        store must hold the batch's parent run."""
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or self.tracking_uri
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the notebook kernels inherit it
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        try:
+            client.get_run(self.parent_id)
+        except Exception as e:  # noqa: BLE001 - any store error means the same fix
+            raise RuntimeError(
+                f"{executor.where()}: the MLflow store {uri} has no run {self.parent_id} (batch "
+                f"{self.batch_id}; {type(e).__name__}): set MLFLOW_TRACKING_URI on this worker "
+                f"to the batch's tracking server ({self.tracking_uri})") from None
+        return Batch(self.batch_id, self.experiment_id, self.parent_id,
+                     config.RUNS_DIR / self.batch_id, client)
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """One model run, as sent to whichever worker runs it."""
+
+    batch: BatchRef
+    task: str  # unique in the batch: tag tablora.task of every attempt's run
+    counter: str  # "[2/5]"
+    run_name: str
+    params: Params
+    tags: dict[str, str]
+    split_hash: str  # drawn by the batch; "" when its data did not load there
+    split_json: str
+    # --resume: the interrupted (KILLED) run to continue, and the notebooks it still needs.
+    resume_run_id: str = ""
+    notebooks: tuple[str, ...] = MODEL_NOTEBOOKS
+
+
+@dataclass(frozen=True)
+class BaselinesTask:
+    batch: BatchRef
+    task: str
+    group: BaselineGroup
+    split_hash: str
+    split_json: str
+
+
+class SplitMismatch(RuntimeError):
+    """The worker reads other data than the batch split: its runs would not be comparable."""
+
 
 def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = None,
-        resume: bool = False, dry_run: bool = False, compare: bool = True) -> int:
+        resume: bool = False, dry_run: bool = False, compare: bool = True,
+        cluster: str = "", workers: int = 0) -> int:
     """Plan the batch of `paths` (files or folders) and run it (or print the plan); returns the
-    exit code: 1 when any model failed."""
+    exit code: 1 when any model failed. cluster/workers: see executor.connect."""
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
@@ -288,7 +361,8 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
         print(format_plan(jobs, groups, experiment, compare, skips))
         return 0
     _preflight()
-    return run_batch(jobs, groups, experiment, resume=resume, compare=compare)
+    return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
+                     workers=workers)
 
 
 def _preflight() -> None:
@@ -302,35 +376,44 @@ def _preflight() -> None:
 
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
-              resume: bool = False, compare: bool = True) -> int:
+              resume: bool = False, compare: bool = True, cluster: str = "",
+              workers: int = 0) -> int:
     import mlflow
 
     t0 = time.perf_counter()
     # Create the store and the experiment here, once: kernels creating a new SQLite store at the
-    # same time crash in its schema set-up. setup() also exports the absolute tracking URI.
+    # same time crash in its schema set-up. setup() also exports the absolute tracking URI (and
+    # LocalCluster workers, started below, inherit it).
     exp_id = tracking.setup(experiment)
     client = mlflow.MlflowClient()
-    # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
-    for rid in tracking.mark_stale_runs(exp_id):
-        print(f"run {rid}: its process is gone: marked KILLED", flush=True)
-    batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
-    print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
-          f"executed notebooks in {batch.out_dir}", flush=True)
-    outcomes: list[Outcome] = []
-    baseline_outcomes: list[Outcome] = []
-    compare_outcome: Outcome | None = None
+    ex = executor.connect(cluster, workers)
     try:
-        with _batch_env(batch):
-            baseline_outcomes = [_run_baselines(batch, g, resume) for g in groups]
-            for i, job in enumerate(jobs, 1):
-                outcomes.append(_run_model(batch, job, f"[{i}/{len(jobs)}]", resume))
-            if compare:
-                compare_outcome = _run_compare(batch, jobs)
-    except KeyboardInterrupt:
-        client.set_terminated(batch.parent_id, "KILLED")
-        raise
+        if ex.parallel:
+            print(ex.describe(), flush=True)
+            _warn_local_store(cluster)
+        splits = _splits(groups)
+        # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
+        for rid in tracking.mark_stale_runs(exp_id):
+            print(f"run {rid}: its process is gone: marked KILLED", flush=True)
+        batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
+        print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
+              f"executed notebooks in {batch.out_dir}", flush=True)
+        compare_outcome: Outcome | None = None
+        try:
+            with _batch_env(batch):
+                outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
+                                                         resume)
+                if compare:
+                    compare_outcome = _run_compare(batch, jobs)
+        except KeyboardInterrupt:
+            ex.close()  # a LocalCluster's workers stop; a remote cluster's tasks are cancelled
+            _reap(batch, why="the batch was interrupted while it ran on {worker}")
+            client.set_terminated(batch.parent_id, "KILLED")
+            raise
+    finally:
+        ex.close()
     summary = Summary(batch.batch_id, experiment, outcomes, baseline_outcomes, compare_outcome,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, workers=ex.parallel)
     _log_summary(batch, summary)
     print()
     print(summary.text())
@@ -341,6 +424,136 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
     print(f"\nBrowse the runs:    make ui   then http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
           f"\nOpen the notebooks: make lab  (this batch's executed copies: {batch.out_dir})")
     return 1 if summary.failed else 0
+
+
+def _warn_local_store(cluster: str) -> None:
+    """Workers on other machines cannot write into this machine's SQLite file or loopback."""
+    from urllib.parse import urlparse
+
+    uri = tracking.tracking_uri()
+    host = urlparse(uri).hostname or ""
+    if cluster and (uri.startswith(("sqlite:", "file:")) or host in ("127.0.0.1", "localhost")):
+        print(f"note: MLflow store {uri} is only reachable from this machine: workers on other "
+              "machines need MLFLOW_TRACKING_URI set to a tracking server they can reach "
+              "(`tablora server --host 0.0.0.0`, see README: several machines)", flush=True)
+
+
+def _splits(groups: list[BaselineGroup]) -> dict[str, tuple[str, str]]:
+    """Each distinct split drawn here, once: group key -> (split hash, split file). Workers check
+    the hash against their copy of the data and use these rows. A split whose data does not
+    load here gets ("", ""): its notebooks fail with the data's own message, as they would
+    without a batch."""
+    from helpers import data
+
+    out: dict[str, tuple[str, str]] = {}
+    for group in groups:
+        try:
+            prepared = data.prepare(group.params)
+            out[group.key] = (prepared.split_hash, prepared.split_file.read_text("utf-8"))
+        except Exception:  # noqa: BLE001 - reported by the notebooks, per model
+            out[group.key] = ("", "")
+    return out
+
+
+def _task_labels(jobs: list[Job]) -> list[str]:
+    """A label per job, unique in the batch (the run name, numbered when two jobs share it)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for job in jobs:
+        seen[job.run_name] = seen.get(job.run_name, 0) + 1
+        n = seen[job.run_name]
+        labels.append(job.run_name if n == 1 else f"{job.run_name}#{n}")
+    # tablora.task values go inside MLflow filter strings
+    return [label.replace("'", "_") for label in labels]
+
+
+def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
+               groups: list[BaselineGroup], splits: dict[str, tuple[str, str]],
+               resume: bool) -> tuple[list[Outcome], list[Outcome]]:
+    """The baselines of each split and every model, as tasks of `ex`; outcomes in plan order.
+    What needs no worker (a broken params file, a run --resume skips) is settled here."""
+    ref = batch.ref(quiet=ex.parallel)
+    results: dict[str, Outcome] = {}
+    base_labels = [f"baselines {g.key}" for g in groups]
+    for label, group in zip(base_labels, groups, strict=True):
+        settled = _baselines_settled(batch, group, resume)
+        if settled is not None:
+            results[label] = settled
+        else:
+            ex.submit(baselines_task, BaselinesTask(ref, label, group, *splits[group.key]),
+                      label=label)
+    labels = _task_labels(jobs)
+    for i, (label, job) in enumerate(zip(labels, jobs, strict=True), 1):
+        counter = f"[{i}/{len(jobs)}]"
+        settled = _run_model(batch, job, counter, resume)
+        if settled is not None:
+            results[label] = settled
+            continue
+        task = ModelTask(ref, label, counter, job.run_name, job.params, batch.model_tags(job),
+                         *splits[baselines_key(job.params)], *_continued(batch, job, counter,
+                                                                            resume))
+        ex.submit(model_task, task, label=label)
+    total = len(jobs) + len(groups)
+    for event in ex.events():
+        if event.kind == "started":
+            if ex.parallel:
+                print(f"{_progress(results, total, ex)} {event.label}: started on "
+                      f"{event.worker}", flush=True)
+            continue
+        outcome = event.result
+        if outcome is None:  # the task raised on every try, or its workers kept dying
+            outcome = Outcome(_outcome_label(event.label, jobs, labels), status="failed",
+                              cause=f"the task failed: {event.error}")
+        if event.result is None:
+            again = f"the task gave up: {event.error}"
+        else:
+            again = "the task ran again" + (f" as run {outcome.run_id}" if outcome.run_id else "")
+        reaped = _reap(batch, task=event.label, keep=outcome.run_id,
+                       why=f"its worker ({{worker}}) was lost mid-run; {again}")
+        if not outcome.run_id and reaped:
+            outcome.run_id = reaped[0].info.run_id
+        outcome.worker = outcome.worker or event.worker
+        results[event.label] = outcome
+        if ex.parallel:
+            status = outcome.status if outcome.status != "failed" else (
+                f"FAILED: {_short(outcome.cause)}")
+            print(f"{_progress(results, total, ex)} {event.label}: {status} in "
+                  f"{_duration(outcome.total_seconds)} on {outcome.worker or '?'}", flush=True)
+    # Nothing of this batch runs now: a run still RUNNING lost its worker for good.
+    _reap(batch, why="its worker ({worker}) was lost mid-run and the batch ended")
+    return ([results[label] for label in labels],
+            [results[label] for label in base_labels])
+
+
+def _outcome_label(label: str, jobs: list[Job], labels: list[str]) -> str:
+    """The summary's row name of a task's label: the run name, or the baselines label."""
+    return jobs[labels.index(label)].run_name if label in labels else label
+
+
+def _progress(results: dict[str, Outcome], total: int, ex: executor.Executor) -> str:
+    failed = sum(o.status == "failed" for o in results.values())
+    counts = ex.counts()
+    return (f"[{len(results)}/{total} done, {failed} failed, {counts['running']} running, "
+            f"{counts['waiting']} waiting]")
+
+
+def _reap(batch: Batch, task: str = "", keep: str = "", why: str = "") -> list[Any]:
+    """End KILLED the runs of this batch (of one task, or all) that are still RUNNING, but
+    `keep`: their worker died under them (the task ran again as a new run, or the batch is
+    over). Returns them, latest first. `why` may name the run's worker as {worker}."""
+    filt = (f"tags.`{contract.TAG_PARENT}` = '{batch.parent_id}' and "
+            "attributes.status = 'RUNNING'")
+    if task:
+        filt += f" and tags.`{contract.TAG_TASK}` = '{task}'"
+    runs = batch.client.search_runs([batch.experiment_id], filter_string=filt,
+                                    order_by=["attributes.start_time DESC"], max_results=1000)
+    reaped = [r for r in runs if r.info.run_id != keep]
+    for run in reaped:
+        worker = run.data.tags.get(contract.TAG_WORKER, "unknown")
+        batch.client.set_tag(run.info.run_id, contract.TAG_ERROR,
+                             why.replace("{worker}", worker)[:4000])
+        batch.client.set_terminated(run.info.run_id, "KILLED")
+    return reaped
 
 
 def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
@@ -436,26 +649,19 @@ def _resume_skips_readonly(jobs: list[Job], experiment: str) -> dict[str, str]:
     return skips
 
 
-def _open_model_run(batch: Batch, job: Job, counter: str, resume: bool
-                    ) -> tuple[str, tuple[str, ...]]:
-    """The run train.ipynb and evaluate.ipynb write into, and which of them to run: with
-    --resume the latest interrupted (KILLED) run of these params continues, training from its
-    checkpoint (finetune resumes a run's own checkpoint) or, trained already, evaluating only."""
+def _continued(batch: Batch, job: Job, counter: str, resume: bool) -> tuple[str, tuple[str, ...]]:
+    """With --resume, the latest interrupted (KILLED) run of these params continues: training
+    from its checkpoint (finetune resumes a run's own checkpoint) or, trained already,
+    evaluating only. Returns (its run id, the notebooks to run), or ("", all of them)."""
     interrupted = _interrupted_run(batch, job.params.hash()) if resume else None
     if interrupted is None:
-        run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
-                                      tags=batch.model_tags(job))
-        return run.info.run_id, MODEL_NOTEBOOKS
-    run_id = interrupted.info.run_id
-    batch.client.update_run(run_id, status="RUNNING")
-    for key, value in batch.model_tags(job).items():
-        batch.client.set_tag(run_id, key, value)
+        return "", MODEL_NOTEBOOKS
     trained = "final_train_loss" in interrupted.data.metrics
-    names = ("evaluate",) if trained else MODEL_NOTEBOOKS
-    print(f"{counter} {job.run_name}: --resume: continuing interrupted run {run_id} ("
+    print(f"{counter} {job.run_name}: --resume: continuing interrupted run "
+          f"{interrupted.info.run_id} ("
           f"{'trained, evaluating' if trained else 'training from its last checkpoint'})",
           flush=True)
-    return run_id, names
+    return interrupted.info.run_id, ("evaluate",) if trained else MODEL_NOTEBOOKS
 
 
 def _interrupted_run(batch: Batch, params_hash: str) -> Any | None:
@@ -466,7 +672,9 @@ def _interrupted_run(batch: Batch, params_hash: str) -> Any | None:
     return runs[0] if runs else None
 
 
-def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
+def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome | None:
+    """What the batch settles without a worker: a broken params file, a run --resume skips;
+    None when the model must run (model_task)."""
     outcome = Outcome(job.run_name)
     if job.params is None:
         return _broken_file(batch, job, counter, outcome)
@@ -477,25 +685,102 @@ def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
                 _skip_note(done))
             print(f"{counter} {job.run_name}: skipped (--resume: {outcome.note})", flush=True)
             return outcome
-    outcome.run_id, names = _open_model_run(batch, job, counter, resume)
-    batch.beating[1:] = [outcome.run_id]
-    for name in names:
-        print(f"{counter} {job.run_name}: {name} ...", flush=True)
-        output = batch.out_dir / job.run_name / f"{name}.ipynb"
-        error = _execute(batch, outcome, name, job.params, outcome.run_id, output)
-        _log_notebook(batch, outcome.run_id, output)
-        secs = outcome.seconds[name]
-        if error is not None:
-            _fail(batch, outcome, error)
-            print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s FAILED: "
-                  f"{_short(outcome.cause)}", flush=True)
+    return None
+
+
+def model_task(task: ModelTask) -> Outcome:
+    """One model: its MLflow run, train.ipynb then evaluate.ipynb, on whichever machine runs
+    the task (a Dask worker, or here). Each attempt makes its own run."""
+    batch = task.batch.open()
+    outcome = Outcome(task.run_name, worker=executor.where())
+    run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker}
+    # The process that runs the task owns the run (its heartbeat; stale when it dies).
+    tags = {**task.tags, **_owner_tags(), **run_tags}
+    if task.resume_run_id:
+        outcome.run_id = task.resume_run_id
+        batch.client.update_run(outcome.run_id, status="RUNNING")
+        for key, value in tags.items():
+            batch.client.set_tag(outcome.run_id, key, value)
+    else:  # the task creates the run so that train.ipynb and evaluate.ipynb both write into it
+        outcome.run_id = batch.client.create_run(batch.experiment_id, run_name=task.run_name,
+                                                 tags=tags).info.run_id
+    log = batch.out_dir / task.run_name / "output.log"
+    with (tracking.heartbeat([outcome.run_id]),
+          _task_env(batch, task.batch.quiet, run_tags, log, outcome.run_id)):
+        mismatch = _split_mismatch(task.params, task.split_hash, task.split_json)
+        if mismatch is not None:
+            _fail(batch, outcome, mismatch)
+            print(f"{task.counter} {task.run_name}: FAILED: {_short(outcome.cause)}",
+                  flush=True)
             return outcome
-        print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s ok", flush=True)
+        for name in task.notebooks:
+            print(f"{task.counter} {task.run_name}: {name} ...", flush=True)
+            output = batch.out_dir / task.run_name / f"{name}.ipynb"
+            error = _execute(batch, outcome, name, task.params, outcome.run_id, output)
+            _log_notebook(batch, outcome.run_id, output)
+            secs = outcome.seconds[name]
+            if error is not None:
+                _fail(batch, outcome, error)
+                print(f"{task.counter} {task.run_name}: {name} ... {secs:.0f}s FAILED: "
+                      f"{_short(outcome.cause)}", flush=True)
+                return outcome
+            print(f"{task.counter} {task.run_name}: {name} ... {secs:.0f}s ok", flush=True)
     outcome.status = "ok"
     # A notebook that did not end the run itself leaves it RUNNING forever in the UI.
     if batch.client.get_run(outcome.run_id).info.status == "RUNNING":
         batch.client.set_terminated(outcome.run_id, "FINISHED")
     return outcome
+
+
+def _split_mismatch(params: Params, expected: str, split_json: str) -> SplitMismatch | None:
+    """The batch drew the split once: this machine must read the same table (same hash), and
+    then uses the batch's rows. None when all is well (or the batch could not load the data:
+    the notebook then fails with the data's own message)."""
+    from helpers import data
+
+    if not expected:
+        return None
+    try:
+        actual = data.table_split_hash(params)
+    except Exception:  # noqa: BLE001 - the notebook reports the data error itself
+        return None
+    if actual != expected:
+        return SplitMismatch(
+            f"split hash {actual} on {executor.where()} differs from the batch's {expected}: "
+            f"this machine's {data.describe_source(params)} is not the data the batch split; "
+            "give every worker the same file (and dataset settings)")
+    data.install_split(split_json, expected)
+    return None
+
+
+@contextmanager
+def _task_env(batch: Batch, quiet: bool, run_tags: dict[str, str], log: Path,
+              log_run_id: str) -> Iterator[None]:
+    """Around a task on its worker: the batch's environment for the kernels, tags for every run
+    they start, and (on a cluster) the notebooks' output in a log file, attached to the run."""
+    import contextlib
+    import sys
+
+    saved = os.environ.get(contract.ENV_RUN_TAGS)
+    os.environ[contract.ENV_RUN_TAGS] = json.dumps(run_tags)
+    try:
+        with _batch_env(batch), contextlib.ExitStack() as stack:
+            if quiet:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                f = stack.enter_context(open(log, "w", encoding="utf-8"))
+                stack.enter_context(contextlib.redirect_stdout(f))
+                stack.enter_context(contextlib.redirect_stderr(f))
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+    finally:
+        if saved is None:
+            os.environ.pop(contract.ENV_RUN_TAGS, None)
+        else:
+            os.environ[contract.ENV_RUN_TAGS] = saved
+        if quiet and log.is_file():
+            batch.client.log_artifact(log_run_id, str(log), contract.ARTIFACT_NOTEBOOKS)
 
 
 def _execute(batch: Batch, outcome: Outcome, name: str, params: Params,
@@ -556,7 +841,8 @@ def _log_notebook(batch: Batch, run_id: str, output: Path) -> None:
         batch.client.log_artifact(run_id, str(output), contract.ARTIFACT_NOTEBOOKS)
 
 
-def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
+def _baselines_settled(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome | None:
+    """Baselines that need no worker (no notebook, or --resume finds them done); else None."""
     outcome = Outcome(f"baselines {group.key}")
     if _notebook_file("baselines") is None:
         outcome.status, outcome.note = "skipped", "notebooks/baselines.ipynb not found"
@@ -566,23 +852,39 @@ def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
         outcome.status, outcome.note = "skipped", "--resume: already in this batch"
         print(f"baselines {group.key}: skipped ({outcome.note})", flush=True)
         return outcome
-    print(f"baselines {group.key}: {_describe_split(group.params)} ...", flush=True)
-    started_ms = int(time.time() * 1000)
+    return None
+
+
+def baselines_task(task: BaselinesTask) -> Outcome:
+    """The baselines notebook of one split, on whichever machine runs the task."""
+    batch, group = task.batch.open(), task.group
+    outcome = Outcome(f"baselines {group.key}", worker=executor.where())
+    run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker,
+                contract.TAG_BASELINES_KEY: group.key}
     output = batch.out_dir / "baselines" / f"baselines-{group.key}.ipynb"
-    # baselines.ipynb nests its runs under `run_id` and tags them with `batch_id`; the batch
-    # environment (TABLORA_*) covers a notebook that declares neither.
-    extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
-    run_id = batch.parent_id if "batch_id" in extra else ""
-    error = _execute(batch, outcome, "baselines", group.params, run_id, output, **extra)
-    _log_notebook(batch, batch.parent_id, output)
-    _tag_new_baseline_runs(batch, group.key, started_ms)
-    secs = outcome.seconds["baselines"]
-    if error is None:
-        outcome.status = "ok"
-        print(f"baselines {group.key}: {secs:.0f}s ok", flush=True)
-        return outcome
-    _baselines_failed(batch, group, outcome, error)
-    print(f"baselines {group.key}: {secs:.0f}s FAILED: {_short(outcome.cause)}", flush=True)
+    with _task_env(batch, task.batch.quiet, run_tags, output.with_suffix(".log"),
+                   batch.parent_id):
+        print(f"baselines {group.key}: {_describe_split(group.params)} ...", flush=True)
+        started_ms = int(time.time() * 1000)
+        error: BaseException | None = _split_mismatch(group.params, task.split_hash,
+                                                      task.split_json)
+        if error is None:
+            # baselines.ipynb nests its runs under `run_id` and tags them with `batch_id`; the
+            # batch environment (TABLORA_*) covers a notebook that declares neither.
+            extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
+            run_id = batch.parent_id if "batch_id" in extra else ""
+            error = _execute(batch, outcome, "baselines", group.params, run_id, output,
+                             **extra)
+            _log_notebook(batch, batch.parent_id, output)
+            _tag_new_baseline_runs(batch, group.key, started_ms)
+        secs = outcome.seconds.get("baselines", 0.0)
+        if error is None:
+            outcome.status = "ok"
+            print(f"baselines {group.key}: {secs:.0f}s ok", flush=True)
+            return outcome
+        _baselines_failed(batch, group, outcome, error)
+        print(f"baselines {group.key}: {secs:.0f}s FAILED: {_short(outcome.cause)}",
+              flush=True)
     return outcome
 
 
@@ -683,6 +985,7 @@ class Summary:
     baselines: list[Outcome]
     compare: Outcome | None
     seconds: float
+    workers: bool = False  # ran on a cluster: the table says where each model ran
 
     @property
     def failed(self) -> list[Outcome]:
@@ -704,11 +1007,11 @@ class Summary:
                  + f", total {_duration(self.seconds)}"]
         width = max([len(o.label) for o in self.models + self.baselines] + [8])
         head = f"  {'model':<{width}}  {'status':<7}  {'train':>7}  {'evaluate':>8}  {'total':>7}"
-        lines.append(head + "  run")
+        lines.append(head + "  run" + ("  worker" if self.workers else ""))
         for o in self.models + self.baselines:
             lines.append(f"  {o.label:<{width}}  {o.status:<7}  {_secs(o, 'train'):>7}  "
                          f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
-                         f"{o.run_id or '-'}")
+                         f"{o.run_id or '-'}" + (f"  {o.worker or '-'}" if self.workers else ""))
         if self.compare is not None:
             lines.append(f"  compare: {self.compare.status} in "
                          f"{_duration(self.compare.total_seconds)}")
@@ -722,7 +1025,7 @@ class Summary:
             return {"name": o.label, "status": o.status, "run_id": o.run_id,
                     "seconds": {k: round(v, 1) for k, v in o.seconds.items()},
                     "total_seconds": round(o.total_seconds, 1), "cause": o.cause,
-                    "note": o.note}
+                    "note": o.note, "worker": o.worker}
 
         return {"batch_id": self.batch_id, "experiment": self.experiment,
                 "success_rate": self.success_rate, "n_models": len(self.models),
