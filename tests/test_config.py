@@ -95,7 +95,7 @@ def test_defaults_file_is_merged_under_the_model_file(tmp_path):
     assert p.name == "small"  # the file name when the file has none
     assert (p.num_iters, p.batch_size) == (7, 8)
     assert (p.dataset.test_size, p.dataset.split_seed) == (0.3, 3)
-    assert p.dataset.target == "target"  # untouched section keys keep their defaults
+    assert p.dataset.source == "builtin:breast_cancer"  # untouched section keys keep defaults
 
 
 def test_typo_in_the_defaults_file_names_that_file(tmp_path):

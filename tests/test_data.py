@@ -315,12 +315,11 @@ def test_missing_is_unknown_by_default(tmp_path):
 def test_jinja_templates_inline_and_file(tmp_path):
     inline = "Age {{ age }}; {% for it in items %}{{ it.description }}={{ it.value }} {% endfor %}"
     p = data.prepare(make_params(tmp_path, **{"prompt.template": inline,
-                                              "prompt.task_description": "",
                                               "dataset.feature_descriptions": {"age": "Age"}}))
     row = table().iloc[0]
     bmi = data.format_number(row["bmi"], 3)
     expected = f"Age {row['age']}; Age={row['age']} bmi={bmi} smoker={row['smoker']}"
-    assert first_user_text(p).split("\n\n")[0] == expected
+    assert first_user_text(p).split("\n\n")[1] == expected
 
     (tmp_path / "row.j2").write_text("BMI {{ row['bmi'] }}\n")
     q = data.prepare(make_params(tmp_path, **{"prompt.template": "row.j2"}))

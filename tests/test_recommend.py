@@ -204,13 +204,14 @@ def test_params_round_trip_from_mlflow_strings(tmp_path):
     """What tracking.log_params logs (strings, repr of lists) comes back as a loadable file."""
     import yaml
 
-    from helpers.config import Params
+    from helpers.config import DatasetSpec, Params
 
-    p = Params(name="x", learning_rate=8e-7, seeds=[0, 1], lora_alpha=32.0)
+    p = Params(name="x", learning_rate=8e-7, seeds=[0, 1], lora_alpha=32.0, num_epochs=2.5,
+               dataset=DatasetSpec(positive_label="malignant", value_labels={"a": {0: "no"}}))
     flat = {k: str(v if not isinstance(v, (list, dict)) else repr(v))
             for k, v in p.flat().items()} | {"lora_scale": "4.0"}
     back = config.params_from_flat(flat)
     assert back["learning_rate"] == 8e-7 and back["seeds"] == [0, 1] and "lora_scale" not in back
-    assert back["dataset"]["positive_label"] == "malignant"
+    assert back["dataset"]["positive_label"] == "malignant" and back["num_epochs"] == 2.5
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(back))
     assert load_params(tmp_path / "x.yaml") == p
