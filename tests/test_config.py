@@ -141,3 +141,23 @@ def test_cli_prepare_missing_file_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "missing.yaml: params file not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_one_training_budget_num_iters_or_num_epochs(tmp_path):
+    from helpers.config import DEFAULT_EPOCHS
+
+    assert load_params(write(tmp_path / "a.yaml", "name: a\n")).budget == (
+        "num_epochs", DEFAULT_EPOCHS)
+    with pytest.raises(ParamsError, match="both set: keep one of them"):
+        load_params(write(tmp_path / "b.yaml", "num_iters: 5\nnum_epochs: 2\n"))
+    # A model file's num_epochs replaces the defaults file's num_iters (and the reverse).
+    folder = tmp_path / "round"
+    write(folder / "_defaults.yaml", "num_iters: 600\n")
+    assert load_params(write(folder / "m.yaml", "num_epochs: 2.5\n")).budget == (
+        "num_epochs", 2.5)
+    p = load_params(write(folder / "n.yaml", "batch_size: 2\n"))
+    assert p.budget == ("num_iters", 600)
+    assert p.replace(num_epochs=1).budget == ("num_epochs", 1.0)
+    assert p.replace(num_epochs=1).replace(num_iters=7).budget == ("num_iters", 7)
+    with pytest.raises(ParamsError, match="num_epochs"):
+        load_params(write(tmp_path / "c.yaml", "num_epochs: -1\n"))

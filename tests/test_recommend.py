@@ -4,6 +4,7 @@ files."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from helpers import config
 from helpers.analysis import recommend as rec
@@ -215,3 +216,17 @@ def test_params_round_trip_from_mlflow_strings(tmp_path):
     assert back["dataset"]["positive_label"] == "malignant" and back["num_epochs"] == 2.5
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(back))
     assert load_params(tmp_path / "x.yaml") == p
+
+
+def test_a_run_budgeted_in_epochs_gets_more_epochs_not_steps():
+    changes = {"num_iters": rec.times("num_iters", 1.5)}
+    new, lines = rec.apply_changes({"num_iters": 0, "num_epochs": 2.0, "batch_size": 4}, changes)
+    assert (new["num_iters"], new["num_epochs"]) == (0, 3.0)
+    assert lines == ["num_epochs: 2.0 → 3.0 (×1.5)"]
+    new, _ = rec.apply_changes({"num_iters": 0, "num_epochs": 2.0},
+                               {"num_iters": rec.set_to("num_iters", 120)})
+    assert (new["num_iters"], new["num_epochs"]) == (120, 0.0)
+    r = RunRecord("m", metrics={"train_seconds": 100.0, "train_steps": 200})
+    seconds, note = rec.estimate_seconds(r, {"num_iters": 0, "num_epochs": 2.0, "batch_size": 4},
+                                         {"num_iters": 0, "num_epochs": 3.0, "batch_size": 4})
+    assert seconds == pytest.approx(150) and "300 iters" in note
