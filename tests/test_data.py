@@ -402,7 +402,8 @@ def test_cli_prepare_prints_summary(tmp_path, capsys, monkeypatch):
     assert cli.main(["prepare", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
     for needle in ("split hash:", "train:", "valid:", "test:", "positive", "duplicates:",
-                   "prompt tokens: min", "--- example 1", "--- example 2"):
+                   "prompt tokens: min", "--- example 1", "--- example 2", "wording:",
+                   "Is the outcome sick? Answer Yes or No."):
         assert needle in out
 
 

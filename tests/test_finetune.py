@@ -171,7 +171,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
     lrs = [schedule(mx.array(s)).item() for s in range(13)]
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
-    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3,
+                                                         lr_schedule="constant")) == 1e-3
 
 
 def test_num_epochs_is_a_budget_in_passes_over_the_training_rows(toy):

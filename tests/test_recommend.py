@@ -28,7 +28,7 @@ def record(name: str = "m", size: str = "", params: dict | None = None, **metric
                      params=params if params is not None else {
                          "name": name, "model_id": f"org/{name}", "learning_rate": 1e-5,
                          "num_iters": 200, "batch_size": 2, "lora_rank": 8,
-                         "lora_alpha": 16.0})
+                         "lora_alpha": 16.0, "threshold_mode": "fixed"})
 
 
 def fired(r: RunRecord) -> set[str]:

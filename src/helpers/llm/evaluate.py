@@ -28,6 +28,7 @@ from helpers.contract import (
     THRESHOLD_FIXED,
     THRESHOLD_METRICS,
     THRESHOLD_SOURCE_TAGS,
+    THRESHOLD_SOURCES,
     THRESHOLD_VALID,
 )
 from helpers.llm import scoring
@@ -261,7 +262,8 @@ def comparison_table(results: dict[str, Result]) -> Any:
                 continue
             low, high = (r.metrics.get(f"{r.prefix}_{m}_ci_{b}") for b in ("low", "high"))
             col[m] = f"{v:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
-        col["threshold"] = "" if math.isnan(r.threshold) else f"{r.threshold:.3f}"
+        col["threshold"] = "" if math.isnan(r.threshold) else (
+            f"{r.threshold:.3f} ({THRESHOLD_SOURCES[r.threshold_source]})")
         columns[LABELS[key]] = col
     return pd.DataFrame(columns)
 
