@@ -100,6 +100,10 @@ def test_one_threshold_rule_for_every_model(demo):
     assert tuned.threshold_source == contract.THRESHOLD_OOF
     assert tuned.threshold == metrics.tune_threshold(y, oof) != 0.5
     np.testing.assert_array_equal(tuned.y_pred, metrics.predict(tuned.p_yes, tuned.threshold))
+    # Regression: the stratified floor's threshold was tuned on its random P(yes) (to 0: "Yes"
+    # to every row); the floors keep the fixed one.
+    (floor,) = baselines.fit_all(demo, params.replace(**{"baselines.models": ["stratified"]}))
+    assert (floor.threshold, floor.threshold_source) == (0.5, contract.THRESHOLD_FIXED)
     (fixed,) = baselines.fit_all(demo, params.replace(threshold_mode="fixed", threshold=0.3))
     assert (fixed.threshold, fixed.threshold_source) == (0.3, contract.THRESHOLD_FIXED)
     np.testing.assert_array_equal(fixed.y_pred, (fixed.p_yes >= 0.3).astype(int))

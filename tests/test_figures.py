@@ -56,7 +56,8 @@ def test_calibration_shows_every_scored_model_by_true_class():
     assert len(right.get_lines()) == 3 + 1  # one reliability curve per model, and the diagonal
     # 0.84 for all: 0.4 x 0.16^2 + 0.6 x 0.84^2 (20 of the 50 rows are Yes)
     assert "(Brier 0.434)" in right.get_legend().get_texts()[0].get_text()
-    row = next(line for line in report.calibration_table(c).splitlines()
-               if line.startswith("| llm-a (zero-shot)"))
+    lines = report.calibration_table(c).splitlines()
+    assert len({line.count("|") for line in lines}) == 1  # no "|" inside a cell
+    row = next(line for line in lines if line.startswith("| llm-a (zero-shot)"))
     cells = [x.strip() for x in row.strip("|").split("|")]
     assert cells[1:5] == ["0.84 [0.84, 0.84]", "0.84 [0.84, 0.84]", "0.00", "0.434"]

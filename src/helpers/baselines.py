@@ -195,7 +195,8 @@ def oof_threshold(model: Pipeline, X: pd.DataFrame, y: np.ndarray, params: Param
 
 def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> BaselineResult:
     """Fit one baseline on train + valid and score it on the test split at params.threshold,
-    or (threshold_mode: tune) at a threshold tuned out-of-fold on train + valid."""
+    or (threshold_mode: tune; not for the floors) at a threshold tuned out-of-fold on train +
+    valid."""
     from threadpoolctl import threadpool_limits
 
     params = params or prepared.params
@@ -208,7 +209,9 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
         t0 = time.perf_counter()
         model, chosen, cv_score = fit_model(name, X, y, params)
         threshold, source = params.threshold, contract.THRESHOLD_FIXED
-        if params.threshold_mode == "tune":
+        # A floor's P(yes) carries no information (constant, or random): a threshold tuned on
+        # it would be tuned on noise, so the floors keep the fixed one.
+        if params.threshold_mode == "tune" and name not in contract.FLOORS:
             tuned = oof_threshold(model, X, y, params)
             if tuned is not None:
                 threshold, source = tuned, contract.THRESHOLD_OOF

@@ -30,8 +30,8 @@ from helpers.contract import KIND_BASELINE, KIND_LLM
 PREDICTIONS = {"test": contract.predictions_path(contract.PREFIX_TEST),
                "zeroshot": contract.predictions_path(contract.PREFIX_ZEROSHOT)}
 HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
-# Metrics shown as plain numbers, not percentages.
-PLAIN_METRICS = ("brier",)
+# Scores shown as plain numbers (0.966), not percentages: they are not rates of rows.
+PLAIN_METRICS = ("brier", "roc_auc", "pr_auc")
 
 
 class ReportError(ValueError):
@@ -116,7 +116,9 @@ class RunRecord:
         if metric in PLAIN_METRICS:
             if not np.isfinite(v):
                 return "–"
-            return f"{v:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+            ci = self.ci(metric, prefix) if with_ci and sd is None else None
+            return f"{v:.3f}" + (f" ± {sd:.3f}" if sd is not None else
+                                 f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         if sd is not None:
             return f"{stats.pct(v)} ± {100 * sd:.1f}"
         ci = self.ci(metric, prefix) if with_ci else None

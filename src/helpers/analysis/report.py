@@ -418,8 +418,8 @@ def _type(r: RunRecord) -> str:
 
 def floor_cell(c: Comparison, r: RunRecord, which: str = "test") -> str:
     """'above' / 'no better than the floor' / 'the floor' / '–' (untested)."""
-    if r is c.floor:
-        return "the floor"
+    if r.is_floor:
+        return "the floor" if r is c.floor else "floor"
     t = c.floor_test(r, which)
     if t is None or t.test is None:
         return "–"
@@ -456,7 +456,7 @@ def calibration_table(c: Comparison) -> str:
             brier = float(np.mean((p - y) ** 2))
             rows.append([name, *cells, f"{iqr:.2f}", f"{brier:.3f}",
                          r.threshold_text(which)])
-    return md_table(["Model", "P(yes) | Yes rows", "P(yes) | No rows", "P(yes) IQR", "Brier",
+    return md_table(["Model", "P(yes), Yes rows", "P(yes), No rows", "P(yes) IQR", "Brier",
                      "Threshold"], rows)
 
 
