@@ -126,8 +126,8 @@ class Params:
     # Which linear layers get adapters (empty = mlx-lm's default for the architecture).
     lora_keys: list[str] = field(default_factory=list)
 
-    # Optimisation. 2e-4 with a cosine decay: the usual LoRA default (QLoRA's), and what trains
-    # the embedded 135M model within a few epochs.
+    # Optimisation. 2e-4 with a cosine decay: the usual LoRA default (QLoRA's). A model as small
+    # as the embedded 135M one may need more (the demo trains at 1e-3).
     learning_rate: float = 2e-4
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 0
