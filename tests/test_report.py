@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import contract
 from helpers.analysis import report
 from helpers.analysis.records import ReportError, RunRecord
 
@@ -112,3 +113,11 @@ def test_improvement_to_a_model_still_at_the_floor_is_not_called_a_gain():
     assert line.startswith("Fine-tuning improved accuracy significantly for 0 of 1 LLMs")
     assert "tiny improved but is still no better than the floor" in line
     assert "No LLM is better than the floor" in " ".join(c.headline)
+
+
+def test_a_model_still_improving_when_its_budget_ended_is_called_out():
+    r = record("a", "llm", 10, 1)
+    r.tags = {contract.TAG_STILL_IMPROVING: "true"}
+    c = report.build([r, record("b", "llm", 12, 2), floor_record()])
+    line = next(x for x in c.headline if x.startswith("Training stopped while"))
+    assert "still falling for a:" in line and "b" not in line.split(":")[0]
