@@ -22,6 +22,10 @@ def test_demo_params_load():
     p = load_params(DEMO_PARAMS)
     assert p.name == "smollm2-135m" and p.model_id.startswith("builtin:")
     assert p.source_file == str(DEMO_PARAMS.resolve())
+    # Regression: the demo stopped after a third of an epoch (issue 14); now a budget in epochs
+    # with early stopping, and the threshold rule that every model shares.
+    assert p.budget[0] == "num_epochs" and p.budget[1] >= 2 and p.early_stopping_patience > 0
+    assert p.threshold_mode == "tune"
 
 
 def test_typo_names_the_file_and_suggests_the_key(tmp_path):
