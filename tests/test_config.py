@@ -22,6 +22,10 @@ def test_demo_params_load():
     p = load_params(DEMO_PARAMS)
     assert p.name == "smollm2-135m" and p.model_id.startswith("builtin:")
     assert p.source_file == str(DEMO_PARAMS.resolve())
+    # Regression: the demo stopped after a third of an epoch (issue 14); now a budget in epochs
+    # with early stopping, and the threshold rule that every model shares.
+    assert p.budget[0] == "num_epochs" and p.budget[1] >= 2 and p.early_stopping_patience > 0
+    assert p.threshold_mode == "tune"
 
 
 def test_typo_names_the_file_and_suggests_the_key(tmp_path):
@@ -95,7 +99,7 @@ def test_defaults_file_is_merged_under_the_model_file(tmp_path):
     assert p.name == "small"  # the file name when the file has none
     assert (p.num_iters, p.batch_size) == (7, 8)
     assert (p.dataset.test_size, p.dataset.split_seed) == (0.3, 3)
-    assert p.dataset.target == "target"  # untouched section keys keep their defaults
+    assert p.dataset.source == "builtin:breast_cancer"  # untouched section keys keep defaults
 
 
 def test_typo_in_the_defaults_file_names_that_file(tmp_path):
@@ -181,3 +185,21 @@ def test_names_with_quotes_and_spaces_are_fine(tmp_path):
 def test_a_folder_is_not_a_params_file(tmp_path):
     with pytest.raises(ParamsError, match="is a folder, not a params file"):
         load_params(tmp_path)
+def test_one_training_budget_num_iters_or_num_epochs(tmp_path):
+    from helpers.config import DEFAULT_EPOCHS
+
+    assert load_params(write(tmp_path / "a.yaml", "name: a\n")).budget == (
+        "num_epochs", DEFAULT_EPOCHS)
+    with pytest.raises(ParamsError, match="both set: keep one of them"):
+        load_params(write(tmp_path / "b.yaml", "num_iters: 5\nnum_epochs: 2\n"))
+    # A model file's num_epochs replaces the defaults file's num_iters (and the reverse).
+    folder = tmp_path / "round"
+    write(folder / "_defaults.yaml", "num_iters: 600\n")
+    assert load_params(write(folder / "m.yaml", "num_epochs: 2.5\n")).budget == (
+        "num_epochs", 2.5)
+    p = load_params(write(folder / "n.yaml", "batch_size: 2\n"))
+    assert p.budget == ("num_iters", 600)
+    assert p.replace(num_epochs=1).budget == ("num_epochs", 1.0)
+    assert p.replace(num_epochs=1).replace(num_iters=7).budget == ("num_iters", 7)
+    with pytest.raises(ParamsError, match="num_epochs"):
+        load_params(write(tmp_path / "c.yaml", "num_epochs: -1\n"))

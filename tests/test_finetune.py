@@ -171,7 +171,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
     lrs = [schedule(mx.array(s)).item() for s in range(13)]
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
-    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3,
+                                                         lr_schedule="constant")) == 1e-3
 
 
 def test_resumed_steps_are_logged_once(toy):
@@ -214,3 +215,33 @@ def test_one_training_at_a_time_per_output_dir(toy, tmp_path):
         with pytest.raises(ParamsError, match="another training run is writing"):
             finetune.train(None, None, None, params)
     _train(params)  # released
+
+
+
+def test_num_epochs_is_a_budget_in_passes_over_the_training_rows(toy):
+    params = toy(num_epochs=2, early_stopping_patience=0, lr_schedule="cosine")
+    result, run_id = _train(params)
+    n_train = len(data.prepare(params).split["train"])
+    per_epoch = batches.steps_per_epoch(n_train, params.batch_size)
+    assert result.steps == 2 * per_epoch == finetune.total_steps(params, n_train)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics[contract.TRAIN_STEPS] == 2 * per_epoch
+    # Validated EVALS_PER_EPOCH times an epoch (steps_per_eval 0), and at the end.
+    every = finetune.eval_every(params, n_train)
+    assert sorted(_losses(run_id, "val_loss")) == sorted(
+        {0, *range(every, result.steps + 1, every), result.steps})
+    assert run.data.tags[contract.TAG_STILL_IMPROVING] == str(result.still_improving).lower()
+    # The cosine schedule decays over the resolved steps, not over num_iters (0 here): half-way
+    # through, the rate is about half of it.
+    lrs = _losses(run_id, "learning_rate")
+    assert 0.3 < lrs[result.steps // 2] / params.learning_rate < 0.8
+    assert lrs[result.steps] < 0.1 * params.learning_rate
+
+
+def test_still_improving_is_told_only_when_the_budget_ended_a_falling_loss():
+    state = {"stopped_early": False, "val_losses": [2.0, 1.0, 0.5]}
+    assert finetune.still_improving(state)
+    assert not finetune.still_improving({**state, "stopped_early": True})
+    assert not finetune.still_improving({**state, "val_losses": [2.0, 0.5, 0.6]})
+    assert not finetune.still_improving({**state, "val_losses": [2.0, 0.5, 0.4999]})
+    assert not finetune.still_improving({**state, "val_losses": [2.0]})

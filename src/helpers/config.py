@@ -29,6 +29,13 @@ DEMO_PARAMS = PARAMS_DIR / "demo" / "smollm2-135m.yaml"
 DEFAULTS_FILE_NAME = "_defaults.yaml"
 KERNEL_NAME = "tablora"
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The training budget when a params file sets neither num_iters nor num_epochs, and how often
+# validation runs when steps_per_eval is 0 (early stopping counts these evaluations).
+DEFAULT_EPOCHS = 3.0
+EVALS_PER_EPOCH = 4
+# The two budget keys: a layer (defaults file, model file, overrides) that sets one clears the
+# other from the layers below it.
+BUDGET_KEYS = ("num_iters", "num_epochs")
 
 
 class ParamsError(ValueError):
@@ -39,13 +46,18 @@ class ParamsError(ValueError):
 class DatasetSpec:
     # CSV/Parquet path (relative to the params file or the project root) or "builtin:<name>".
     source: str = "builtin:breast_cancer"
-    target: str = "target"
-    # The target value that means "Yes".
-    positive_label: Any = "malignant"
+    # The target column; empty = the built-in data set's own (a CSV/Parquet source must name it).
+    target: str = ""
+    # The target value that means "Yes"; empty = the built-in's own, or 1/True/"yes" in the data.
+    positive_label: Any = ""
     # A subset of feature columns, in prompt order; empty = all columns but the target.
     features: list[str] = field(default_factory=list)
-    # Human names (with units) used in prompts instead of raw column names.
+    # Human names (with units) used in prompts instead of raw column names (a built-in data set
+    # brings its own; these win).
     feature_descriptions: dict[str, str] = field(default_factory=dict)
+    # Words for coded values, per column: {smoke: {0: "no", 1: "yes"}} (the target's too: its
+    # positive label's word goes into the question).
+    value_labels: dict[str, dict[Any, str]] = field(default_factory=dict)
     test_size: float = 0.2
     valid_size: float = 0.1
     split_seed: int = 42
@@ -62,9 +74,10 @@ class PromptSpec:
     digits: int = 3
     missing: str = "unknown"
     # Added before the serialized row (shared by all rows: computed once and cached in scoring).
-    task_description: str = (
-        "Here is a patient's breast tumour biopsy, measured from a digitized image.")
-    question: str = "Is this tumour malignant? Answer Yes or No."
+    # Empty = derived from the data: a built-in data set's own wording, else a neutral sentence
+    # and a question built from the target column and positive label (helpers.data.wording).
+    task_description: str = ""
+    question: str = ""
     answer_yes: str = "Yes"
     answer_no: str = "No"
     system_prompt: str = ""
@@ -114,24 +127,31 @@ class Params:
     # Which linear layers get adapters (empty = mlx-lm's default for the architecture).
     lora_keys: list[str] = field(default_factory=list)
 
-    # Optimisation.
-    learning_rate: float = 1e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Optimisation. 2e-4 with a cosine decay: the usual LoRA default (QLoRA's). A model as small
+    # as the embedded 135M one may need more (the demo trains at 1e-3).
+    learning_rate: float = 2e-4
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = 0
-    num_iters: int = 100
+    # The training budget: `num_iters` steps or `num_epochs` passes over the training split (one
+    # of the two; 0 = not set; neither set = DEFAULT_EPOCHS). A file that sets one overrides the
+    # other from `_defaults.yaml`; setting both in one file is an error.
+    num_iters: int = 0
+    num_epochs: float = 0.0
     batch_size: int = 4
     grad_accumulation_steps: int = 1
     max_seq_length: int = 512
     # Loss on the answer tokens only.
     mask_prompt: bool = True
     steps_per_report: int = 10
-    steps_per_eval: int = 50
+    # Validation every N steps (0 = EVALS_PER_EPOCH times per epoch).
+    steps_per_eval: int = 0
     # Validation batches per evaluation (-1 = the whole validation split).
     val_batches: int = -1
     # Adapter checkpoint (with optimizer state) every N iterations.
     save_every: int = 50
-    # Stop when validation loss has not improved for this many evaluations (0 = off).
-    early_stopping_patience: int = 0
+    # Stop when validation loss has not improved for this many evaluations (0 = off); the
+    # adapter with the lowest validation loss is the one evaluated either way.
+    early_stopping_patience: int = 3
     # helpers.llm.fast_training: the same losses and gradients with less work (answer-only LM
     # head, frozen lower layers computed once per example, faster kernels, length buckets).
     fast_training: bool = True
@@ -139,8 +159,11 @@ class Params:
     # Evaluation.
     scoring: Literal["logprob", "generate"] = "logprob"
     length_normalize: bool = False
-    # "fixed" uses `threshold`; "tune" picks the threshold maximising balanced accuracy on valid.
-    threshold_mode: Literal["fixed", "tune"] = "fixed"
+    # One rule for every model of a run: "fixed" cuts every model's P(yes) at `threshold`;
+    # "tune" picks the threshold maximising balanced accuracy on rows the model was not fitted
+    # on: the validation split for an LLM, out-of-fold predictions of train + valid for a
+    # baseline. Never on test.
+    threshold_mode: Literal["fixed", "tune"] = "tune"
     threshold: float = 0.5
     eval_batch_size: int = 8
     max_new_tokens: int = 8
@@ -153,6 +176,18 @@ class Params:
 
     # Where the params came from (not a hyperparameter; not part of the hash).
     source_file: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_iters and self.num_epochs:
+            raise ParamsError(f"num_iters={self.num_iters} and num_epochs={self.num_epochs:g} "
+                              "are both set: keep one of them")
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        """("num_iters", steps) or ("num_epochs", epochs): the training budget as set."""
+        if self.num_iters:
+            return "num_iters", self.num_iters
+        return "num_epochs", self.num_epochs or DEFAULT_EPOCHS
 
     @property
     def lora_scale(self) -> float:
@@ -193,12 +228,13 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "num_layers": (lambda v: v == -1 or v >= 1, "-1 (all) or an integer >= 1"),
     "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1), e.g. 1e-5"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "num_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "num_iters": (lambda v: v >= 0, "an integer >= 1 (or 0: use num_epochs)"),
+    "num_epochs": (lambda v: 0 <= v <= 1000, "a number of epochs > 0, e.g. 3 or 0.5"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "grad_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
     "max_seq_length": (lambda v: v >= 8, "an integer >= 8"),
     "steps_per_report": (lambda v: v >= 1, "an integer >= 1"),
-    "steps_per_eval": (lambda v: v >= 1, "an integer >= 1"),
+    "steps_per_eval": (lambda v: v >= 0, "an integer >= 1 (or 0: EVALS_PER_EPOCH a epoch)"),
     "save_every": (lambda v: v >= 1, "an integer >= 1"),
     "early_stopping_patience": (lambda v: v >= 0, "an integer >= 0"),
     "threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -342,8 +378,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _budget_set(data: dict[str, Any]) -> list[str]:
+    """The budget keys a layer sets to a non-zero value."""
+    return [k for k in BUDGET_KEYS if data.get(k) not in (None, 0, 0.0, "0")]
+
+
+def _clear_other_budget(out: dict[str, Any], top: dict[str, Any]) -> None:
+    # num_epochs in a model file replaces num_iters from _defaults.yaml (and the reverse).
+    for k in _budget_set(top):
+        for other in BUDGET_KEYS:
+            if other != k and other not in top:
+                out.pop(other, None)
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
+    _clear_other_budget(out, top)
     for k, v in top.items():
         if k in _SECTIONS and isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -353,6 +403,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str) -> None:
+    _clear_other_budget(data, overrides or {})
     for key, value in (overrides or {}).items():
         if "." in key:
             section, sub = key.split(".", 1)
@@ -429,6 +480,11 @@ def _check_resolved(top: dict[str, Any], path: Path) -> str:
 def _build_dict_checked(data: dict[str, Any], path: Path) -> dict[str, Any]:
     # Validate keys of each file on its own so the error names the file that holds the typo.
     _check_keys(Params, data, str(path), "")
+    both = _budget_set(data)
+    if len(both) > 1:
+        raise ParamsError(f"{path}: num_iters ({data['num_iters']}) and num_epochs "
+                          f"({data['num_epochs']}) are both set: keep one of them (num_epochs "
+                          "counts passes over the training split)")
     return data
 
 
@@ -538,6 +594,9 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
             kwargs[key] = _build(tp, value, origin, "", f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}", origin)
+    if cls is Params and kwargs.get("num_iters") and kwargs.get("num_epochs"):
+        raise ParamsError(f"{origin}: num_iters={kwargs['num_iters']} and num_epochs="
+                          f"{kwargs['num_epochs']:g} are both set: keep one of them")
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         full = f"{prefix}{f.name}"

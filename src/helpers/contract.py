@@ -26,6 +26,10 @@ KIND_BASELINE = "baseline"  # one classical model on one split
 KIND_BATCH = "batch"  # the parent run of `tablora batch`
 KIND_REPORT = "report"  # a comparison logged outside a batch
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
+# The baselines that know nothing about the rows (helpers.baselines): every other model is
+# tested against the better of them, and one not significantly better is "no better than the
+# floor" in every verdict.
+FLOORS = ("majority", "stratified")
 
 # ---------------------------------------------------------------- tags
 TAG_KIND = "tablora.kind"
@@ -44,6 +48,9 @@ TAG_TASK = "tablora.task"  # the batch task a run was made by: every attempt of 
 TAG_WORKER = "tablora.worker"  # where the run ran: the Dask worker's address, host and pid
 TAG_ADAPTER_DIR = "tablora.adapter_dir"  # the adapter an evaluation scored
 TAG_STOPPED_EARLY = "tablora.stopped_early"
+# "true" when training ended by its budget while validation loss was still falling.
+TAG_STILL_IMPROVING = "tablora.still_improving"
+
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
@@ -56,10 +63,18 @@ PREFIX_ZEROSHOT = "zeroshot_test"  # the LLM before fine-tuning, on the same row
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 # The decision threshold of each scored model, logged as a metric.
 THRESHOLD_METRICS = {PREFIX_TEST: "threshold", PREFIX_ZEROSHOT: "zeroshot_threshold"}
+# How each scored model's threshold was chosen (a tag: an evaluation may run again), its values
+# and their words in the report.
+THRESHOLD_SOURCE_TAGS = {PREFIX_TEST: "tablora.threshold_source",
+                         PREFIX_ZEROSHOT: "tablora.zeroshot_threshold_source"}
+THRESHOLD_FIXED, THRESHOLD_VALID, THRESHOLD_OOF = "fixed", "valid", "oof"
+THRESHOLD_SOURCES = {THRESHOLD_FIXED: "fixed", THRESHOLD_VALID: "tuned on valid",
+                     THRESHOLD_OOF: "tuned out-of-fold"}
 # Per-step training curves (mlx-lm's report keys, with units spelled out: see tracking).
 TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"
 TRAIN_SECONDS = "train_seconds"
+TRAIN_STEPS = "train_steps"  # the training budget in steps (num_epochs resolved)
 
 
 def metric(prefix: str, name: str) -> str:

@@ -1,5 +1,6 @@
 """The comparison's figures (seaborn, bare matplotlib Figures: no GUI backend needed):
-metric bars with CIs, confusion matrices, ROC curves, loss curves, zero-shot -> fine-tuned."""
+metric bars with CIs, confusion matrices, ROC curves, calibration (P(yes) by true class and a
+reliability diagram), loss curves, zero-shot -> fine-tuned."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def write_figures(c: Comparison, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with sns.axes_style("whitegrid"):
-        for make in (fig_metric_bars, fig_confusion, fig_roc, fig_loss, fig_zeroshot):
+        for make in (fig_metric_bars, fig_confusion, fig_roc, fig_calibration, fig_loss,
+                     fig_zeroshot):
             fig = make(c)
             if fig is not None:
                 path = out / f"{make.__name__.removeprefix('fig_')}.png"
@@ -124,6 +126,55 @@ def fig_roc(c: Comparison) -> Any:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (test)")
     ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _scored(c: Comparison) -> list[tuple[str, pd.DataFrame]]:
+    """(name, rows with p_yes) of every model with probabilities: each LLM zero-shot and
+    fine-tuned, each baseline."""
+    out = []
+    for r in c.llms + c.baselines:
+        for which in ("zeroshot", "test") if r.kind == KIND_LLM else ("test",):
+            rows = r.rows(which)
+            if rows is None or "p_yes" not in rows or rows["p_yes"].isna().any():
+                continue
+            out.append((r.label + (" (zero-shot)" if which == "zeroshot" else ""), rows))
+    return out
+
+
+def fig_calibration(c: Comparison, bins: int = 10) -> Any:
+    """Left: P(yes) of every test row by true class, per model (a box and the rows): a model
+    that puts every row in one narrow band shows it at a glance. Right: the reliability
+    diagram (mean P(yes) against the observed rate of Yes in `bins` equal-width bins)."""
+    import seaborn as sns
+
+    scored = _scored(c)
+    if not scored:
+        return None
+    df = pd.concat([pd.DataFrame({"model": name, "P(yes)": rows["p_yes"].to_numpy(float),
+                                  "true class": np.where(rows["label"] == 1, "Yes", "No")})
+                    for name, rows in scored], ignore_index=True)
+    fig = _figure(11, 0.5 * len(scored) + 2.2)
+    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    palette = {"Yes": "#C44E52", "No": "#4C72B0"}
+    sns.boxplot(data=df, x="P(yes)", y="model", hue="true class", ax=left, palette=palette,
+                fliersize=0, whis=(5, 95), linewidth=0.8, boxprops={"alpha": 0.5})
+    sns.stripplot(data=df, x="P(yes)", y="model", hue="true class", ax=left, palette=palette,
+                  dodge=True, size=2.2, alpha=0.6, legend=False)
+    left.set(xlim=(-0.02, 1.02), ylabel="", title="P(yes) on test rows, by true class")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, rows in scored:
+        p, y = rows["p_yes"].to_numpy(float), rows["label"].to_numpy(float)
+        which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+        keep = [k for k in range(bins) if (which == k).any()]
+        brier = float(np.mean((p - y) ** 2))
+        right.plot([p[which == k].mean() for k in keep], [y[which == k].mean() for k in keep],
+                   marker="o", ms=3, lw=1, label=f"{name} (Brier {brier:.3f})")
+    right.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    right.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean P(yes) in bin", ylabel="observed rate of Yes",
+              title="Reliability (test)")
+    right.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Calibration")
     return fig
 
 

@@ -25,7 +25,11 @@ from helpers.contract import (
     PREFIX_ZEROSHOT,
     TAG_ADAPTER_DIR,
     TAG_SPLIT_HASH,
+    THRESHOLD_FIXED,
     THRESHOLD_METRICS,
+    THRESHOLD_SOURCE_TAGS,
+    THRESHOLD_SOURCES,
+    THRESHOLD_VALID,
 )
 from helpers.llm import scoring
 
@@ -60,6 +64,7 @@ class Result:
     prediction: np.ndarray
     row_ids: list
     threshold: float  # NaN in generate mode
+    threshold_source: str = THRESHOLD_FIXED  # contract.THRESHOLD_SOURCES; "" in generate mode
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -144,9 +149,9 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
                 prefix: str) -> Result:
     """Score the test split; the threshold is params.threshold or tuned on the valid split."""
-    threshold = math.nan
+    threshold, source = math.nan, ""
     if params.scoring == "logprob":
-        threshold = params.threshold
+        threshold, source = params.threshold, THRESHOLD_FIXED
         if params.threshold_mode == "tune":
             if not prepared.split["valid"]:
                 raise EvaluationError("threshold_mode: tune needs a validation split: set "
@@ -154,11 +159,12 @@ def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
             valid = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
                                   desc=f"{prefix} (valid)")
             threshold = metrics.tune_threshold(prepared.y("valid"), valid.p_yes)
+            source = THRESHOLD_VALID
     scores = scoring.score(model, tokenizer, prepared.messages("test", False), params,
                            desc=prefix)
     y = prepared.y("test")
     return Result(prefix, scores, y, scores.predict(y, threshold), list(prepared.split["test"]),
-                  threshold)
+                  threshold, source)
 
 
 def log_result(result: Result, params: Params) -> dict[str, float]:
@@ -176,6 +182,7 @@ def log_result(result: Result, params: Params) -> dict[str, float]:
         extra[f"{result.prefix}_invalid_rate"] = s.invalid_rate
     else:
         extra[THRESHOLD_METRICS[result.prefix]] = result.threshold
+        mlflow.set_tag(THRESHOLD_SOURCE_TAGS[result.prefix], result.threshold_source)
     mlflow.log_metrics(extra)
     result.metrics = {**values, **extra}
     return result.metrics
@@ -252,7 +259,8 @@ def comparison_table(results: dict[str, Result]) -> Any:
                 continue
             low, high = (r.metrics.get(f"{r.prefix}_{m}_ci_{b}") for b in ("low", "high"))
             col[m] = f"{v:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
-        col["threshold"] = "" if math.isnan(r.threshold) else f"{r.threshold:.3f}"
+        col["threshold"] = "" if math.isnan(r.threshold) else (
+            f"{r.threshold:.3f} ({THRESHOLD_SOURCES[r.threshold_source]})")
         columns[LABELS[key]] = col
     return pd.DataFrame(columns)
 

@@ -43,7 +43,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from helpers import config, tracking
-from helpers.config import Params, ParamsError
+from helpers.config import EVALS_PER_EPOCH, Params, ParamsError
 from helpers.contract import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
@@ -51,10 +51,12 @@ from helpers.contract import (
     ARTIFACT_ADAPTERS_LAST,
     TAG_MODEL_NAME,
     TAG_SEED,
+    TAG_STILL_IMPROVING,
     TAG_STOPPED_EARLY,
+    TRAIN_STEPS,
 )
 from helpers.llm import fast_training
-from helpers.llm.batches import Batches
+from helpers.llm.batches import Batches, steps_per_epoch
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -66,6 +68,9 @@ OUTPUT_MARKER = ".tablora-output.json"
 OUTPUT_NAMES = (ADAPTER_FILE, ADAPTER_CONFIG, LAST_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp",
                 f"{CHECKPOINT_DIR}.old", OUTPUT_MARKER)
 
+# "Still improving": training ended by its budget while the last validation loss was the best
+# so far and at least this fraction below the one before it.
+STILL_IMPROVING = 0.01
 
 
 class TrainingDiverged(FloatingPointError):
@@ -88,6 +93,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     stopped_early: bool
+    still_improving: bool  # ended by the budget while validation loss was still falling
     tokens_per_sec: float
     train_seconds: float  # wall time of all training legs, validation and checkpoints included
     trainable_parameters: int
@@ -100,6 +106,7 @@ class TrainResult:
                 "best_val_loss": None if self.best_val_loss is None
                 else round(self.best_val_loss, 4),
                 "best_step": self.best_step, "stopped_early": self.stopped_early,
+                "still_improving": self.still_improving,
                 "tokens_per_sec": round(self.tokens_per_sec, 1),
                 "train_seconds": round(self.train_seconds, 1),
                 "trainable_parameters": self.trainable_parameters,
@@ -162,14 +169,32 @@ def adapter_config(params: Params, **extra: Any) -> dict[str, Any]:
             "tablora_params": params.name, **extra}
 
 
-def learning_rate_schedule(params: Params) -> Any:
+def total_steps(params: Params, n_train: int) -> int:
+    """The training budget in iterations: num_iters, or num_epochs passes over n_train rows
+    (batches of batch_size, the remainder dropped: helpers.llm.batches.steps_per_epoch)."""
+    key, value = params.budget
+    if key == "num_iters":
+        return int(value)
+    return max(1, math.ceil(value * steps_per_epoch(n_train, params.batch_size)))
+
+
+def eval_every(params: Params, n_train: int) -> int:
+    """Validation interval in steps: steps_per_eval, or EVALS_PER_EPOCH times an epoch."""
+    if params.steps_per_eval:
+        return params.steps_per_eval
+    return max(1, steps_per_epoch(n_train, params.batch_size) // EVALS_PER_EPOCH)
+
+
+def learning_rate_schedule(params: Params, steps: int | None = None) -> Any:
     """A constant or cosine-decayed learning rate, with an optional linear warm-up.
 
-    Steps count optimizer updates (iterations / grad_accumulation_steps); the optimizer's own
-    step counter drives it, so a resumed run continues where the schedule stopped.
+    `steps`: the resolved budget (total_steps; num_iters when not given). Steps count optimizer
+    updates (iterations / grad_accumulation_steps); the optimizer's own step counter drives
+    it, so a resumed run continues where the schedule stopped.
     """
     lr = params.learning_rate
-    updates = max(params.num_iters // params.grad_accumulation_steps, 1)
+    steps = steps or params.budget[1]
+    updates = max(int(steps) // params.grad_accumulation_steps, 1)
     warmup = params.warmup_steps
     if params.lr_schedule == "cosine":
         main = optim.cosine_decay(lr, max(updates - warmup, 1))
@@ -182,9 +207,9 @@ def learning_rate_schedule(params: Params) -> Any:
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def build_optimizer(params: Params) -> optim.Optimizer:
+def build_optimizer(params: Params, steps: int | None = None) -> optim.Optimizer:
     # Adam, as mlx-lm's default: LoRA's few parameters need no weight decay.
-    return optim.Adam(learning_rate=learning_rate_schedule(params))
+    return optim.Adam(learning_rate=learning_rate_schedule(params, steps))
 
 
 def load_datasets(prepared: Any, tokenizer: Any, params: Params) -> tuple[Any, Any]:
@@ -294,14 +319,15 @@ class _Supervisor(TrainingCallback):
     """Called by mlx-lm after every step: checks, validation, checkpoints, progress, MLflow."""
 
     def __init__(self, *, model, optimizer, params: Params, out: Path, valid, loss, batches,
-                 state: dict[str, Any]):
+                 state: dict[str, Any], total: int, every: int):
         self.model, self.optimizer, self.params, self.out = model, optimizer, params, out
+        self.total, self.every = total, every  # the budget and validation interval, in steps
         self.valid, self.loss, self.batches = valid, loss, batches
         self.state = state  # what a checkpoint stores (see _fresh_state)
         self.offset = state["step"]  # mlx-lm counts iterations from 1 on every call
         self.logger = tracking.TrainingLogger(state["run_id"])
         self.recent = collections.deque(state["recent_losses"], maxlen=params.steps_per_report)
-        self.bar = _progress_bar(params.num_iters, self.offset)
+        self.bar = _progress_bar(total, self.offset)
         self._tokens_seen = 0
         self._tick = time.perf_counter()
 
@@ -326,16 +352,16 @@ class _Supervisor(TrainingCallback):
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         self.bar.update(1)
         p = self.params
-        if step % p.steps_per_report == 0 or step == p.num_iters:
-            self.bar.write(f"step {step:>5}/{p.num_iters}  train_loss {np.mean(self.recent):.4f}"
+        if step % p.steps_per_report == 0 or step == self.total:
+            self.bar.write(f"step {step:>5}/{self.total}  train_loss {np.mean(self.recent):.4f}"
                            f"  lr {float(info['learning_rate']):.2e}  {tps:,.0f} tok/s")
         self._after_step(step)
         self._tick = time.perf_counter()
 
     def _after_step(self, step: int) -> None:
         p = self.params
-        last = step == p.num_iters
-        if self.valid is not None and (step % p.steps_per_eval == 0 or last):
+        last = step == self.total
+        if self.valid is not None and (step % self.every == 0 or last):
             self.validate(step)
         stop = (p.early_stopping_patience > 0
                 and self.state["evals_since_best"] >= p.early_stopping_patience)
@@ -364,7 +390,8 @@ class _Supervisor(TrainingCallback):
             save_adapter(self.model, self.out, adapter_config(p, step=step, val_loss=val))
         else:
             st["evals_since_best"] += 1
-        self.bar.write(f"step {step:>5}/{p.num_iters}  val_loss {val:.4f}  (best "
+        st.setdefault("val_losses", []).append(val)
+        self.bar.write(f"step {step:>5}/{self.total}  val_loss {val:.4f}  (best "
                        f"{st['best_val_loss']:.4f} at step {st['best_step']}; {seconds:.1f}s)")
         return val
 
@@ -390,10 +417,10 @@ def _elapsed(state: dict[str, Any]) -> float:
     return state["_seconds_before"] + time.perf_counter() - state["_started"]
 
 
-def _fresh_state(params: Params, run_id: str) -> dict[str, Any]:
+def _fresh_state(params: Params, run_id: str, total: int) -> dict[str, Any]:
     return {"step": 0, "run_id": run_id, "seed": params.seed, "params_hash": params.hash(),
-            "num_iters": params.num_iters, "best_val_loss": None, "best_step": None,
-            "evals_since_best": 0, "stopped_early": False, "recent_losses": [],
+            "num_iters": total, "best_val_loss": None, "best_step": None,
+            "evals_since_best": 0, "stopped_early": False, "recent_losses": [], "val_losses": [],
             "step_seconds": 0.0, "step_tokens": 0, "train_seconds": 0.0}
 
 
@@ -466,12 +493,13 @@ def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
 
     seed_everything(params.seed)
     n_trainable = add_lora(model, params)
-    optimizer = build_optimizer(params)
+    total, every = total_steps(params, len(train_set)), eval_every(params, len(train_set))
+    optimizer = build_optimizer(params, total)
     out = params.adapter_dir
     claim_output_dir(out, params)
-    state = _resume_or_start(out, run_id, model, optimizer, params)
+    state = _resume_or_start(out, run_id, model, optimizer, params, total)
     resumed_from = state["step"]
-    _tag_run(params, n_trainable)
+    _tag_run(params, n_trainable, total)
 
     fast = loss is None and batches is None and params.fast_training
     if fast:
@@ -480,13 +508,13 @@ def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
         loss = batches.loss
     loss = loss or mlx_trainer.default_loss
     batches = batches or Batches(seed=params.seed, skip=state["step"])
-    remaining = params.num_iters - state["step"]
+    remaining = total - state["step"]
     # Wall time so far: earlier legs (from the checkpoint) + this one.
     state["_seconds_before"], state["_started"] = state["train_seconds"], time.perf_counter()
     if remaining > 0 and not state["stopped_early"]:
         try:
             _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                         remaining)
+                         remaining, total, every)
         except fast_training.FastPathUnsupported:
             if not fast:
                 raise
@@ -496,11 +524,12 @@ def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
                           "check)", stacklevel=2)
             _run_trainer(model, optimizer, train_set, valid, params, out,
                          mlx_trainer.default_loss, Batches(seed=params.seed, skip=state["step"]),
-                         state, remaining)
+                         state, remaining, total, every)
     return _finish(model, params, out, state, run_id, n_trainable, resumed_from)
 
 
-def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params) -> dict:
+def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params,
+                     total: int) -> dict:
     """The trainer state: restored from this run's checkpoint in `out`, or a fresh one."""
     import mlflow
 
@@ -516,11 +545,11 @@ def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params) -
                       "training again from step 0 (steps already in its curves are not logged "
                       "again)", stacklevel=3)
     _clear_outputs(out)
-    return _fresh_state(params, run_id)
+    return _fresh_state(params, run_id, total)
 
 
 def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                 remaining) -> None:
+                 remaining, total, every) -> None:
     (out / LAST_DIR).mkdir(parents=True, exist_ok=True)
     args = mlx_trainer.TrainingArgs(
         batch_size=params.batch_size, iters=remaining, val_batches=params.val_batches,
@@ -530,7 +559,7 @@ def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches,
         adapter_file=str(out / LAST_DIR / ADAPTER_FILE),
         grad_accumulation_steps=params.grad_accumulation_steps)
     sup = _Supervisor(model=model, optimizer=optimizer, params=params, out=out, valid=valid,
-                      loss=loss, batches=batches, state=state)
+                      loss=loss, batches=batches, state=state, total=total, every=every)
     if valid is not None and state["step"] == 0:
         sup.validate(0)  # the starting point of the curve (the base model)
     try:
@@ -545,7 +574,7 @@ def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches,
         sup.close()
 
 
-def _tag_run(params: Params, n_trainable: int) -> None:
+def _tag_run(params: Params, n_trainable: int, total: int) -> None:
     import mlflow
 
     run = mlflow.get_run(mlflow.active_run().info.run_id)
@@ -553,7 +582,17 @@ def _tag_run(params: Params, n_trainable: int) -> None:
     if TAG_MODEL_NAME not in run.data.tags:  # a batch sets it without the seed suffix
         tags[TAG_MODEL_NAME] = params.name
     mlflow.set_tags(tags)
-    mlflow.log_metric("trainable_parameters", n_trainable)
+    # The budget in steps (num_epochs resolved): a metric, since a resumed run logs it again.
+    mlflow.log_metrics({"trainable_parameters": n_trainable, TRAIN_STEPS: total})
+
+
+def still_improving(state: dict[str, Any]) -> bool:
+    """Ended by the budget (not early stopping) while the last validation loss was the best so
+    far and clearly below the one before it: more steps would likely have helped."""
+    vals = state.get("val_losses") or []
+    if state["stopped_early"] or len(vals) < 2:
+        return False
+    return vals[-1] <= min(vals) and vals[-1] < vals[-2] * (1 - STILL_IMPROVING)
 
 
 def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> TrainResult:
@@ -579,11 +618,21 @@ def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> Tra
     if state["best_val_loss"] is not None:
         summary.update(best_val_loss=state["best_val_loss"], best_val_step=state["best_step"])
     mlflow.log_metrics(summary)
-    mlflow.set_tag(TAG_STOPPED_EARLY, str(state["stopped_early"]).lower())
+    improving = still_improving(state)
+    mlflow.set_tags({TAG_STOPPED_EARLY: str(state["stopped_early"]).lower(),
+                     TAG_STILL_IMPROVING: str(improving).lower()})
+    if improving:
+        vals = state["val_losses"]
+        warnings.warn(f"training stopped at its budget ({step} steps) while validation loss was "
+                      f"still falling ({vals[-2]:.4f} -> {vals[-1]:.4f} at the last two "
+                      "evaluations): this model may be under-trained. Raise num_epochs (or "
+                      "num_iters); early stopping ends training once it stops improving.",
+                      stacklevel=3)
     return TrainResult(run_id=run_id, adapter_dir=out, last_dir=out / LAST_DIR, steps=step,
                        final_train_loss=final_loss, best_val_loss=state["best_val_loss"],
                        best_step=state["best_step"], stopped_early=state["stopped_early"],
-                       tokens_per_sec=tps, train_seconds=state["train_seconds"],
+                       still_improving=improving, tokens_per_sec=tps,
+                       train_seconds=state["train_seconds"],
                        trainable_parameters=n_trainable, resumed_from=resumed_from)
 
 

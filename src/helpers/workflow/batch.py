@@ -233,8 +233,13 @@ def _describe_job(job: Job) -> str:
         return f"{job.run_name}: BROKEN params file ({_rel(job.file)}): {job.error}"
     p = job.params
     return (f"{job.run_name}: {p.model_id} seed {p.seed}, lr {p.learning_rate:g}, "
-            f"{p.num_iters} iters, LoRA r{p.lora_rank}/a{p.lora_alpha:g}, batch {p.batch_size}"
+            f"{_budget(p)}, LoRA r{p.lora_rank}/a{p.lora_alpha:g}, batch {p.batch_size}"
             f" ({_rel(job.file)})")
+
+
+def _budget(p: Params) -> str:
+    key, value = p.budget
+    return f"{value:g} iters" if key == "num_iters" else f"{value:g} epochs"
 
 
 def _baselines_plan(groups: list[BaselineGroup]) -> str:
@@ -246,7 +251,9 @@ def _baselines_plan(groups: list[BaselineGroup]) -> str:
 def _describe_split(p: Params) -> str:
     d = p.dataset
     features = f"{len(d.features)} features" if d.features else "all features"
-    return (f"{d.source} -> {d.target}={d.positive_label!r}, {features}, test {d.test_size:g}, "
+    target = d.target or "(its target)"
+    positive = "" if d.positive_label in ("", None) else f"={d.positive_label!r}"
+    return (f"{d.source} -> {target}{positive}, {features}, test {d.test_size:g}, "
             f"valid {d.valid_size:g}, split_seed {d.split_seed}")
 
 
