@@ -87,3 +87,78 @@ def test_a_failing_cell_is_named(tmp_path, mlflow_store, monkeypatch):
     assert e.value.ename == "KeyError" and "no such column" in e.value.evalue
     assert e.value.cell.startswith("raise KeyError") and (tmp_path / "out.ipynb").is_file()
     assert (tmp_path / "out.params.yaml").is_file()  # what the kernel was given
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_notebooks_are_stored_as_jupyter_writes_them(name, tmp_path):
+    """Regression: notebooks showed as modified as soon as JupyterLab opened them. Committed
+    byte for byte as nbformat writes them, with the language_info the kernel reports (which
+    JupyterLab writes into the notebook when the kernel starts); papermill's parameterized copy
+    is stable too: reading and writing it back changes nothing."""
+    import sys
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    nbformat.write(nbformat.read(str(path), as_version=nbformat.NO_CONVERT), str(tmp_path / "a"))
+    assert (tmp_path / "a").read_bytes() == path.read_bytes()
+    info = nbformat.read(str(path), as_version=4).metadata["language_info"]
+    expected = dict(IPythonKernel.language_info, version=info["version"])
+    assert info == expected
+    assert info["version"].rsplit(".", 1)[0] == "{}.{}".format(*sys.version_info[:2])
+    out = tmp_path / f"{name}.ipynb"
+    papermill.execute_notebook(str(path), str(out), parameters={"run_id": "x"},
+                               prepare_only=True, kernel_name=config.KERNEL_NAME,
+                               progress_bar=False)
+    notebooks.store_as_jupyter(out)  # what notebooks.execute does with papermill's copy
+    before = out.read_bytes()
+    nbformat.write(nbformat.read(str(out), as_version=nbformat.NO_CONVERT), str(out))
+    assert out.read_bytes() == before
+    assert '"run_id = \\"x\\"' in before.decode()  # papermill's parameters are in it
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_notebook_parameters_are_typed_for_papermill(name):
+    """`papermill --help-notebook` shows each parameter's type and help, not "Unknown type"."""
+    params = papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"))
+    for key, p in params.items():
+        assert p["inferred_type_name"] in ("str", "dict"), (key, p)
+        assert p["help"], f"{name}.ipynb: {key} has no comment"
+
+
+def test_executed_notebooks_are_html_too(tmp_path, mlflow_store):
+    """An executed notebook is logged with its HTML (nbconvert) beside it: MLflow's artifact
+    view shows that, where the .ipynb is raw JSON. Outputs, images included, are in the page."""
+    import mlflow
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print('hello from the kernel')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="train: 32/32\n"),
+                    nbformat.v4.new_output("display_data", {"image/png": TINY_PNG})]
+    nb.cells = [cell]
+    executed = tmp_path / "train.ipynb"
+    nbformat.write(nb, str(executed))
+    client = mlflow.MlflowClient(mlflow_store)
+    run = client.create_run("0")
+    notebooks.log_executed(client, run.info.run_id, executed)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "notebooks")}
+    assert logged == {"notebooks/train.ipynb", "notebooks/train.html"}
+    page = (tmp_path / "train.html").read_text()
+    assert "train: 32/32" in page and f"data:image/png;base64,{TINY_PNG}" in page
+
+
+# A 1x1 PNG.
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAAB"
+            "JRU5ErkJggg==")
+
+
+def test_progress_bars_print_text_in_executed_notebooks(monkeypatch):
+    """Regression: a papermill run saved tqdm's widget as first drawn ("0/32"); there the text
+    bar is used, whose last line (the final count) the saved copy keeps."""
+    from tqdm.std import tqdm as text_bar
+
+    from helpers import contract
+    from helpers.llm import scoring
+
+    monkeypatch.setenv(contract.ENV_NOTEBOOK, "/x/train.ipynb")
+    assert scoring.tqdm_class() is text_bar

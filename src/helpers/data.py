@@ -194,6 +194,13 @@ def split_hash(table: pd.DataFrame, params: Params) -> str:
     return h.hexdigest()[:16]
 
 
+def split_hash_of(params: Params) -> str:
+    """The split hash `prepare` gives these params, computed without writing anything (what
+    `tablora batch --dry-run` shows, the same id MLflow tags the runs with)."""
+    origin = describe_source(params)
+    return split_hash(_with_row_ids(load_source(params), origin), params)
+
+
 def _counts(y: np.ndarray) -> str:
     return f"{int(y.sum())} positive / {int(len(y) - y.sum())} negative"
 

@@ -250,10 +250,10 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _progress_bar(total: int, initial: int):
-    with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing, then works
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    from helpers.llm.scoring import tqdm_class
+
+    return tqdm_class()(total=total, initial=initial, desc="train", unit="step",
+                        dynamic_ncols=True)
 
 
 class _Supervisor(TrainingCallback):

@@ -141,13 +141,18 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
     ids_file.unlink(missing_ok=True)
     previous = os.environ.get(contract.ENV_RUN_IDS_FILE)
     os.environ[contract.ENV_RUN_IDS_FILE] = str(ids_file)
+    # The kernel's runs name this notebook as their Source, and its progress bars print text.
+    previous_nb = os.environ.get(contract.ENV_NOTEBOOK)
+    os.environ[contract.ENV_NOTEBOOK] = str(src)
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
                                    kernel_name=ensure_kernel(), cwd=str(src.parent),
                                    progress_bar=progress and sys.stderr.isatty(),
                                    log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, config=_kernel_config())
+                                   stderr_file=sys.stderr, config=_kernel_config(),
+                                   # a text progress bar's updates: its last line is kept
+                                   coalesce_streams=True)
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e)) from None
     finally:
@@ -155,6 +160,11 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
             os.environ.pop(contract.ENV_RUN_IDS_FILE, None)
         else:
             os.environ[contract.ENV_RUN_IDS_FILE] = previous
+        if previous_nb is None:
+            os.environ.pop(contract.ENV_NOTEBOOK, None)
+        else:
+            os.environ[contract.ENV_NOTEBOOK] = previous_nb
+        store_as_jupyter(output)
         if attach:
             _attach(output, ids_file)
         ids_file.unlink(missing_ok=True)
@@ -173,11 +183,53 @@ def _attach(output: Path, ids_file: Path) -> None:
     if not output.is_file():
         return
     client = mlflow.MlflowClient(tracking.tracking_uri())
+    html = to_html(output)
     for rid in run_ids:
         try:
-            client.log_artifact(rid, str(output), contract.ARTIFACT_NOTEBOOKS)
+            log_executed(client, rid, output, html)
         except Exception as e:  # noqa: BLE001 - a store hiccup must not hide the notebook's result
             print(f"warning: could not attach {output} to run {rid}: {e}", file=sys.stderr)
+
+
+def store_as_jupyter(path: Path) -> None:
+    """Rewrite a notebook file as nbformat (and so JupyterLab) writes it: papermill leaves out
+    the final newline, so opening and saving an executed copy would change it."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(path), as_version=nbformat.NO_CONVERT)
+    except Exception:  # noqa: BLE001 - missing or half-written after a crash: leave it
+        return
+    nbformat.write(nb, str(path))
+
+
+def to_html(executed: Path) -> Path | None:
+    """The executed notebook as HTML beside it (nbconvert's lab template, figures embedded):
+    what MLflow's artifact view and a browser display, where the .ipynb shows as raw JSON.
+    None (with a warning) when it cannot be converted: the .ipynb still counts."""
+    from nbconvert import HTMLExporter
+
+    out = executed.with_suffix(".html")
+    try:
+        import nbformat
+
+        body, _ = HTMLExporter(template_name="lab").from_notebook_node(
+            nbformat.read(str(executed), as_version=4))
+        out.write_text(body, encoding="utf-8")
+    except Exception as e:  # noqa: BLE001 - a half-written notebook after a crash, say
+        print(f"warning: could not convert {executed} to HTML: {e}", file=sys.stderr)
+        return None
+    return out
+
+
+def log_executed(client: Any, run_id: str, executed: Path, html: Path | None = None) -> None:
+    """Log an executed notebook to a run under notebooks/: the .ipynb, and its HTML (made here
+    unless given) beside it."""
+    if html is None:
+        html = to_html(executed)
+    client.log_artifact(run_id, str(executed), contract.ARTIFACT_NOTEBOOKS)
+    if html is not None:
+        client.log_artifact(run_id, str(html), contract.ARTIFACT_NOTEBOOKS)
 
 
 def _failing_cell(output: Path, e: Any) -> str:
