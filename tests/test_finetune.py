@@ -172,3 +172,18 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
     assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+
+
+def test_mlx_lm_progress_stays_out_of_notebooks(monkeypatch):
+    """Regression: in a notebook mlx-lm's rich progress displayed a widget and routed stderr into
+    it, so the executed notebook kept a stale copy of our progress bar ("6/32")."""
+    import sys
+
+    from mlx_lm.cli_ui import make_console, make_train_progress
+
+    console = make_console()
+    monkeypatch.setattr(console, "is_jupyter", True)  # as in a Jupyter kernel
+    stderr = sys.stderr
+    with finetune._QuietMlxConsole(), make_train_progress(console):
+        assert sys.stderr is stderr
+    assert console.is_jupyter is True

@@ -373,11 +373,14 @@ class _QuietMlxConsole:
         from mlx_lm.cli_ui import make_console
 
         self.console = make_console()
-        self.was = self.console.quiet
+        self.was = self.console.quiet, self.console.is_jupyter
         self.console.quiet = True
+        # In a notebook rich would also display a widget and route stderr into it, our progress
+        # bar included: the saved notebook then showed a stale bar ("6/32") beside the final one.
+        self.console.is_jupyter = False
 
     def __exit__(self, *exc):
-        self.console.quiet = self.was
+        self.console.quiet, self.console.is_jupyter = self.was
 
 
 def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
