@@ -162,3 +162,30 @@ def test_progress_bars_print_text_in_executed_notebooks(monkeypatch):
 
     monkeypatch.setenv(contract.ENV_NOTEBOOK, "/x/train.ipynb")
     assert scoring.tqdm_class() is text_bar
+
+
+def test_cell_output_reaches_the_terminal_once(tmp_path):
+    """Regression: papermill printed each stderr line of a cell twice (once more as a logged
+    warning), so every progress bar update of a batch came out twice."""
+    import os
+    import subprocess
+    import sys
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": config.KERNEL_NAME, "display_name": "tablora",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('params_path = ""\noverrides = {}\nrun_id = ""'),
+                nbformat.v4.new_code_cell("import sys\nprint('bar 7/7', file=sys.stderr)\n"
+                                          "print('line to stdout')")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nbformat.write(nb, str(tmp_path / "echo.ipynb"))
+    script = ("import sys\nfrom pathlib import Path\nfrom helpers.config import Params\n"
+              "from helpers.workflow import notebooks\n"
+              "notebooks.NOTEBOOKS_DIR = Path(sys.argv[1])\n"
+              "notebooks.execute('echo', Params(), output=Path(sys.argv[1]) / 'out.ipynb', "
+              "progress=False)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("bar 7/7") == 1 and proc.stdout.count("line to stdout") == 1

@@ -149,7 +149,9 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
                                    kernel_name=ensure_kernel(), cwd=str(src.parent),
                                    progress_bar=progress and sys.stderr.isatty(),
-                                   log_output=True, stdout_file=sys.stdout,
+                                   # the cells' streams, once each (log_output would also
+                                   # log stderr as warnings: every line printed twice)
+                                   log_output=False, stdout_file=sys.stdout,
                                    stderr_file=sys.stderr, config=_kernel_config(),
                                    # a text progress bar's updates: its last line is kept
                                    coalesce_streams=True)
