@@ -166,7 +166,9 @@ def test_progress_bars_print_text_in_executed_notebooks(monkeypatch):
 
 def test_cell_output_reaches_the_terminal_once(tmp_path):
     """Regression: papermill printed each stderr line of a cell twice (once more as a logged
-    warning), so every progress bar update of a batch came out twice."""
+    warning), so every progress bar update of a batch came out twice. The kernel knows its
+    notebook (the runs' Source; text progress bars) and shows no MLflow download widget (saved
+    as first drawn, it read "0/1" forever)."""
     import os
     import subprocess
     import sys
@@ -176,7 +178,9 @@ def test_cell_output_reaches_the_terminal_once(tmp_path):
                                  "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell('params_path = ""\noverrides = {}\nrun_id = ""'),
                 nbformat.v4.new_code_cell("import sys\nprint('bar 7/7', file=sys.stderr)\n"
-                                          "print('line to stdout')")]
+                                          "print('line to stdout')"),
+                nbformat.v4.new_code_cell("import os\nprint(os.environ['TABLORA_NOTEBOOK'], os."
+                                          "environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'])")]
     nb.cells[0].metadata["tags"] = ["parameters"]
     nbformat.write(nb, str(tmp_path / "echo.ipynb"))
     script = ("import sys\nfrom pathlib import Path\nfrom helpers.config import Params\n"
@@ -189,3 +193,4 @@ def test_cell_output_reaches_the_terminal_once(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("bar 7/7") == 1 and proc.stdout.count("line to stdout") == 1
+    assert f"{tmp_path / 'echo.ipynb'} false" in proc.stdout

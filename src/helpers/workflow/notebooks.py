@@ -141,9 +141,11 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
     ids_file.unlink(missing_ok=True)
     previous = os.environ.get(contract.ENV_RUN_IDS_FILE)
     os.environ[contract.ENV_RUN_IDS_FILE] = str(ids_file)
-    # The kernel's runs name this notebook as their Source, and its progress bars print text.
-    previous_nb = os.environ.get(contract.ENV_NOTEBOOK)
-    os.environ[contract.ENV_NOTEBOOK] = str(src)
+    # The kernel's runs name this notebook as their Source, and its progress bars print text;
+    # MLflow's artifact-download bar, a widget, would be saved as first drawn: none.
+    kernel_env = {contract.ENV_NOTEBOOK: str(src), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    saved_env = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
@@ -162,10 +164,11 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
             os.environ.pop(contract.ENV_RUN_IDS_FILE, None)
         else:
             os.environ[contract.ENV_RUN_IDS_FILE] = previous
-        if previous_nb is None:
-            os.environ.pop(contract.ENV_NOTEBOOK, None)
-        else:
-            os.environ[contract.ENV_NOTEBOOK] = previous_nb
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         store_as_jupyter(output)
         if attach:
             _attach(output, ids_file)
