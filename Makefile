@@ -56,11 +56,12 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/demo.py
 
 # Both servers listen on loopback only. `make ui` prints the page to open first: MLflow 3 opens
-# an experiment in its GenAI view unless the URL asks for model training.
+# an experiment in its GenAI view unless the URL asks for model training. One worker serves one
+# person's local UI (MLflow's default starts four server processes).
 UI_PORT ?= 5000
 ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store (prints the page to open)
 	@$(PY) -c 'from helpers import tracking; print(*tracking.ui_lines("http://127.0.0.1:$(UI_PORT)"), sep="\n")'
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 # JupyterLab over the project (notebooks/, and runs/ with the executed copies and reports),
 # opened on notebooks/. Jupyter's token stays on (a fresh one per start, in the URL it prints;
