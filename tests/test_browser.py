@@ -8,7 +8,6 @@ Set TABLORA_SCREENSHOTS=<folder> to keep a screenshot of each page."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from webdriver import CHROMEDRIVER, CHROMIUM, Browser, free_port
+from webdriver import CHROMEDRIVER, CHROMIUM, Browser, free_port, stop_server
 
 from helpers import contract
 
@@ -121,19 +120,6 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def stop(server: subprocess.Popen) -> None:
-    """The server and its workers: they share the session the server was started in."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)
-            server.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, _migrated_store):
     """The batch in a temporary store, and `mlflow server` over it on a free loopback port."""
@@ -155,7 +141,7 @@ def ui(tmp_path_factory, _migrated_store):
         wait_until_up(f"{base}/health", server)
         yield {"base": base, "tmp": tmp, **ids}
     finally:
-        stop(server)
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

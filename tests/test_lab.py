@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from webdriver import CHROMEDRIVER, CHROMIUM, Browser, free_port
+from webdriver import CHROMEDRIVER, CHROMIUM, Browser, free_port, stop_server
 
 from helpers.config import PROJECT_ROOT
 
@@ -62,15 +61,7 @@ def lab(tmp_path_factory):
             time.sleep(0.5)
         yield {"base": base, "token": token, "command": command, "tmp": tmp}
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_server(server)
         log.close()
 
 

@@ -1,12 +1,15 @@
 """A few W3C WebDriver calls over HTTP to Debian's chromedriver (headless Chromium): enough to open
 a page, wait for something in it, run a line of JavaScript and take a screenshot. No client
-library: the protocol is plain JSON over HTTP."""
+library: the protocol is plain JSON over HTTP. Also what the browser tests share for the servers
+they start (a free port, stopping a server with its workers)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -25,6 +28,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """A server started with start_new_session=True, and its workers: they share its session."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+            server.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class Browser:
