@@ -160,6 +160,31 @@ def test_compare_batch_prints_tables_verdicts_and_writes_figures(store, tmp_path
     # Logged to the batch's parent run.
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(store["parent"], "comparison")}
     assert "comparison/metric_bars.png" in logged and "comparison/REPORT.md" in logged
+    assert "comparison/REPORT.html" in logged
+    # REPORT.html carries its figures (MLflow's artifact view and a browser show it as is).
+    page = (out / "REPORT.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 5 and "<table>" in page
+    assert "**" not in page and "](metric_bars.png)" not in page
+
+
+def test_runs_get_descriptions_and_the_figures_colours(store, tmp_path):
+    """Each model's run is described with its headline against the other arm, and tagged with
+    the colour the figures give it (MLflow's charts then match the figures)."""
+    from helpers.analysis import figures
+
+    c = compare.run("tablora", "b1", out=tmp_path)
+    client = mlflow.MlflowClient()
+    colors = figures.model_colors(c)
+    assert len(set(colors.values())) == len(colors) == 4
+    best = c.best_llm
+    note = client.get_run(best.run_id).data.tags[contract.TAG_NOTE]
+    assert note.startswith(f"**{best.cell('accuracy')}** test accuracy (zero-shot ")
+    assert f"best baseline random_forest {c.best_baseline.cell('accuracy', with_ci=False)}" in note
+    for r in c.llms + c.baselines:
+        for rid in r.run_ids or [r.run_id]:
+            assert client.get_run(rid).data.tags[contract.TAG_RUN_COLOR] == colors[r.name]
+    parent = client.get_run(store["parent"]).data.tags[contract.TAG_NOTE]
+    assert c.headline[0] in parent and "comparison/REPORT.html" in parent
 
 
 def test_comparison_statistics(store):
@@ -272,9 +297,9 @@ def test_notebook_parameters_and_shape():
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     src = params[0].source
-    for line in ('experiment = "tablora"', 'batch_id = ""', 'against = ""', 'out_dir = ""',
-                 'params_path = "../params/demo/smollm2-135m.yaml"', "overrides = {}",
-                 'run_id = ""'):
+    for line in ('experiment: str = "tablora"', 'batch_id: str = ""', 'against: str = ""',
+                 'out_dir: str = ""', 'params_path: str = "../params/demo/smollm2-135m.yaml"',
+                 "overrides: dict = {}", 'run_id: str = ""'):
         assert line in src
     # papermill reads the same names (it silently skips a line it cannot parse).
     import papermill

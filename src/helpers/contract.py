@@ -54,8 +54,28 @@ TAG_STILL_IMPROVING = "tablora.still_improving"
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
+TAG_NOTE_HASH = "tablora.note_hash"  # the description tablora wrote (a user's edit is kept)
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+# MLflow's own tags, as its UI reads them: the run's "Source", "Created by" and "Description"
+# columns, and the colour it draws the run in (one colour per model, as in the figures).
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_USER = "mlflow.user"
+TAG_NOTE = "mlflow.note.content"  # markdown
+TAG_RUN_COLOR = "mlflow.runColor"
+SOURCE_TYPE = "LOCAL"  # shown as the source's file name
+
+# ---------------------------------------------------------------- experiment tags
+# MLflow's experiment kind: "custom_model_development" is its model-training ("Machine
+# learning") kind, not the GenAI one with Traces and Judges.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (sort, columns) that the UI opens from `?viewStateShareKey=<name>`.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+SHARED_VIEW = "tablora"
+# The UI's own switch between its GenAI and model-training views (a URL parameter).
+UI_WORKFLOW = "workflowType=machine_learning"
 
 # ---------------------------------------------------------------- metrics
 PREFIX_TEST = "test"  # the fine-tuned LLM, or a baseline, on the test split
@@ -93,6 +113,10 @@ ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or r
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
+# Bookkeeping of the data a run used (rows and classes per split, prompt tokens, duplicates):
+# one JSON file, not metrics, so that the runs table lists the results first.
+DATA_SUMMARY = "data/summary.json"
+REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
@@ -138,3 +162,6 @@ USER_ERRORS = (
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
     "FileNotFoundError",  # a path given on the command line
 )
+# Set by helpers.workflow.notebooks.execute: the notebook a kernel runs (the runs' "Source"), and
+# a sign that nobody watches live widgets (progress bars print text that the saved copy keeps).
+ENV_NOTEBOOK = "TABLORA_NOTEBOOK"
