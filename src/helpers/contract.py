@@ -25,6 +25,7 @@ KIND_LLM = "llm"  # one params file at one seed: training + zero-shot and fine-t
 KIND_BASELINE = "baseline"  # one classical model on one split
 KIND_BATCH = "batch"  # the parent run of `tablora batch`
 KIND_REPORT = "report"  # a comparison logged outside a batch
+KIND_MEMCHECK = "memcheck"  # has the model seen the table? (helpers.llm.memcheck)
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
 
 # ---------------------------------------------------------------- tags
@@ -49,6 +50,9 @@ TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_MEMCHECK_TEXT = "tablora.memcheck_text"  # which text of the table: file | pandas
+TAG_MEMCHECK_FLAGGED = "tablora.memcheck_flagged"  # the tests that flagged it, or "none"
+TAG_MEMCHECK_KEY = "tablora.memcheck_key"  # model + table text + settings (reused by a batch)
 
 # ---------------------------------------------------------------- metrics
 PREFIX_TEST = "test"  # the fine-tuned LLM, or a baseline, on the test split
@@ -67,6 +71,18 @@ def metric(prefix: str, name: str) -> str:
     return f"{prefix}_{name}"
 
 
+# Memorization checks (kind memcheck): memcheck_<test>_<what>, what one of exact, near, trials,
+# chance_exact, chance_near, chance_trials (the shuffled copy), p, flagged (0/1); plus
+# memcheck_header_verbatim_chars and memcheck_flagged (1 when any test flagged the table).
+MEMCHECK_TESTS = ("header", "row", "feature", "first_token")
+MEMCHECK_FLAGGED = "memcheck_flagged"
+
+
+def memcheck_metric(test: str, what: str) -> str:
+    """memcheck_metric("row", "exact") -> "memcheck_row_exact"."""
+    return f"memcheck_{test}_{what}"
+
+
 # ---------------------------------------------------------------- artifacts
 ARTIFACT_PARAMS = "params"  # the params file(s) a run was made from
 ARTIFACT_NOTEBOOKS = "notebooks"  # the executed notebooks
@@ -77,6 +93,7 @@ ARTIFACT_ADAPTERS_LAST = "adapters_last"  # the adapter after the last step
 ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or report run
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
+ARTIFACT_MEMCHECK = "memcheck/completions.json"  # every prompt, target and completion
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
