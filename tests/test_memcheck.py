@@ -300,10 +300,16 @@ def test_run_logs_counts_flag_and_completions(tmp_path, mlflow_store, memorized,
 @pytest.mark.slow
 def test_embedded_model_on_the_demo_table(mlflow_store):
     """End to end on the embedded model (a few trials): it runs, logs and says something."""
+    import mlflow
+
     from helpers.config import DEMO_PARAMS
 
     params = load_params(DEMO_PARAMS)
     settings = Settings(rows=2, prefix_rows=2, header_cuts=1, few_shot=1)
-    ((result, _),) = memcheck.run(params, settings=settings, progress=False)
-    assert result.tests["row"].trials == 2 and result.tests["header"].trials == 1
-    assert all(t.completion or t.cut_short is False for t in result.trials)
+    ((result, run_id),) = memcheck.run(params, settings=settings, progress=False)
+    assert result.table.origin.endswith("breast_cancer.csv")
+    assert result.tests["row"].trials == result.tests["row"].chance_trials == 2
+    assert result.tests["header"].trials == 1 and result.tests["feature"].trials == 2
+    assert len(result.trials) == 10 and any(t.completion for t in result.trials)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and contract.MEMCHECK_FLAGGED in run.data.metrics
