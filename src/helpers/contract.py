@@ -138,5 +138,6 @@ USER_ERRORS = (
     "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
+    "MemcheckError",  # helpers.llm.memcheck: a table or setting the memorization tests refuse
     "FileNotFoundError",  # a path given on the command line
 )

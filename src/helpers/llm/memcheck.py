@@ -78,9 +78,8 @@ BUILTIN_FILES = {"breast_cancer": ("sklearn.datasets.data", "breast_cancer.csv")
 
 
 class MemcheckError(ValueError):
-    """A table or setting the tests cannot use; the message names it and the fix."""
-
-    user_facing = True
+    """A table or setting the tests cannot use; the message names it and the fix (one line:
+    contract.USER_ERRORS)."""
 
 
 @dataclass(frozen=True)
@@ -661,8 +660,9 @@ def find_finished(params: Params, key: str) -> Any | None:
 
     exp_id = tracking.setup(params.experiment)
     runs = mlflow.MlflowClient().search_runs(
-        [exp_id], filter_string=f"tags.`{contract.TAG_MEMCHECK_KEY}` = '{key}' and "
-        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+        [exp_id], filter_string=f"tags.`{contract.TAG_MEMCHECK_KEY}` = "
+        f"{tracking.filter_value(key)} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
         max_results=1)
     return runs[0] if runs else None
 
