@@ -487,3 +487,29 @@ def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_pa
     assert run.info.status == "FAILED" and run.data.tags[contract.TAG_TASK] == "m"
     assert run.data.tags[contract.TAG_ERROR].startswith("SplitMismatch: split hash")
     assert not (tmp_path / "runs" / b.batch_id / "m" / "train.ipynb").exists()  # nothing ran
+
+
+def test_memcheck_step_once_per_model_and_table(tmp_path, tiny_model_dir, mlflow_store,
+                                                capsys):
+    """`tablora batch --memcheck`: one check per (model, table) before training, reused by the
+    next batch; a check that fails is reported and the batch goes on."""
+    import mlflow
+
+    (tmp_path / "t.csv").write_text("a,b,c\n" + "".join(
+        f"{i},{i % 4}.5,{100 + 37 * i % 900}\n" for i in range(12)))
+    files = []
+    for name, source in (("one", "t.csv"), ("two", "t.csv"), ("gone", "missing.csv")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({"name": name, "model_id": str(tiny_model_dir),
+                                    "experiment": "mc", "dataset": {"source": source}}))
+        files.append(path)
+    jobs = batch.plan_jobs(files)
+    batch._run_memchecks(jobs)
+    out = capsys.readouterr().out
+    assert "missing.csv: FAILED" in out and out.count("at chance level") == 1
+    runs = mlflow.search_runs(experiment_names=["mc"], output_format="list")
+    assert [r.data.tags[contract.TAG_KIND] for r in runs] == [contract.KIND_MEMCHECK]
+    batch._run_memchecks(jobs[:1])
+    assert "reused" in capsys.readouterr().out
+    assert len(mlflow.search_runs(experiment_names=["mc"], output_format="list")) == 1
+    assert cli.build_parser().parse_args(["batch", "p", "--memcheck"]).memcheck

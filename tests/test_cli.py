@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for command in ("model", "prepare", "train", "evaluate", "baselines", "batch", "compare",
-                    "recommend", "server"):
+                    "recommend", "server", "memcheck"):
         assert command in out
 
 
@@ -168,3 +168,19 @@ def test_params_lists_every_key(capsys, tmp_path):
     assert loaded.to_dict() == config.Params(name=loaded.name).to_dict()
     assert cli.main(["params", "no-such-key"]) == 2
     assert "no params key contains 'no-such-key'" in capsys.readouterr().err
+
+
+def test_memcheck_prints_each_test_and_the_verdict(tmp_path, tiny_model_dir, mlflow_store,
+                                                  capsys):
+    (tmp_path / "t.csv").write_text("a,b,c\n" + "".join(
+        f"{i},{i % 4}.5,{100 + 37 * i % 900}\n" for i in range(12)))
+    params = tmp_path / "p.yaml"
+    params.write_text(f"model_id: {tiny_model_dir}\ndataset:\n  source: t.csv\n")
+    assert cli.main(["memcheck", str(params), "--rows", "3", "--prefix-rows", "4"]) == 0
+    out = capsys.readouterr().out
+    for test in ("header", "row", "feature", "first_token"):
+        assert f"  {test} " in out
+    assert "row          exact 0/3" in out and "held-out column 'c'" in out
+    assert "verdict: " in out and "shows no memorization" in out
+    assert cli.main(["memcheck", str(params), "--prefix-rows", "20"]) == 2
+    assert "--prefix-rows 11 or fewer" in capsys.readouterr().err

@@ -332,3 +332,25 @@ def test_notebook_runs_on_the_store(store, tmp_path):
     result = eval(compile(last, "compare.ipynb", "eval"), ns)  # noqa: S307
     assert result["best_llm"] == "llama-3.2-3b" and result["n_baselines"] == 2
     assert (tmp_path / "REPORT.md").is_file()
+
+
+def test_memorization_check_adds_a_line_to_the_verdict(store, tmp_path):
+    """A memcheck run of an LLM's model on its table (any batch) puts a line in the verdict."""
+    tracking.setup("memo")
+    log_run("llama-3.2-3b", "llm", predictions(20, 11, 1), batch="m", model_id=LLAMA3B,
+            zeroshot=predictions(13, 10, 8), tmp=tmp_path)
+    log_run("random_forest", "baseline", predictions(22, 11, 3), batch="m", tmp=tmp_path)
+    row = {"exact": 7, "trials": 10, "chance_exact": 0, "chance_trials": 10, "flagged": 1}
+    with mlflow.start_run(run_name="memcheck", tags={
+            contract.TAG_KIND: contract.KIND_MEMCHECK, contract.TAG_MEMCHECK_TEXT: "file"}):
+        tracking.log_params(Params(name="llama-3.2-3b", model_id=LLAMA3B))
+        mlflow.log_metrics({contract.memcheck_metric("row", k): v for k, v in row.items()})
+    try:
+        c = compare.run("memo", "m", out=tmp_path / "out", with_figures=False, log=False)
+    finally:
+        mlflow.set_experiment("tablora")
+    assert c.headline[-1] == (
+        f"Memorization: {LLAMA3B} has seen builtin:breast_cancer: it completes 7 of 10 rows of "
+        "the table verbatim (shuffled copy: 0 of 10) [file text]; its results on this table may "
+        "be inflated (tablora memcheck).")
+    assert c.headline[-1] in c.markdown

@@ -95,7 +95,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from helpers.workflow import batch
 
     return batch.run(a.paths, seeds=a.seeds, only=a.only, resume=a.resume, dry_run=a.dry_run,
-                     compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0)
+                     compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0,
+                     memcheck=a.memcheck)
 
 
 def cmd_server(a: argparse.Namespace) -> int:
@@ -112,6 +113,26 @@ def cmd_compare(a: argparse.Namespace) -> int:
     c = compare.run(a.experiment, a.batch, a.against, a.out)
     print(c.markdown)
     print(f"Report and figures: {c.out_dir}")
+    return 0
+
+
+def cmd_memcheck(a: argparse.Namespace) -> int:
+    """Has the model seen this table? The tests, their chance level and the verdict per text."""
+    from helpers.config import load_params
+    from helpers.llm import memcheck
+
+    params = load_params(a.params, _overrides(a.overrides))
+    settings = memcheck.Settings(rows=a.rows, prefix_rows=a.prefix_rows, seed=params.seed)
+    for result, run_id in memcheck.run(params, a.text, settings):
+        table = result.table
+        print(f"\n{params.model_id} on {table.origin} [{table.name}]: "
+              f"{len(table.lines) - 1} rows, held-out column {result.feature_column!r}, "
+              f"{result.seconds:.0f}s; MLflow run {run_id}")
+        print("\n".join(result.lines()))
+        print(f"verdict: {params.model_id} "
+              + (f"has memorized this table ({', '.join(result.flagged)}): its results on it "
+                 "may be inflated" if result.flagged else
+                 "shows no memorization of this table (every test at chance level)"))
     return 0
 
 
@@ -310,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: each file's "
                    "`seeds`, else its `seed`)")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
+    p.add_argument("--memcheck", action="store_true",
+                   help="first check each model once per table for memorization (tablora "
+                   "memcheck; a finished check is reused)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", metavar="tcp://HOST:8786",
                        help="run the models on this Dask scheduler's workers (started as `dask "
@@ -350,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for REPORT.md, REPORT.html and the figures "
                    "(default: runs/compare/<batch or experiment>)")
     p.set_defaults(func=cmd_compare)
+
+    p = command("memcheck", "has the model seen this table? memorization tests (header, row, "
+                "feature, first token) against a shuffled copy", (
+                    "tablora memcheck params/demo/smollm2-135m.yaml",
+                    "tablora memcheck params/round1/llama.yaml --rows 50 --text both"))
+    _add_params(p)
+    p.add_argument("--rows", type=int, default=25,
+                   help="trials of the row and feature tests (as many as tabmemcheck)")
+    p.add_argument("--prefix-rows", type=int, default=10,
+                   help="lines of context before the row to complete")
+    p.add_argument("--text", choices=["auto", "file", "pandas", "both"], default="auto",
+                   help="the data file as distributed (auto: when there is one), the table as "
+                   "pandas writes it, or both")
+    p.set_defaults(func=cmd_memcheck)
 
     p = command("recommend", "diagnose the runs and write next-round params files", (
         "tablora recommend --batch 20261128-231500-ab12 --out params/round2",

@@ -24,7 +24,8 @@ def run(experiment: str = "tablora", batch: str | None = None, against: str | No
         ) -> report.Comparison:
     """Load, compare, write REPORT.md and the figures into `out`, log them to MLflow."""
     loaded = load(experiment, batch or None)
-    c = report.build(loaded.records, experiment, batch or None, loaded.skipped)
+    c = report.build(loaded.records, experiment, batch or None, loaded.skipped,
+                     loaded.memchecks)
     if against:
         report.compare_rounds(c, report.load_against(experiment, against).records, against)
     c.out_dir = Path(out) if out else RUNS_DIR / "compare" / (batch or experiment)

@@ -390,9 +390,10 @@ class SplitMismatch(RuntimeError):
 
 def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = None,
         resume: bool = False, dry_run: bool = False, compare: bool = True,
-        cluster: str = "", workers: int = 0) -> int:
+        cluster: str = "", workers: int = 0, memcheck: bool = False) -> int:
     """Plan the batch of `paths` (files or folders) and run it (or print the plan); returns the
-    exit code: 1 when any model failed. cluster/workers: see executor.connect."""
+    exit code: 1 when any model failed. cluster/workers: see executor.connect. `memcheck`:
+    check each model once per table for memorization first (helpers.llm.memcheck)."""
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
@@ -402,7 +403,7 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
         return 0
     _preflight()
     return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
-                     workers=workers)
+                     workers=workers, memcheck=memcheck)
 
 
 def _preflight() -> None:
@@ -417,7 +418,7 @@ def _preflight() -> None:
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
               resume: bool = False, compare: bool = True, cluster: str = "",
-              workers: int = 0) -> int:
+              workers: int = 0, memcheck: bool = False) -> int:
     import mlflow
 
     t0 = time.perf_counter()
@@ -441,6 +442,8 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         compare_outcome: Outcome | None = None
         try:
             with _batch_env(batch):
+                if memcheck:  # in this process, before any model trains
+                    _run_memchecks(jobs)
                 outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
                                                          resume)
                 if compare:
@@ -965,6 +968,30 @@ def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
         contract.TAG_ERROR: exc[:4000], **({contract.TAG_ERROR_CELL: cell[:500]} if cell else {})})
     outcome.run_id = run.info.run_id
     batch.client.set_terminated(outcome.run_id, "FAILED")
+
+
+def _run_memchecks(jobs: list[Job]) -> None:
+    """The memorization check once per (model, table), before any training: a check that
+    already FINISHED with the same model, table and settings (in any batch) is reused. A
+    failure is reported and the batch goes on: it is no model's failure."""
+    from helpers.llm import memcheck
+
+    pairs: dict[tuple[str, str], Params] = {}
+    for job in jobs:
+        if job.params is not None:
+            pairs.setdefault((job.params.model_id, job.params.dataset.source), job.params)
+    for (model_id, source), params in pairs.items():
+        print(f"memcheck: {model_id} on {source} ...", flush=True)
+        try:
+            for result, run_id in memcheck.run(params, reuse=True, progress=False):
+                verdict = ("reused" if result is None else
+                           f"flagged by {', '.join(result.flagged)}" if result.flagged
+                           else "at chance level")
+                print(f"memcheck: {model_id} on {source}: {verdict} (run {run_id})", flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # isolation: the models still run
+            print(f"memcheck: {model_id} on {source}: FAILED: {_short(str(e))}", flush=True)
 
 
 def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
