@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tablora-setup
 UNAME := $(shell uname -s)
 
-.PHONY: help setup blas demo test test-fast lint bench ui lab clean
+.PHONY: help setup blas postgres demo test test-fast lint bench ui server lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,7 @@ setup: $(STAMP)  ## create .venv, install tablora (editable, dev extras), regist
 # Re-runs only when the dependencies change: a second `make setup` takes seconds.
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory blas
+	@$(MAKE) --no-print-directory postgres
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -34,6 +35,13 @@ ifeq ($(UNAME),Linux)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
 	else echo "warning: no OpenBLAS found; install libopenblas0-pthread (or set TABLORA_BLAS), MLX will be slow"; fi
 endif
+
+postgres:  ## install PostgreSQL for `make server` and its tests where we can (root + apt)
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing postgresql (the tracking server's database; its tests need it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "note: no PostgreSQL found; \`make server\` needs it (apt-get install postgresql, brew install postgresql)"; fi
 
 demo: setup  ## the main job on the embedded model: baselines, fine-tune, evaluate, compare
 	$(VENV)/bin/tablora batch params/demo
@@ -54,12 +62,29 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/train_speed.py
 	$(PY) bench/eval_speed.py
 	$(PY) bench/demo.py
+	$(PY) bench/batch_scale.py
 
-ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port 5000
+# Both servers listen on loopback only. `make ui` prints the page to open first: MLflow 3 opens
+# an experiment in its GenAI view unless the URL asks for model training. One worker serves one
+# person's local UI (MLflow's default starts four server processes).
+UI_PORT ?= 5000
+ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store (prints the page to open)
+	@$(PY) -c 'from helpers import tracking; print(*tracking.ui_lines("http://127.0.0.1:$(UI_PORT)"), sep="\n")'
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-lab: setup  ## JupyterLab on 127.0.0.1:8888 with the notebooks
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks/
+server: setup  ## shared MLflow server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (.cache/server)
+	$(VENV)/bin/tablora server
+
+# JupyterLab over the project (notebooks/, and runs/ with the executed copies and reports),
+# opened on notebooks/. Jupyter's token stays on (a fresh one per start, in the URL it prints;
+# JUPYTER_TOKEN=... fixes it): loopback is shared by every user and container of the machine.
+# Root is normal in containers and CI, and Jupyter refuses it without --allow-root.
+LAB_PORT ?= 8888
+LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+LAB_CMD = $(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port $(LAB_PORT) \
+	--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ROOT)
+lab: setup  ## JupyterLab on 127.0.0.1:8888 over the project, opened on notebooks/
+	$(LAB_CMD)
 
 clean:  ## remove caches and local runs (keeps .venv)
 	rm -rf .cache runs mlflow.db mlruns/*/ .pytest_cache

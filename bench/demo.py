@@ -16,7 +16,10 @@ every 0.2 s with psutil, and the largest single process's ru_maxrss when the OS 
 
     python bench/demo.py [--params FILE] [--set num_iters=10 ...] [--stages train evaluate]
 
-Prints a table; the last line is one JSON object {"stages": {name: {...}}, "total_seconds": ...}.
+Prints a table, then (when the stages ran) the fine-tuned LLM's figures the demo is judged by:
+test accuracy with CI, ROC AUC, Brier, P(yes) interquartile range, exact McNemar against zero-shot
+and against the best baseline; the last line is one JSON object {"stages": {name: {...}},
+"total_seconds": ..., "quality": {...}}.
 """
 
 from __future__ import annotations
@@ -89,6 +92,26 @@ def _rss(p) -> int:
         return 0
 
 
+def judge(experiment: str) -> dict:
+    """The fine-tuned LLM's test figures from the temporary store, and its paired tests."""
+    import numpy as np
+
+    from helpers.analysis import records, report
+
+    c = report.build(records.load(experiment).records, experiment)
+    llm = c.llms[0]
+    p = llm.rows("test")["p_yes"].to_numpy(float)
+    out = {"accuracy": llm.cell("accuracy"), "roc_auc": round(llm.value("roc_auc"), 4),
+           "brier": round(llm.value("brier"), 4),
+           "p_yes_iqr": round(float(np.subtract(*np.percentile(p, [75, 25]))), 3),
+           "threshold": llm.threshold_text(), "floor": report.floor_cell(c, llm)}
+    for t in c.zeroshot + [t for t in c.tests if t.family == report.VS_BASELINE]:
+        if t.a is llm and t.test is not None:
+            key = "vs_zeroshot" if t.family == report.ZEROSHOT else "vs_best_baseline"
+            out[key] = t.text
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params" / "demo" / "smollm2-135m.yaml")
@@ -99,8 +122,9 @@ def main() -> int:
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tablora-bench-demo-"))
+    # TABLORA_OUTPUT_ROOT: adapters may go to this temporary folder (outside the project's runs/).
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "TABLORA_OUTPUT_ROOT": str(tmp)}
     experiment = "bench-demo"
     sets = [f"experiment={experiment}", f"output_dir={tmp / 'adapters'}", *a.overrides]
     params_args = [str(a.params), *[x for s in sets for x in ("--set", s)]]
@@ -133,12 +157,17 @@ def main() -> int:
                   f"{note}", flush=True)
     ran = [r for r in results.values() if "seconds" in r]
     total = round(sum(r["seconds"] for r in ran), 1)
-    print(f"{'total':<10}{total:>9.1f}")
+    print(f"{'total':<10}{total:>9.1f}  (load average {os.getloadavg()[0]:.1f} at the end)")
+    quality = {}
+    if all(r.get("rc", 0) == 0 for r in ran) and {"evaluate", "baselines"} <= set(results):
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        quality = judge(experiment)
+        print("quality: " + ", ".join(f"{k} {v}" for k, v in quality.items()), flush=True)
     if not a.keep and all(r.get("rc", 0) == 0 for r in ran):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(f"kept {tmp} (logs, MLflow store)")
-    print(json.dumps({"stages": results, "total_seconds": total,
+    print(json.dumps({"stages": results, "total_seconds": total, "quality": quality,
                       "failed": [k for k, r in results.items() if r.get("rc", 0) != 0],
                       "skipped": [k for k, r in results.items() if "skipped" in r]}))
     return 0

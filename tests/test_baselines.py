@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.pipeline import Pipeline
 
-from helpers import baselines, contract, data, tracking
+from helpers import baselines, contract, data, metrics, tracking
 from helpers.config import DEMO_PARAMS, load_params
 from helpers.workflow import notebooks
 
@@ -87,6 +87,28 @@ def test_fixed_mode_uses_the_given_hyperparameters(demo):
         baselines.fit_all(demo, params.replace(**{"baselines.models": ["svm"]}))
 
 
+def test_one_threshold_rule_for_every_model(demo):
+    """threshold_mode: tune -> tuned (as the LLMs' on valid) on out-of-fold P(yes) of the
+    training rows, never on test; fixed -> params.threshold, as the LLMs'."""
+    from sklearn.model_selection import cross_val_predict
+
+    params = demo.params.replace(**{"baselines.models": ["lasso"], "threshold_mode": "tune"})
+    (tuned,) = baselines.fit_all(demo, params)
+    X, y = baselines.training_data(demo)
+    oof = cross_val_predict(tuned.model, X, y, method="predict_proba",
+                            cv=baselines._cv(y, params.baselines.cv_folds, params.seed))[:, 1]
+    assert tuned.threshold_source == contract.THRESHOLD_OOF
+    assert tuned.threshold == metrics.tune_threshold(y, oof) != 0.5
+    np.testing.assert_array_equal(tuned.y_pred, metrics.predict(tuned.p_yes, tuned.threshold))
+    # Regression: the stratified floor's threshold was tuned on its random P(yes) (to 0: "Yes"
+    # to every row); the floors keep the fixed one.
+    (floor,) = baselines.fit_all(demo, params.replace(**{"baselines.models": ["stratified"]}))
+    assert (floor.threshold, floor.threshold_source) == (0.5, contract.THRESHOLD_FIXED)
+    (fixed,) = baselines.fit_all(demo, params.replace(threshold_mode="fixed", threshold=0.3))
+    assert (fixed.threshold, fixed.threshold_source) == (0.3, contract.THRESHOLD_FIXED)
+    np.testing.assert_array_equal(fixed.y_pred, (fixed.p_yes >= 0.3).astype(int))
+
+
 def _messy_csv(path) -> None:
     """Numeric columns with gaps, a categorical column with a rare value and gaps, free text."""
     rng = np.random.default_rng(0)
@@ -156,9 +178,16 @@ def test_run_all_writes_one_run_per_baseline_on_the_llm_split(demo, mlflow_store
         assert pred["row_id"].tolist() == list(demo.split["test"])  # the LLM runs' test rows
         assert pred["label"].tolist() == demo.y("test").tolist()
         artifacts = {a.path for a in client.list_artifacts(r.run_id)}
-        assert {"predictions", "figures"} <= artifacts
+        assert {"predictions", "figures", "data"} <= artifacts
+        # Like the LLM runs: the data as dataset inputs, a Source, a user, a description.
+        assert sorted(i.tags[0].value for i in run.inputs.dataset_inputs) == [
+            "test", "train", "valid"]
+        assert tags[contract.TAG_USER] and tags[contract.TAG_SOURCE_NAME]
+        assert tags[contract.TAG_NOTE].startswith("Test accuracy ")
         for k, v in r.chosen.items():
             assert run.data.params[f"model.{k}"] == str(v)
+        assert m["threshold"] == r.threshold
+        assert tags[contract.THRESHOLD_SOURCE_TAGS[contract.PREFIX_TEST]] == r.threshold_source
     figures = {r.name: {a.path for a in client.list_artifacts(r.run_id, "figures")}
                for r in results}
     assert "figures/importances.png" in figures["random_forest"]

@@ -244,7 +244,51 @@ def test_runs_nest_under_the_batch_and_carry_both_notebooks(two_batches):
     import mlflow
 
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(good.info.run_id, "notebooks")}
-    assert logged == {"notebooks/train.ipynb", "notebooks/evaluate.ipynb"}
+    # Each with its HTML: what MLflow's artifact view displays.
+    assert logged == {"notebooks/train.ipynb", "notebooks/evaluate.ipynb",
+                      "notebooks/train.html", "notebooks/evaluate.html"}
+    assert (folder / "good-seed1" / "train.html").is_file()
+
+
+def test_every_run_has_source_user_and_description(two_batches):
+    """Regression: Source was empty on LLM runs, Created by on LLM and batch runs, Description
+    everywhere."""
+    import getpass
+
+    runs = two_batches["runs_first"]
+    for name, rs in runs.items():
+        tags = rs[0].data.tags
+        assert tags.get(contract.TAG_USER) == getpass.getuser(), name
+        assert tags.get(contract.TAG_SOURCE_NAME), name
+    nb_dir = two_batches["tmp"] / "notebooks"
+    assert runs["good-seed0"][0].data.tags[contract.TAG_SOURCE_NAME] == str(nb_dir / "train.ipynb")
+    assert runs["random_forest"][0].data.tags[contract.TAG_SOURCE_NAME] == str(
+        nb_dir / "baselines.ipynb")
+    (parent,) = [rs[0] for name, rs in runs.items() if name.startswith("batch-")]
+    assert parent.data.tags[contract.TAG_SOURCE_NAME] == batch.BATCH_SOURCE
+    assert parent.data.tags[contract.TAG_NOTE].startswith("batch ")
+    assert "2/5 models succeeded" in parent.data.tags[contract.TAG_NOTE]
+    assert runs["good-seed0"][0].data.tags[contract.TAG_NOTE] == "Test accuracy 90.0%"
+
+
+def test_dry_run_names_each_split_by_its_hash(tmp_path, capsys):
+    """Regression: the dry run labelled a split `ced92613` while MLflow tagged it `078b6a86...`:
+    the plan now shows the split hash the runs are tagged with."""
+    from helpers import data
+
+    params = write_params(tmp_path / "params")
+    (tmp_path / "params" / "other.yaml").write_text("dataset:\n  split_seed: 7\n")
+    (tmp_path / "params" / "fewer.yaml").write_text("dataset:\n  features: [mean radius]\n")
+    with isolated(tmp_path):
+        assert cli.main(["batch", str(params), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    good = config.load_params(params / "good.yaml")
+    other = config.load_params(params / "other.yaml")
+    assert f"  split {data.table_split_hash(good)}: builtin:breast_cancer" in out
+    assert f"  split {data.table_split_hash(other)}: builtin:breast_cancer" in out
+    # The same split with other baseline inputs (fewer features): its own group, same hash.
+    assert f"  split {data.table_split_hash(good)}-2: " in out
+    assert "baselines.ipynb once per distinct split (3)" in out
 
 
 def test_every_failure_is_a_failed_run_with_its_cause(two_batches):
@@ -273,6 +317,13 @@ def test_parent_run_carries_the_summary(two_batches):
     assert summary["n_models"] == 5 and summary["n_ok"] == 2
     nan = next(m for m in summary["models"] if m["name"] == "nan")
     assert nan["status"] == "failed" and "train" in nan["seconds"]
+    # The baselines split is named by its split hash, as the runs are tagged.
+    from helpers import data
+
+    (rf,) = runs["random_forest"]
+    split = data.table_split_hash(config.load_params(two_batches["tmp"] / "params" / "good.yaml"))
+    assert rf.data.tags[contract.TAG_BASELINES_KEY] == split
+    assert summary["baselines"][0]["name"] == f"baselines {split}"
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.txt", "summary.json", "notebooks"} <= names
 
@@ -320,3 +371,145 @@ def test_round1_hub_models_fail_cleanly_offline(tmp_path, monkeypatch):
         line = next(ln for ln in failures.splitlines() if ln.strip().startswith(f"{name}:"))
         assert "offline" in line.lower() or "download" in line.lower(), line
         assert "Traceback" not in line
+
+
+def test_a_killed_batch_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """SIGKILL a batch while it trains (its runs stay RUNNING in MLflow), then `--resume`:
+    the stale runs end KILLED, the same run continues from its checkpoint step, the loss
+    history has one value per step and nothing is left RUNNING (issue 15)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import yaml
+
+    # TABLORA_HOME: a project of its own (runs/, .cache/), with the real train and evaluate
+    # notebooks and no baselines notebook (skipped: this test is about the model run).
+    home = tmp_path / "home"
+    (home / "notebooks").mkdir(parents=True)
+    for name in batch.MODEL_NOTEBOOKS:
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", home / "notebooks")
+    rows = [f"{i},{(i * 7) % 10},{'yes' if i % 2 else 'no'}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "tiny.yaml").write_text(yaml.safe_dump({
+        "model_id": str(tiny_model_dir), "experiment": "resume", "num_iters": 150,
+        "save_every": 10, "batch_size": 2, "num_layers": 2, "steps_per_eval": 1000,
+        "val_batches": 1, "steps_per_report": 50, "eval_zeroshot": False, "n_bootstrap": 100,
+        "dataset": {"source": str(tmp_path / "t.csv"), "target": "y", "positive_label": "yes",
+                    "test_size": 0.25, "valid_size": 0.25}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TABLORA_")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", TABLORA_HOME=str(home),
+               TABLORA_OUTPUT_ROOT=str(tmp_path))
+    command = [sys.executable, "-m", "helpers", "batch", str(tmp_path / "params"), "--no-compare"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    state = home / "runs" / "adapters" / "tiny" / "checkpoint" / "trainer_state.json"
+    try:
+        while first.poll() is None:
+            try:
+                if json.loads(state.read_text())["step"] >= 20:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert first.poll() is None, "the batch finished before it could be killed"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the batch; its kernel follows its parent
+        first.wait()
+    time.sleep(3)  # the kernel notices (ipykernel polls its parent every second)
+    killed_at = json.loads(state.read_text())["step"]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp_id = client.get_experiment_by_name("resume").experiment_id
+    (run,) = client.search_runs([exp_id], "tags.`tablora.kind` = 'llm'")
+    assert run.info.status == "RUNNING" and killed_at < 150  # what MLflow is left with
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True,
+                             timeout=900)
+
+    out = resumed.stdout
+    rid = run.info.run_id
+    assert resumed.returncode == 0, out[-3000:] + resumed.stderr[-3000:]
+    assert f"run {rid}: its process is gone: marked KILLED" in out
+    assert f"continuing interrupted run {rid} (training from its last checkpoint)" in out
+    assert f"resuming run {rid} from its checkpoint at step {killed_at}" in out
+    runs = client.search_runs([exp_id])
+    assert [r.info.run_id for r in runs if r.data.tags[contract.TAG_KIND] == "llm"] == [rid]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    steps = [m.step for m in client.get_metric_history(rid, "train_loss")]
+    assert sorted(steps) == list(range(1, 151))  # each step once, before and after the kill
+    assert "test_accuracy" in client.get_run(rid).data.metrics
+
+
+# ---------------------------------------------------------------- tasks on another machine
+
+
+def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_path, monkeypatch):
+    """The batch draws the split once; a worker whose copy of the data file differs must not
+    train on other rows under the same model name."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from helpers import tracking
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"age": rng.normal(50, 10, 60).round(3),
+                          "outcome": ["sick", "well"] * 30})
+    folder = tmp_path / "params"
+    folder.mkdir()
+    table.to_csv(folder / "data.csv", index=False)
+    (folder / "m.yaml").write_text("experiment: batch-test\ndataset:\n  source: data.csv\n"
+                                   "  target: outcome\n  positive_label: sick\n")
+    with isolated(tmp_path):
+        (job,) = batch.plan_jobs([folder / "m.yaml"])
+        exp_id = tracking.setup("batch-test")
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        b = batch._open_batch(client, exp_id, "plan", resume=False)
+        drawn = batch._splits(batch.baseline_groups([job]))[batch.baselines_key(job.params)]
+        # This "worker" reads another version of the file.
+        table.loc[0, "age"] += 1
+        table.to_csv(folder / "data.csv", index=False)
+        task = batch.ModelTask(b.ref(), "m", "[1/1]", "m", job.params, b.model_tags(job),
+                               *drawn)
+        outcome = batch.model_task(task)
+    theirs = outcome.cause.split("split hash ")[1].split()[0]
+    assert outcome.status == "failed" and theirs != drawn[0]
+    assert outcome.cause.startswith(f"SplitMismatch: split hash {theirs} on ")
+    assert f"differs from the batch's {drawn[0]}: this machine's {folder / 'data.csv'} is not " \
+           "the data the batch split" in outcome.cause
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[contract.TAG_TASK] == "m"
+    assert run.data.tags[contract.TAG_ERROR].startswith("SplitMismatch: split hash")
+    assert not (tmp_path / "runs" / b.batch_id / "m" / "train.ipynb").exists()  # nothing ran
+
+
+def test_memcheck_step_once_per_model_and_table(tmp_path, tiny_model_dir, mlflow_store,
+                                                capsys):
+    """`tablora batch --memcheck`: one check per (model, table) before training, reused by the
+    next batch; a check that fails is reported and the batch goes on."""
+    import mlflow
+
+    (tmp_path / "t.csv").write_text("a,b,c\n" + "".join(
+        f"{i},{i % 4}.5,{100 + 37 * i % 900}\n" for i in range(12)))
+    files = []
+    for name, source in (("one", "t.csv"), ("two", "t.csv"), ("gone", "missing.csv")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({"name": name, "model_id": str(tiny_model_dir),
+                                    "experiment": "mc", "dataset": {"source": source}}))
+        files.append(path)
+    jobs = batch.plan_jobs(files)
+    batch._run_memchecks(jobs)
+    out = capsys.readouterr().out
+    assert "missing.csv: FAILED" in out and out.count("at chance level") == 1
+    runs = mlflow.search_runs(experiment_names=["mc"], output_format="list")
+    assert [r.data.tags[contract.TAG_KIND] for r in runs] == [contract.KIND_MEMCHECK]
+    batch._run_memchecks(jobs[:1])
+    assert "reused" in capsys.readouterr().out
+    assert len(mlflow.search_runs(experiment_names=["mc"], output_format="list")) == 1
+    assert cli.build_parser().parse_args(["batch", "p", "--memcheck"]).memcheck

@@ -187,6 +187,23 @@ def test_split_deterministic_and_saved(tmp_path, cache, monkeypatch):
     assert d.split_hash != a.split_hash and d.split["test"] != a.split["test"]
 
 
+def test_a_split_drawn_elsewhere_is_used_as_is(tmp_path, monkeypatch):
+    """What a batch worker does: check the table's hash, then take the batch's rows."""
+    params = make_params(tmp_path)
+    drawn = data.prepare(params)
+    assert data.table_split_hash(params) == drawn.split_hash
+    # The batch's machine drew other rows (say, another scikit-learn): this machine uses them.
+    doc = json.loads(drawn.split_file.read_text())
+    train, test = doc["split"]["train"], doc["split"]["test"]
+    doc["split"]["train"], doc["split"]["test"] = test + train[9:], train[:9]
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "worker")
+    path = data.install_split(json.dumps(doc), drawn.split_hash)
+    assert path == tmp_path / "worker" / "splits" / drawn.split_hash / "split.json"
+    assert data.prepare(params).split["test"] == doc["split"]["test"] != drawn.split["test"]
+    with pytest.raises(data.DataError, match="labelled"):
+        data.install_split(json.dumps(doc), "0" * 16)
+
+
 def test_split_partitions_and_stratifies(tmp_path):
     p = data.prepare(make_params(tmp_path))
     ids = [i for s in data.SPLITS for i in p.split[s]]
@@ -258,7 +275,7 @@ def test_breast_cancer_builtin(tmp_path):
     assert len(p.features) == 10 and p.duplicates["count"] == 0
     assert len(p.table) == 569 and set(p.table["target"]) == {"malignant", "benign"}
     assert p.y("train").sum() + p.y("valid").sum() + p.y("test").sum() == 212  # malignant
-    assert p.prompts("train")[0].count("The mean") == 10
+    assert p.prompts("train")[0].count("\nmean ") == 10  # the demo: one "name: value" a line
 
 
 # --- serialization -----------------------------------------------------------------------------
@@ -315,12 +332,11 @@ def test_missing_is_unknown_by_default(tmp_path):
 def test_jinja_templates_inline_and_file(tmp_path):
     inline = "Age {{ age }}; {% for it in items %}{{ it.description }}={{ it.value }} {% endfor %}"
     p = data.prepare(make_params(tmp_path, **{"prompt.template": inline,
-                                              "prompt.task_description": "",
                                               "dataset.feature_descriptions": {"age": "Age"}}))
     row = table().iloc[0]
     bmi = data.format_number(row["bmi"], 3)
     expected = f"Age {row['age']}; Age={row['age']} bmi={bmi} smoker={row['smoker']}"
-    assert first_user_text(p).split("\n\n")[0] == expected
+    assert first_user_text(p).split("\n\n")[1] == expected
 
     (tmp_path / "row.j2").write_text("BMI {{ row['bmi'] }}\n")
     q = data.prepare(make_params(tmp_path, **{"prompt.template": "row.j2"}))
@@ -403,7 +419,8 @@ def test_cli_prepare_prints_summary(tmp_path, capsys, monkeypatch):
     assert cli.main(["prepare", str(tmp_path / "run.yaml")]) == 0
     out = capsys.readouterr().out
     for needle in ("split hash:", "train:", "valid:", "test:", "positive", "duplicates:",
-                   "prompt tokens: min", "--- example 1", "--- example 2"):
+                   "prompt tokens: min", "--- example 1", "--- example 2", "wording:",
+                   "Is the outcome sick? Answer Yes or No."):
         assert needle in out
 
 
@@ -411,3 +428,149 @@ def test_no_validation_split(tmp_path):
     p = data.prepare(make_params(tmp_path, **{"dataset.valid_size": 0.0}))
     assert p.split["valid"] == [] and len(p.split["test"]) == 15
     assert (p.data_dir / "valid.jsonl").read_text() == ""
+
+
+# --- untrusted params and tables (issue 15) ----------------------------------------------------
+
+
+def test_template_sandbox_refuses_python_internals(tmp_path):
+    # Regression: prompt.template ran shell commands through a plain jinja2.Environment.
+    marker = tmp_path / "marker"
+    for payload in (f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}",
+                    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                    "{% for x in ().__class__.__base__.__subclasses__() %}{{ x }}{% endfor %}"):
+        params = make_params(tmp_path, **{"prompt.template": payload + " {{ row.age }}"})
+        assert "refused by the template sandbox" in error_of(params)
+    assert not marker.exists()
+    # What templates are for still works inside the sandbox.
+    ok = make_params(tmp_path, **{"prompt.template":
+                                  "{% for i in items %}{{ i.name | upper }}={{ i.value }};"
+                                  "{% endfor %}"})
+    assert data.prepare(ok).prompts("test")[0].splitlines()[2].startswith("AGE=")
+
+
+def test_repeated_column_names_are_refused(tmp_path):
+    (tmp_path / "d.csv").write_text("age,age,outcome\n" + "1,2,sick\n3,4,well\n" * 20)
+    params = make_params(tmp_path, **{"dataset.source": "d.csv"})
+    assert "'age' appear more than once" in error_of(params)
+
+
+def test_header_only_table_has_no_rows(tmp_path):
+    (tmp_path / "h.csv").write_text("age,outcome\n")
+    assert "no rows" in error_of(make_params(tmp_path, **{"dataset.source": "h.csv"}))
+
+
+def test_unquoted_yes_gets_a_hint_to_quote_it(tmp_path):
+    df = table().assign(outcome=["yes"] * 24 + ["no"] * 36)
+    path = tmp_path / "run.yaml"
+    df.to_csv(tmp_path / "data.csv", index=False)
+    path.write_text("dataset:\n  source: data.csv\n  target: outcome\n  positive_label: yes\n")
+    message = error_of(config.load_params(path))
+    assert "dataset.positive_label True" in message and 'positive_label: "yes"' in message
+    path.write_text(path.read_text().replace("label: yes", "label: 'yes'"))
+    assert data.prepare(config.load_params(path)).positive_label == "yes"
+# --- prompts from the data (issue 14) ----------------------------------------------------------
+
+# Words that belong to one table's question: none may leak into another table's prompts.
+OWN_WORDS = {name: (b.task_description, b.question) for name, b in data.BUILTINS.items()}
+
+
+def pima_like(n: int = 60) -> pd.DataFrame:
+    """A clinical screening table with terse column names (as the Pima data has)."""
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({"npreg": rng.integers(0, 10, n), "glu": rng.integers(60, 200, n),
+                         "body_mass_index": rng.normal(30, 5, n).round(1),
+                         "type": ["Yes"] * (n // 3) + ["No"] * (n - n // 3)})
+
+
+def only_dataset(tmp_path: Path, **dataset) -> config.Params:
+    """A params file that sets only dataset.source, target and positive_label."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"dataset": dataset}))
+    return config.load_params(path)
+
+
+def _all_prompts(p: data.Prepared) -> str:
+    return "\n".join(p.user_texts.values())
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_users_table_gets_its_own_question_never_another_tables(tmp_path, kind):
+    # Regression: every prompt of a user's CSV read "Is this tumour malignant?" (issue 14).
+    file = f"pima.{kind}"
+    df = pima_like()
+    df.to_csv(tmp_path / file, index=False) if kind == "csv" else df.to_parquet(tmp_path / file)
+    p = data.prepare(only_dataset(tmp_path, source=file, target="type", positive_label="Yes"))
+    text = _all_prompts(p)
+    question = p.words.question
+    assert "type" in question and question in text and "type" in p.prompts("test")[0]
+    for words in OWN_WORDS.values():
+        assert not any(w in text for w in words)
+    for leaked in ("tumour", "malignant", "biopsy", "penguin", "respondent"):
+        assert leaked not in text.lower()
+    # Column names: snake_case becomes words, terse names stay as they are.
+    assert "The body mass index is" in text and "The npreg is" in text
+    assert p.words.derived == ("task_description", "question")
+
+
+@pytest.mark.parametrize("name", sorted(data.BUILTINS))
+def test_each_builtin_speaks_its_own_words_only(tmp_path, name):
+    b = data.BUILTINS[name]
+    p = data.prepare(only_dataset(tmp_path, source=f"builtin:{name}", target=b.target,
+                                  positive_label=b.positive_label))
+    text = _all_prompts(p)
+    assert p.words.question == b.question and b.question in p.prompts("train")[0]
+    for other, words in OWN_WORDS.items():
+        if other != name:
+            assert not any(w in text for w in words), other
+    # The built-in's own target and positive label are its defaults.
+    q = data.prepare(only_dataset(tmp_path, source=f"builtin:{name}"))
+    assert (q.target, q.positive_label, q.split_hash) == (b.target, b.positive_label,
+                                                         p.split_hash)
+
+
+def test_value_labels_and_explicit_wording_win(tmp_path):
+    df = pima_like()
+    df["smoke"] = np.arange(len(df)) % 2
+    df.to_csv(tmp_path / "t.csv", index=False)
+    base = only_dataset(tmp_path, source="t.csv", target="type", positive_label="Yes")
+    p = data.prepare(base.replace(**{"dataset.value_labels": {"smoke": {0: "no", 1: "yes"}},
+                                     "dataset.feature_descriptions": {"glu": "glucose"}}))
+    assert "The smoke is yes." in p.user_texts[1] and "The smoke is no." in p.user_texts[0]
+    assert "The glucose is" in p.user_texts[0]
+    q = data.prepare(base.replace(**{"prompt.question": "Diabetic? Answer Yes or No."}))
+    assert q.words.question == "Diabetic? Answer Yes or No." and q.words.derived == (
+        "task_description",)
+    # Only the wording changed: the same split, other prompt files.
+    plain = data.prepare(base)
+    assert q.split_hash == plain.split_hash == p.split_hash
+    assert len({q.data_dir, plain.data_dir, p.data_dir}) == 3
+
+
+def test_a_coded_target_gets_its_word_in_the_question(tmp_path):
+    df = pima_like()
+    df["type"] = (df["type"] == "Yes").astype(int)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    # positive_label not set: the 1 of a 0/1 column.
+    p = data.prepare(only_dataset(tmp_path, source="t.csv", target="type"))
+    assert p.positive_label == 1 and p.words.question == (
+        "Is type true for this record? Answer Yes or No.")
+    q = data.prepare(only_dataset(tmp_path, source="t.csv", target="type", positive_label=1,
+                                  value_labels={"type": {1: "diabetic", 0: "healthy"}}))
+    assert q.words.question == "Is the type diabetic? Answer Yes or No."
+
+
+def test_a_file_without_target_or_clear_positive_is_refused(tmp_path):
+    pima_like().to_csv(tmp_path / "t.csv", index=False)
+    msg = error_of(only_dataset(tmp_path, source="t.csv"))
+    assert "dataset.target is not set" in msg and "'npreg'" in msg
+    df = pima_like()
+    df["type"] = df["type"].map({"Yes": "pos", "No": "neg"})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    msg = error_of(only_dataset(tmp_path, source="t.csv", target="type"))
+    assert "dataset.positive_label is not set" in msg and "'pos'" in msg
+
+
+def test_value_labels_of_an_unknown_column_are_refused(tmp_path):
+    msg = error_of(make_params(tmp_path, **{"dataset.value_labels": {"smokr": {0: "no"}}}))
+    assert "'smokr'" in msg and "'smoker'" in msg

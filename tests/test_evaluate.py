@@ -77,6 +77,8 @@ def test_evaluate_notebook_logs_both_models_into_the_training_run(setup, tmp_pat
         assert csv["label"].tolist() == prepared.y("test").tolist()
         assert csv["p_yes"].between(0, 1).all()
     assert 0 <= m["threshold"] <= 1 and 0 <= m["zeroshot_threshold"] <= 1
+    for tag in contract.THRESHOLD_SOURCE_TAGS.values():  # both tuned on the validation split
+        assert run.data.tags[tag] == contract.THRESHOLD_VALID
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "figures")}
     assert {"figures/confusion_test.png", "figures/confusion_zeroshot_test.png"} <= artifacts
     assert run.info.status == "FINISHED"

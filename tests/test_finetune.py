@@ -171,4 +171,95 @@ def test_learning_rate_schedule_warms_up_then_decays():
     lrs = [schedule(mx.array(s)).item() for s in range(13)]
     assert lrs[0] == 0 and np.isclose(lrs[2], 5e-4) and np.isclose(lrs[4], 1e-3)
     assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=False)) and lrs[12] < 1e-5
+    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3,
+                                                         lr_schedule="constant")) == 1e-3
+
+
+def test_resumed_steps_are_logged_once(toy):
+    # Regression: steps re-done after the last checkpoint appeared twice in the loss history.
+    params = toy(num_iters=8, save_every=3, steps_per_eval=4)
+    with pytest.raises(KeyboardInterrupt):
+        _train(params, batches=_InterruptAfter(5, seed=params.seed))  # checkpoint at 3, 5 logged
+    run_id = mlflow.search_runs(filter_string="attributes.status = 'KILLED'",
+                                output_format="list")[0].info.run_id
+    resumed, _ = _train(params, run_id=run_id)
+    assert resumed.resumed_from == 3
+    client = mlflow.MlflowClient()
+    for key, steps in (("train_loss", list(range(1, 9))), ("val_loss", [0, 4, 8])):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+
+
+def test_output_dir_with_foreign_files_is_refused_and_kept(toy, tmp_path):
+    # Regression: training cleared checkpoint/ and last/ of any output_dir (issue 15).
+    out = tmp_path / "theirs"
+    for rel, text in (("checkpoint/notes.txt", "keep"), ("last/keep.txt", "keep"),
+                      ("adapter_config.json", '{"mine": 1}')):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ParamsError, match="files that tablora did not write"):
+        _train(toy(num_iters=2, output_dir=str(out)))
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
+    # A folder tablora made carries its marker, and is reused (cleared) by the next run.
+    ours = tmp_path / "ours"
+    _train(toy(num_iters=2, output_dir=str(ours)))
+    assert (ours / finetune.OUTPUT_MARKER).is_file()
+    (ours / "stray.txt").write_text("a user's file in tablora's folder")
+    _train(toy(num_iters=2, output_dir=str(ours)))
+    assert (ours / "stray.txt").is_file() and (ours / contract.ADAPTER_FILE).is_file()
+
+
+def test_one_training_at_a_time_per_output_dir(toy, tmp_path):
+    params = toy(num_iters=2)
+    with finetune._output_lock(params.adapter_dir):
+        with pytest.raises(ParamsError, match="another training run is writing"):
+            finetune.train(None, None, None, params)
+    _train(params)  # released
+
+
+
+def test_num_epochs_is_a_budget_in_passes_over_the_training_rows(toy):
+    params = toy(num_epochs=2, early_stopping_patience=0, lr_schedule="cosine")
+    result, run_id = _train(params)
+    n_train = len(data.prepare(params).split["train"])
+    per_epoch = batches.steps_per_epoch(n_train, params.batch_size)
+    assert result.steps == 2 * per_epoch == finetune.total_steps(params, n_train)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics[contract.TRAIN_STEPS] == 2 * per_epoch
+    # Validated EVALS_PER_EPOCH times an epoch (steps_per_eval 0), and at the end.
+    every = finetune.eval_every(params, n_train)
+    assert sorted(_losses(run_id, "val_loss")) == sorted(
+        {0, *range(every, result.steps + 1, every), result.steps})
+    assert run.data.tags[contract.TAG_STILL_IMPROVING] == str(result.still_improving).lower()
+    # The cosine schedule decays over the resolved steps, not over num_iters (0 here): half-way
+    # through, the rate is about half of it.
+    lrs = _losses(run_id, "learning_rate")
+    assert 0.3 < lrs[result.steps // 2] / params.learning_rate < 0.8
+    assert lrs[result.steps] < 0.1 * params.learning_rate
+
+
+def test_still_improving_is_told_only_when_the_budget_ended_a_falling_loss():
+    state = {"stopped_early": False, "val_losses": [2.0, 1.0, 0.5]}
+    assert finetune.still_improving(state)
+    assert not finetune.still_improving({**state, "stopped_early": True})
+    assert not finetune.still_improving({**state, "val_losses": [2.0, 0.5, 0.6]})
+    assert not finetune.still_improving({**state, "val_losses": [2.0, 0.5, 0.4999]})
+    assert not finetune.still_improving({**state, "val_losses": [2.0]})
+
+
     assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+
+
+def test_mlx_lm_progress_stays_out_of_notebooks(monkeypatch):
+    """Regression: in a notebook mlx-lm's rich progress displayed a widget and routed stderr into
+    it, so the executed notebook kept a stale copy of our progress bar ("6/32")."""
+    import sys
+
+    from mlx_lm.cli_ui import make_console, make_train_progress
+
+    console = make_console()
+    monkeypatch.setattr(console, "is_jupyter", True)  # as in a Jupyter kernel
+    stderr = sys.stderr
+    with finetune._QuietMlxConsole(), make_train_progress(console):
+        assert sys.stderr is stderr
+    assert console.is_jupyter is True

@@ -4,6 +4,7 @@ files."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from helpers import config
 from helpers.analysis import recommend as rec
@@ -27,7 +28,7 @@ def record(name: str = "m", size: str = "", params: dict | None = None, **metric
                      params=params if params is not None else {
                          "name": name, "model_id": f"org/{name}", "learning_rate": 1e-5,
                          "num_iters": 200, "batch_size": 2, "lora_rank": 8,
-                         "lora_alpha": 16.0})
+                         "lora_alpha": 16.0, "threshold_mode": "fixed"})
 
 
 def fired(r: RunRecord) -> set[str]:
@@ -204,13 +205,28 @@ def test_params_round_trip_from_mlflow_strings(tmp_path):
     """What tracking.log_params logs (strings, repr of lists) comes back as a loadable file."""
     import yaml
 
-    from helpers.config import Params
+    from helpers.config import DatasetSpec, Params
 
-    p = Params(name="x", learning_rate=8e-7, seeds=[0, 1], lora_alpha=32.0)
+    p = Params(name="x", learning_rate=8e-7, seeds=[0, 1], lora_alpha=32.0, num_epochs=2.5,
+               dataset=DatasetSpec(positive_label="malignant", value_labels={"a": {0: "no"}}))
     flat = {k: str(v if not isinstance(v, (list, dict)) else repr(v))
             for k, v in p.flat().items()} | {"lora_scale": "4.0"}
     back = config.params_from_flat(flat)
     assert back["learning_rate"] == 8e-7 and back["seeds"] == [0, 1] and "lora_scale" not in back
-    assert back["dataset"]["positive_label"] == "malignant"
+    assert back["dataset"]["positive_label"] == "malignant" and back["num_epochs"] == 2.5
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(back))
     assert load_params(tmp_path / "x.yaml") == p
+
+
+def test_a_run_budgeted_in_epochs_gets_more_epochs_not_steps():
+    changes = {"num_iters": rec.times("num_iters", 1.5)}
+    new, lines = rec.apply_changes({"num_iters": 0, "num_epochs": 2.0, "batch_size": 4}, changes)
+    assert (new["num_iters"], new["num_epochs"]) == (0, 3.0)
+    assert lines == ["num_epochs: 2.0 → 3.0 (×1.5)"]
+    new, _ = rec.apply_changes({"num_iters": 0, "num_epochs": 2.0},
+                               {"num_iters": rec.set_to("num_iters", 120)})
+    assert (new["num_iters"], new["num_epochs"]) == (120, 0.0)
+    r = RunRecord("m", metrics={"train_seconds": 100.0, "train_steps": 200})
+    seconds, note = rec.estimate_seconds(r, {"num_iters": 0, "num_epochs": 2.0, "batch_size": 4},
+                                         {"num_iters": 0, "num_epochs": 3.0, "batch_size": 4})
+    assert seconds == pytest.approx(150) and "300 iters" in note

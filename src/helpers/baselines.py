@@ -20,17 +20,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 from sklearn.compose import ColumnTransformer, make_column_selector
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from helpers import contract, metrics, tracking
-from helpers.config import Params
+from helpers.config import Params, ParamsError
 
 # A category seen fewer times than this in training is grouped with the other rare ones into one
 # "infrequent" column (a one-off value cannot be learned from, and it would widen the matrix);
@@ -40,7 +41,6 @@ MAX_CATEGORIES = 20
 # CV picks the hyperparameters that rank rows best: threshold-free, smoother than accuracy on a
 # few hundred rows.
 CV_SCORING = "roc_auc"
-THRESHOLD = 0.5
 
 
 def preprocessor(scale: bool = False) -> ColumnTransformer:
@@ -128,6 +128,8 @@ class BaselineResult:
     y_pred: np.ndarray
     summary: dict[str, float]  # metrics.summary(): test_accuracy, test_accuracy_ci_low, ...
     fit_seconds: float
+    threshold: float = 0.5
+    threshold_source: str = contract.THRESHOLD_FIXED  # contract.THRESHOLD_SOURCES
     run_id: str = ""
 
 
@@ -159,15 +161,15 @@ def fit_model(name: str, X: pd.DataFrame, y: np.ndarray, params: Params
               ) -> tuple[Pipeline, dict[str, Any], float | None]:
     """Fit one baseline: (fitted pipeline, hyperparameters used, CV score or None)."""
     if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r} in baselines.models: known are "
-                         f"{', '.join(BASELINES)}")
+        raise ParamsError(f"unknown baseline {name!r} in baselines.models: known are "
+                          f"{', '.join(BASELINES)}")
     spec = BASELINES[name]
     if params.baselines.mode == "fixed":
         chosen = dict(params.baselines.fixed.get(name, {}))
         try:
             model = spec.factory(params.seed, **chosen)
         except TypeError as e:
-            raise ValueError(f"baselines.fixed.{name}: {e}") from None
+            raise ParamsError(f"baselines.fixed.{name}: {e}") from None
         return model.fit(X, y), chosen, None
     cv = _cv(y, params.baselines.cv_folds, params.seed)
     model = spec.factory(params.seed)
@@ -180,8 +182,21 @@ def fit_model(name: str, X: pd.DataFrame, y: np.ndarray, params: Params
     return search.best_estimator_, chosen, float(search.best_score_)
 
 
+def oof_threshold(model: Pipeline, X: pd.DataFrame, y: np.ndarray, params: Params) -> float | None:
+    """The threshold tuned (metrics.tune_threshold, as for the LLMs on valid) on out-of-fold
+    P(yes) of the training rows: each row scored by a copy of `model` (same hyperparameters)
+    fitted on the other folds. None when the classes are too small for folds."""
+    cv = _cv(y, params.baselines.cv_folds, params.seed)
+    if cv is None:
+        return None
+    proba = cross_val_predict(clone(model), X, y, cv=cv, method="predict_proba")
+    return metrics.tune_threshold(y, proba[:, 1])
+
+
 def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> BaselineResult:
-    """Fit one baseline on train + valid and score it on the test split."""
+    """Fit one baseline on train + valid and score it on the test split at params.threshold,
+    or (threshold_mode: tune; not for the floors) at a threshold tuned out-of-fold on train +
+    valid."""
     from threadpoolctl import threadpool_limits
 
     params = params or prepared.params
@@ -193,13 +208,20 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
     with threadpool_limits(1):
         t0 = time.perf_counter()
         model, chosen, cv_score = fit_model(name, X, y, params)
+        threshold, source = params.threshold, contract.THRESHOLD_FIXED
+        # A floor's P(yes) carries no information (constant, or random): a threshold tuned on
+        # it would be tuned on noise, so the floors keep the fixed one.
+        if params.threshold_mode == "tune" and name not in contract.FLOORS:
+            tuned = oof_threshold(model, X, y, params)
+            if tuned is not None:
+                threshold, source = tuned, contract.THRESHOLD_OOF
         seconds = time.perf_counter() - t0
         p_yes = _positive_proba(model, X_test)
-    y_pred = metrics.predict(p_yes, THRESHOLD)
+    y_pred = metrics.predict(p_yes, threshold)
     summary = metrics.summary(y_test, y_pred, p_yes, prefix="test_",
                               n_bootstrap=params.n_bootstrap, seed=params.seed)
     return BaselineResult(name, model, chosen, cv_score, list(prepared.split["test"]), y_test,
-                          p_yes, y_pred, summary, seconds)
+                          p_yes, y_pred, summary, seconds, threshold, source)
 
 
 def fit_all(prepared: Any, params: Params | None = None) -> list[BaselineResult]:
@@ -347,7 +369,9 @@ def results_table(results: list[BaselineResult]) -> pd.DataFrame:
             if f"test_{m}_ci_low" in r.summary:
                 row[f"{m}_ci"] = (f"[{r.summary[f'test_{m}_ci_low']:.3f}, "
                                   f"{r.summary[f'test_{m}_ci_high']:.3f}]")
-        row.update(cv_roc_auc=r.cv_score, hyperparameters=r.chosen, fit_s=r.fit_seconds)
+        row.update(threshold=r.threshold,
+                   threshold_chosen=contract.THRESHOLD_SOURCES[r.threshold_source],
+                   cv_roc_auc=r.cv_score, hyperparameters=r.chosen, fit_s=r.fit_seconds)
         rows.append(row)
     table = pd.DataFrame(rows).set_index("baseline").sort_values("accuracy", ascending=False)
     return table.round(3)
@@ -409,8 +433,9 @@ def _log_result(params: Params, result: BaselineResult) -> None:
     _log_params(params, result)
     metrics.log_to_mlflow(contract.PREFIX_TEST, result.y_true, result.y_pred, result.p_yes,
                           result.row_ids, n_bootstrap=params.n_bootstrap, seed=params.seed)
-    extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: THRESHOLD,
+    extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: result.threshold,
              contract.TRAIN_SECONDS: result.fit_seconds}
+    mlflow.set_tag(contract.THRESHOLD_SOURCE_TAGS[contract.PREFIX_TEST], result.threshold_source)
     if result.cv_score is not None:
         extra["cv_roc_auc"] = result.cv_score
     mlflow.log_metrics(extra)
@@ -436,6 +461,8 @@ def run_all(prepared: Any, params: Params | None = None, batch_id: str = "",
         with tracking.run(params, kind=contract.KIND_BASELINE, run_name=name,
                           nested_in=parent_run_id,
                           tags={**tags, contract.TAG_MODEL_NAME: name}) as run:
+            # Every run names the data it was scored on (the UI's Dataset column), as LLM runs do.
+            tracking.log_dataset(prepared)
             result = fit_baseline(prepared, name, params)
             _log_result(params, result)
             result.run_id = run.info.run_id

@@ -21,13 +21,21 @@ from typing import Any, Literal, Union
 # src/helpers/config.py -> the repository root (the package is installed editable).
 PROJECT_ROOT = Path(os.environ.get("TABLORA_HOME", Path(__file__).resolve().parents[2])).resolve()
 CACHE_DIR = Path(os.environ.get("TABLORA_CACHE", PROJECT_ROOT / ".cache")).resolve()
-RUNS_DIR = PROJECT_ROOT / "runs"
+# Executed notebooks, resolved params and adapters (TABLORA_RUNS: elsewhere, e.g. for tests).
+RUNS_DIR = Path(os.environ.get("TABLORA_RUNS", PROJECT_ROOT / "runs")).resolve()
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = PROJECT_ROOT / "params"
 DEMO_PARAMS = PARAMS_DIR / "demo" / "smollm2-135m.yaml"
 DEFAULTS_FILE_NAME = "_defaults.yaml"
 KERNEL_NAME = "tablora"
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# The training budget when a params file sets neither num_iters nor num_epochs, and how often
+# validation runs when steps_per_eval is 0 (early stopping counts these evaluations).
+DEFAULT_EPOCHS = 3.0
+EVALS_PER_EPOCH = 4
+# The two budget keys: a layer (defaults file, model file, overrides) that sets one clears the
+# other from the layers below it.
+BUDGET_KEYS = ("num_iters", "num_epochs")
 
 
 class ParamsError(ValueError):
@@ -38,15 +46,23 @@ class ParamsError(ValueError):
 class DatasetSpec:
     # CSV/Parquet path (relative to the params file or the project root) or "builtin:<name>".
     source: str = "builtin:breast_cancer"
-    target: str = "target"
-    # The target value that means "Yes".
-    positive_label: Any = "malignant"
+    # The target column; empty = the built-in data set's own (a CSV/Parquet source must name it).
+    target: str = ""
+    # The target value that means "Yes"; empty = the built-in's own, or 1/True/"yes" in the data.
+    positive_label: Any = ""
     # A subset of feature columns, in prompt order; empty = all columns but the target.
     features: list[str] = field(default_factory=list)
-    # Human names (with units) used in prompts instead of raw column names.
+    # Human names (with units) used in prompts instead of raw column names (a built-in data set
+    # brings its own; these win).
     feature_descriptions: dict[str, str] = field(default_factory=dict)
+    # Words for coded values, per column: {smoke: {0: "no", 1: "yes"}} (the target's too: its
+    # positive label's word goes into the question).
+    value_labels: dict[str, dict[Any, str]] = field(default_factory=dict)
+    # Fraction of the rows held out for the test split (looked at once per model).
     test_size: float = 0.2
+    # Fraction for the validation split (early stopping, thresholds; baselines fit on it).
     valid_size: float = 0.1
+    # Seed of the stratified split: same table and seed = same split (and split hash).
     split_seed: int = 42
     # "none", or "oversample" the minority class of the training split only.
     balance: Literal["none", "oversample"] = "none"
@@ -59,13 +75,20 @@ class PromptSpec:
     template: str = "sentence"
     # Significant digits for numbers in prompts.
     digits: int = 3
+    # What a missing value reads as in a prompt.
     missing: str = "unknown"
     # Added before the serialized row (shared by all rows: computed once and cached in scoring).
-    task_description: str = (
-        "Here is a patient's breast tumour biopsy, measured from a digitized image.")
-    question: str = "Is this tumour malignant? Answer Yes or No."
+    # Empty = derived from the data: a built-in data set's own wording, else a neutral sentence
+    # (helpers.data.wording).
+    task_description: str = ""
+    # Asked after the serialized row; empty = derived from the data (a built-in's own, else a
+    # question built from the target column and positive label).
+    question: str = ""
+    # The answer the model is trained to give for the positive class.
     answer_yes: str = "Yes"
+    # The answer for the negative class.
     answer_no: str = "No"
+    # A system message before each prompt (empty = none).
     system_prompt: str = ""
 
 
@@ -84,6 +107,7 @@ class BaselineSpec:
     )
     # "cv": choose hyperparameters by stratified CV on train; "fixed": use `fixed` as given.
     mode: Literal["cv", "fixed"] = "cv"
+    # Stratified CV folds for mode "cv" (fewer when the minority class is smaller).
     cv_folds: int = 5
     # {model name: {hyperparameter: value}} for mode "fixed".
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -91,12 +115,15 @@ class BaselineSpec:
 
 @dataclass(frozen=True)
 class Params:
+    # The run's name in MLflow (default: the params file's name without .yaml).
     name: str = "smollm2-135m"
     # Hub id (mlx-community/...), a local mlx-lm model directory, or a built-in name.
     model_id: str = BUILTIN_MODEL
     # Where adapters and checkpoints go; empty = runs/adapters/<name>[-seed<k>].
     output_dir: str = ""
+    # The MLflow experiment the runs go to.
     experiment: str = "tablora"
+    # Seeds LoRA initialisation, dropout, batch order and the baselines.
     seed: int = 0
     # Repeats: the batch runs the model once per seed (empty = just `seed`).
     seeds: list[int] = field(default_factory=list)
@@ -105,8 +132,12 @@ class Params:
     dequantize: Literal["auto", "always", "never"] = "auto"
 
     # LoRA. mlx-lm's `scale` = lora_alpha / lora_rank (its default scale 20 = alpha 160 at rank 8).
+
+    # Rank of the LoRA matrices (adapter size).
     lora_rank: int = 8
+    # LoRA scaling numerator: the update is scaled by lora_alpha / lora_rank.
     lora_alpha: float = 16.0
+    # Dropout on the LoRA input during training.
     lora_dropout: float = 0.0
     # LoRA on the top `num_layers` transformer blocks (-1 = all).
     num_layers: int = 8
@@ -114,36 +145,64 @@ class Params:
     lora_keys: list[str] = field(default_factory=list)
 
     # Optimisation.
-    learning_rate: float = 1e-4
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+    # Adam's learning rate (peak, after warm-up). 2e-4 with a cosine decay is the usual LoRA
+    # default (QLoRA's); a model as small as the embedded 135M one may need more (the demo: 1e-3).
+    learning_rate: float = 2e-4
+    # "constant", or "cosine" decay to 0 over the optimizer updates after warm-up.
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # Optimizer updates of linear warm-up from 0 to learning_rate (0 = none).
     warmup_steps: int = 0
-    num_iters: int = 100
+    # Training budget in iterations (batches); 0 = not set. Set this or num_epochs (neither:
+    # DEFAULT_EPOCHS epochs); a file that sets one overrides the other from `_defaults.yaml`,
+    # both in one file is an error.
+    num_iters: int = 0
+    # Training budget in passes over the training split; 0 = not set (see num_iters).
+    num_epochs: float = 0.0
+    # Examples per iteration.
     batch_size: int = 4
+    # Iterations whose gradients are summed into one optimizer update.
     grad_accumulation_steps: int = 1
+    # Longest training example in tokens (longer ones are truncated, with a warning).
     max_seq_length: int = 512
     # Loss on the answer tokens only.
     mask_prompt: bool = True
+    # Iterations per training-loss report (terminal, MLflow's train_loss).
     steps_per_report: int = 10
-    steps_per_eval: int = 50
+    # Iterations between validation-loss evaluations (early stopping, best adapter); 0 =
+    # EVALS_PER_EPOCH times per epoch.
+    steps_per_eval: int = 0
     # Validation batches per evaluation (-1 = the whole validation split).
     val_batches: int = -1
     # Adapter checkpoint (with optimizer state) every N iterations.
     save_every: int = 50
-    # Stop when validation loss has not improved for this many evaluations (0 = off).
-    early_stopping_patience: int = 0
+    # Stop when validation loss has not improved for this many evaluations (0 = off); the
+    # adapter with the lowest validation loss is the one evaluated either way.
+    early_stopping_patience: int = 3
     # helpers.llm.fast_training: the same losses and gradients with less work (answer-only LM
     # head, frozen lower layers computed once per example, faster kernels, length buckets).
     fast_training: bool = True
 
     # Evaluation.
+
+    # "logprob": P(yes) from the answers' log-probabilities; "generate": decode and parse.
     scoring: Literal["logprob", "generate"] = "logprob"
+    # logprob scoring: compare answers by mean rather than summed token log-probability.
     length_normalize: bool = False
-    # "fixed" uses `threshold`; "tune" picks the threshold maximising balanced accuracy on valid.
-    threshold_mode: Literal["fixed", "tune"] = "fixed"
+    # One rule for every model of a run: "fixed" cuts every model's P(yes) at `threshold`;
+    # "tune" picks the threshold maximising balanced accuracy on rows the model was not fitted
+    # on: the validation split for an LLM, out-of-fold predictions of train + valid for a
+    # baseline. Never on test.
+    threshold_mode: Literal["fixed", "tune"] = "tune"
+    # P(yes) at or above which the answer is Yes (threshold_mode "fixed").
     threshold: float = 0.5
+    # Examples scored per forward pass.
     eval_batch_size: int = 8
+    # generate scoring: tokens decoded per answer.
     max_new_tokens: int = 8
+    # Also score the base model before fine-tuning (zeroshot_test_* metrics).
     eval_zeroshot: bool = True
+    # Bootstrap resamples for the 95% confidence intervals.
     n_bootstrap: int = 1000
 
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
@@ -152,6 +211,18 @@ class Params:
 
     # Where the params came from (not a hyperparameter; not part of the hash).
     source_file: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_iters and self.num_epochs:
+            raise ParamsError(f"num_iters={self.num_iters} and num_epochs={self.num_epochs:g} "
+                              "are both set: keep one of them")
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        """("num_iters", steps) or ("num_epochs", epochs): the training budget as set."""
+        if self.num_iters:
+            return "num_iters", self.num_iters
+        return "num_epochs", self.num_epochs or DEFAULT_EPOCHS
 
     @property
     def lora_scale(self) -> float:
@@ -192,25 +263,63 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "num_layers": (lambda v: v == -1 or v >= 1, "-1 (all) or an integer >= 1"),
     "learning_rate": (lambda v: 0 < v < 1, "a number in (0, 1), e.g. 1e-5"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "num_iters": (lambda v: v >= 1, "an integer >= 1"),
+    "num_iters": (lambda v: v >= 0, "an integer >= 1 (or 0: use num_epochs)"),
+    "num_epochs": (lambda v: 0 <= v <= 1000, "a number of epochs > 0, e.g. 3 or 0.5"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "grad_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
     "max_seq_length": (lambda v: v >= 8, "an integer >= 8"),
     "steps_per_report": (lambda v: v >= 1, "an integer >= 1"),
-    "steps_per_eval": (lambda v: v >= 1, "an integer >= 1"),
+    "steps_per_eval": (lambda v: v >= 0, "an integer >= 1 (or 0: EVALS_PER_EPOCH a epoch)"),
     "save_every": (lambda v: v >= 1, "an integer >= 1"),
     "early_stopping_patience": (lambda v: v >= 0, "an integer >= 0"),
     "threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "n_bootstrap": (lambda v: v >= 100, "an integer >= 100"),
-    "name": (lambda v: bool(v) and "/" not in v, "a non-empty name without '/'"),
+    "name": (lambda v: _plain_name(v), "a plain file name: letters, digits, spaces and "
+             "punctuation, not starting with '.' or '-', without / \\ : * ? \" < > | or control "
+             "characters, at most 100 characters"),
     "dataset.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.valid_size": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "dataset.split_seed": (lambda v: v >= 0, "an integer >= 0"),
     "prompt.digits": (lambda v: 1 <= v <= 12, "an integer from 1 to 12"),
     "baselines.cv_folds": (lambda v: v >= 2, "an integer >= 2"),
 }
+
+
+def _plain_name(name: str) -> bool:
+    """`name` names files and folders (runs/adapters/<name>, notebooks): one plain path part."""
+    import re
+
+    return bool(re.fullmatch(r'[^./\-\\:*?"<>|\x00-\x1f\x7f][^/\\:*?"<>|\x00-\x1f\x7f]{0,99}',
+                             name)) and name.strip() == name
+
+
+# TABLORA_OUTPUT_ROOT: folders (separated by os.pathsep) where output_dir may point besides runs/.
+ENV_OUTPUT_ROOT = "TABLORA_OUTPUT_ROOT"
+
+
+def output_roots() -> list[Path]:
+    """The folders an output_dir must lie in: the project's runs/ and TABLORA_OUTPUT_ROOT."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ENV_OUTPUT_ROOT, "").split(os.pathsep)
+             if p.strip()]
+    # PROJECT_ROOT/runs too: a batch's seeds write to runs/adapters/... (relative, see batch).
+    roots = [RUNS_DIR.resolve(), (PROJECT_ROOT / "runs").resolve(), *(p.resolve() for p in extra)]
+    return list(dict.fromkeys(roots))
+
+
+def _check_output_dir(output_dir: str, origin: str) -> None:
+    """Adapters are written (and old ones deleted) only below the allowed roots."""
+    if not output_dir:
+        return
+    path = resolve_path(output_dir).resolve()  # symlinks followed: a link out of runs/ is out
+    roots = output_roots()
+    if any(path != root and path.is_relative_to(root) for root in roots):
+        return
+    raise ParamsError(f"{origin}: 'output_dir' = {output_dir!r} resolves to {path}, outside the "
+                      f"folders tablora writes adapters to ({', '.join(map(str, roots))}): use a "
+                      f"folder inside {roots[0]}, leave output_dir empty (runs/adapters/<name>), "
+                      f"or name its parent in the environment variable {ENV_OUTPUT_ROOT}.")
 
 
 def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
@@ -288,6 +397,9 @@ _SECTIONS = {"dataset", "prompt", "baselines"}
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, not a params file: give one .yaml file "
+                          "(`tablora batch` takes folders).")
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found. Check the path (it is taken relative "
                           f"to the current directory {Path.cwd()}).")
@@ -301,8 +413,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _budget_set(data: dict[str, Any]) -> list[str]:
+    """The budget keys a layer sets to a non-zero value."""
+    return [k for k in BUDGET_KEYS if data.get(k) not in (None, 0, 0.0, "0")]
+
+
+def _clear_other_budget(out: dict[str, Any], top: dict[str, Any]) -> None:
+    # num_epochs in a model file replaces num_iters from _defaults.yaml (and the reverse).
+    for k in _budget_set(top):
+        for other in BUDGET_KEYS:
+            if other != k and other not in top:
+                out.pop(other, None)
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
+    _clear_other_budget(out, top)
     for k, v in top.items():
         if k in _SECTIONS and isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
@@ -312,6 +438,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any], origin: str) -> None:
+    _clear_other_budget(data, overrides or {})
     for key, value in (overrides or {}).items():
         if "." in key:
             section, sub = key.split(".", 1)
@@ -388,6 +515,11 @@ def _check_resolved(top: dict[str, Any], path: Path) -> str:
 def _build_dict_checked(data: dict[str, Any], path: Path) -> dict[str, Any]:
     # Validate keys of each file on its own so the error names the file that holds the typo.
     _check_keys(Params, data, str(path), "")
+    both = _budget_set(data)
+    if len(both) > 1:
+        raise ParamsError(f"{path}: num_iters ({data['num_iters']}) and num_epochs "
+                          f"({data['num_epochs']}) are both set: keep one of them (num_epochs "
+                          "counts passes over the training split)")
     return data
 
 
@@ -497,6 +629,9 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
             kwargs[key] = _build(tp, value, origin, "", f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}", origin)
+    if cls is Params and kwargs.get("num_iters") and kwargs.get("num_epochs"):
+        raise ParamsError(f"{origin}: num_iters={kwargs['num_iters']} and num_epochs="
+                          f"{kwargs['num_epochs']:g} are both set: keep one of them")
     obj = cls(**kwargs)
     for f in dataclasses.fields(cls):
         full = f"{prefix}{f.name}"
@@ -507,8 +642,87 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
                                   f"range: it must be {allowed}")
     if cls is Params:
         obj = dataclasses.replace(obj, source_file=source_file)
+        _check_output_dir(obj.output_dir, origin)
         if obj.dataset.test_size + obj.dataset.valid_size >= 1:
             raise ParamsError(f"{origin}: dataset.test_size + dataset.valid_size = "
                               f"{obj.dataset.test_size + obj.dataset.valid_size} leaves no "
                               "training rows: make their sum < 1")
     return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The key list (`tablora params`): read from this file, so that it cannot drift from the schema
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One params key as `tablora params` lists it."""
+
+    key: str  # flat: "lora_rank", "dataset.target"
+    type: str  # "an integer", "one of 'none', 'oversample'"
+    default: Any
+    doc: str  # the comment right above the field in config.py (and one after it on its line)
+    allowed: str = ""  # the range check, if any
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every params key with its type, default, meaning and range, in schema order (the
+    sections last). The meaning is the comment block right above the field's line in this
+    file, read with tokenize (a field with none gets an empty doc: tests/test_config.py fails).
+    """
+    import inspect
+
+    return _key_docs(inspect.getsource(inspect.getmodule(key_docs)), Params)
+
+
+def _key_docs(source: str, root: type) -> list[KeyDoc]:
+    """key_docs of the dataclass `root` (and its section dataclasses) defined in `source`."""
+    import io
+    import tokenize
+
+    comments: dict[int, str] = {}  # line -> comment text
+    alone: set[int] = set()  # lines holding nothing but a comment
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#"):
+                alone.add(tok.start[0])
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    classes = {node.name: node for node in ast.parse(source).body
+               if isinstance(node, ast.ClassDef)}
+
+    def field_docs(cls: type) -> dict[str, str]:
+        out = {}
+        for node in classes[cls.__name__].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above, line = [], node.lineno - 1
+            while line in alone:
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = comments.get(node.lineno) if node.lineno not in alone else None
+            out[node.target.id] = " ".join(above + ([trailing] if trailing else []))
+        return out
+
+    def entries(cls: type, prefix: str) -> list[KeyDoc]:
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        rows, sections = [], []
+        for f in dataclasses.fields(cls):
+            if f.name == "source_file":
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                sections += entries(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())  # type: ignore[misc]
+            key = prefix + f.name
+            allowed = _CHECKS[key][1] if key in _CHECKS else ""
+            rows.append(KeyDoc(key, _describe(hints[f.name]), default, docs.get(f.name, ""),
+                               allowed))
+        return rows + sections
+
+    return entries(root, "")

@@ -25,7 +25,12 @@ KIND_LLM = "llm"  # one params file at one seed: training + zero-shot and fine-t
 KIND_BASELINE = "baseline"  # one classical model on one split
 KIND_BATCH = "batch"  # the parent run of `tablora batch`
 KIND_REPORT = "report"  # a comparison logged outside a batch
+KIND_MEMCHECK = "memcheck"  # has the model seen the table? (helpers.llm.memcheck)
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
+# The baselines that know nothing about the rows (helpers.baselines): every other model is
+# tested against the better of them, and one not significantly better is "no better than the
+# floor" in every verdict.
+FLOORS = ("majority", "stratified")
 
 # ---------------------------------------------------------------- tags
 TAG_KIND = "tablora.kind"
@@ -40,11 +45,41 @@ TAG_ERROR = "tablora.error"  # why a run FAILED, one line
 TAG_ERROR_CELL = "tablora.error_cell"  # the first line of the notebook cell that failed
 TAG_PLAN_HASH = "tablora.plan_hash"  # which batch command a parent run ran (--resume)
 TAG_BASELINES_KEY = "tablora.baselines_key"  # which split group a baselines run belongs to
+TAG_TASK = "tablora.task"  # the batch task a run was made by: every attempt of it carries it
+TAG_WORKER = "tablora.worker"  # where the run ran: the Dask worker's address, host and pid
 TAG_ADAPTER_DIR = "tablora.adapter_dir"  # the adapter an evaluation scored
 TAG_STOPPED_EARLY = "tablora.stopped_early"
+# "true" when training ended by its budget while validation loss was still falling.
+TAG_STILL_IMPROVING = "tablora.still_improving"
+
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
+TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
+TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
+TAG_NOTE_HASH = "tablora.note_hash"  # the description tablora wrote (a user's edit is kept)
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+# MLflow's own tags, as its UI reads them: the run's "Source", "Created by" and "Description"
+# columns, and the colour it draws the run in (one colour per model, as in the figures).
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_USER = "mlflow.user"
+TAG_NOTE = "mlflow.note.content"  # markdown
+TAG_RUN_COLOR = "mlflow.runColor"
+SOURCE_TYPE = "LOCAL"  # shown as the source's file name
+
+# ---------------------------------------------------------------- experiment tags
+# MLflow's experiment kind: "custom_model_development" is its model-training ("Machine
+# learning") kind, not the GenAI one with Traces and Judges.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (sort, columns) that the UI opens from `?viewStateShareKey=<name>`.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+SHARED_VIEW = "tablora"
+# The UI's own switch between its GenAI and model-training views (a URL parameter).
+UI_WORKFLOW = "workflowType=machine_learning"
+TAG_MEMCHECK_TEXT = "tablora.memcheck_text"  # which text of the table: file | pandas
+TAG_MEMCHECK_FLAGGED = "tablora.memcheck_flagged"  # the tests that flagged it, or "none"
+TAG_MEMCHECK_KEY = "tablora.memcheck_key"  # model + table text + settings (reused by a batch)
 
 # ---------------------------------------------------------------- metrics
 PREFIX_TEST = "test"  # the fine-tuned LLM, or a baseline, on the test split
@@ -52,15 +87,35 @@ PREFIX_ZEROSHOT = "zeroshot_test"  # the LLM before fine-tuning, on the same row
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 # The decision threshold of each scored model, logged as a metric.
 THRESHOLD_METRICS = {PREFIX_TEST: "threshold", PREFIX_ZEROSHOT: "zeroshot_threshold"}
+# How each scored model's threshold was chosen (a tag: an evaluation may run again), its values
+# and their words in the report.
+THRESHOLD_SOURCE_TAGS = {PREFIX_TEST: "tablora.threshold_source",
+                         PREFIX_ZEROSHOT: "tablora.zeroshot_threshold_source"}
+THRESHOLD_FIXED, THRESHOLD_VALID, THRESHOLD_OOF = "fixed", "valid", "oof"
+THRESHOLD_SOURCES = {THRESHOLD_FIXED: "fixed", THRESHOLD_VALID: "tuned on valid",
+                     THRESHOLD_OOF: "tuned out-of-fold"}
 # Per-step training curves (mlx-lm's report keys, with units spelled out: see tracking).
 TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"
 TRAIN_SECONDS = "train_seconds"
+TRAIN_STEPS = "train_steps"  # the training budget in steps (num_epochs resolved)
 
 
 def metric(prefix: str, name: str) -> str:
     """metric("test", "accuracy") -> "test_accuracy"."""
     return f"{prefix}_{name}"
+
+
+# Memorization checks (kind memcheck): memcheck_<test>_<what>, what one of exact, near, trials,
+# chance_exact, chance_near, chance_trials (the shuffled copy), p, flagged (0/1); plus
+# memcheck_header_verbatim_chars and memcheck_flagged (1 when any test flagged the table).
+MEMCHECK_TESTS = ("header", "row", "feature", "first_token")
+MEMCHECK_FLAGGED = "memcheck_flagged"
+
+
+def memcheck_metric(test: str, what: str) -> str:
+    """memcheck_metric("row", "exact") -> "memcheck_row_exact"."""
+    return f"memcheck_{test}_{what}"
 
 
 # ---------------------------------------------------------------- artifacts
@@ -73,7 +128,12 @@ ARTIFACT_ADAPTERS_LAST = "adapters_last"  # the adapter after the last step
 ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or report run
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
+ARTIFACT_MEMCHECK = "memcheck/completions.json"  # every prompt, target and completion
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
+# Bookkeeping of the data a run used (rows and classes per split, prompt tokens, duplicates):
+# one JSON file, not metrics, so that the runs table lists the results first.
+DATA_SUMMARY = "data/summary.json"
+REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
@@ -96,3 +156,30 @@ ENV_PARENT_RUN_ID = "TABLORA_PARENT_RUN_ID"
 # Set by helpers.workflow.notebooks.execute: the runs a notebook opens are listed in this file,
 # one id a line, so that the executed notebook can be attached to them once the kernel is done.
 ENV_RUN_IDS_FILE = "TABLORA_RUN_IDS_FILE"
+# Set by a batch task on a worker: a JSON object of tags that every run its notebooks start carry
+# (the task, the worker, the baselines key), since those runs are made inside the kernel.
+ENV_RUN_TAGS = "TABLORA_RUN_TAGS"
+# Set by helpers.workflow.notebooks.execute: "host:pid" of the command that started the kernel,
+# the owner (TAG_OWNER) of the runs the kernel opens.
+ENV_OWNER = "TABLORA_OWNER"
+
+# ---------------------------------------------------------------- errors
+# Exceptions whose message is written for the user (it names the file, key, column or run and
+# the fix): every command prints that message as one `error:` line and exits 2, whether it was
+# raised in the command's process or inside a notebook kernel (where only the name comes back).
+# Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (
+    "ParamsError",  # helpers.config: a params file, key or override
+    "DataError",  # helpers.data: the table, a column, the template
+    "ModelUnavailable",  # helpers.llm.models: a model that cannot be found or fetched
+    "TrainingDiverged",  # helpers.llm.finetune: NaN loss, with the learning rate to use
+    "EvaluationError",  # helpers.llm.evaluate: no run or adapter to score
+    "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
+    "StoreError",  # helpers.tracking: the MLflow store or a run id
+    "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
+    "MemcheckError",  # helpers.llm.memcheck: a table or setting the memorization tests refuse
+    "FileNotFoundError",  # a path given on the command line
+)
+# Set by helpers.workflow.notebooks.execute: the notebook a kernel runs (the runs' "Source"), and
+# a sign that nobody watches live widgets (progress bars print text that the saved copy keeps).
+ENV_NOTEBOOK = "TABLORA_NOTEBOOK"

@@ -34,11 +34,24 @@ SPLIT_FORMAT = 1  # bump when the split JSON layout or the splitting procedure c
 class DataError(ValueError):
     """Data that cannot be used; the message names the file, the column and the fix."""
 
-    user_facing = True
-
 
 # ---------------------------------------------------------------------------------------------
 # Sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Builtin:
+    """A data set shipped by a package, with its own question: the prompts of a built-in never
+    borrow another table's words, and a CSV of the same data gets none of them either."""
+
+    load: Callable[[], pd.DataFrame]  # a fresh DataFrame
+    target: str
+    positive_label: Any
+    task_description: str
+    question: str
+    feature_descriptions: dict[str, str] = dataclasses.field(default_factory=dict)
+    value_labels: dict[str, dict[Any, str]] = dataclasses.field(default_factory=dict)
+    about: str = ""  # where the table comes from
 
 
 def _breast_cancer() -> pd.DataFrame:
@@ -51,8 +64,72 @@ def _breast_cancer() -> pd.DataFrame:
     return frame
 
 
-# Built-in data sets by name ("builtin:<name>"): each returns a fresh DataFrame.
-BUILTINS: dict[str, Callable[[], pd.DataFrame]] = {"breast_cancer": _breast_cancer}
+def _penguins() -> pd.DataFrame:
+    """palmerpenguins' CSV (Gorman, Williams & Fraser 2014): the 333 penguins whose sex is
+    known; the measurement year is left out (it says nothing about the bird)."""
+    from palmerpenguins import load_penguins
+
+    frame = load_penguins()
+    return frame[frame["sex"].notna()].drop(columns=["year"]).reset_index(drop=True)
+
+
+def _anes96() -> pd.DataFrame:
+    """statsmodels' subset of the 1996 American National Election Study (944 respondents);
+    the expected vote as "Clinton"/"Dole", log(population) left out (population is there)."""
+    from statsmodels.datasets import anes96
+
+    frame = anes96.load_pandas().data.drop(columns=["logpopul"])
+    for col in frame.columns:
+        if col not in ("popul",):
+            frame[col] = frame[col].astype(int)
+    frame["vote"] = np.where(frame["vote"] == 1, "Dole", "Clinton")
+    return frame
+
+
+_LEANING = {1: "extremely liberal", 2: "liberal", 3: "slightly liberal", 4: "moderate",
+            5: "slightly conservative", 6: "conservative", 7: "extremely conservative"}
+
+# Built-in data sets by name ("builtin:<name>"), each with its own wording.
+BUILTINS: dict[str, Builtin] = {
+    "breast_cancer": Builtin(
+        _breast_cancer, target="target", positive_label="malignant",
+        task_description="Here is a patient's breast tumour biopsy, measured from a digitized "
+        "image.",
+        question="Is this tumour malignant? Answer Yes or No.",
+        about="scikit-learn's Wisconsin diagnostic breast cancer data (569 biopsies)"),
+    "penguins": Builtin(
+        _penguins, target="sex", positive_label="female",
+        task_description="Here is an adult penguin measured at Palmer Station, Antarctica.",
+        question="Is this penguin female? Answer Yes or No.",
+        feature_descriptions={"species": "species", "island": "island",
+                              "bill_length_mm": "bill length (mm)",
+                              "bill_depth_mm": "bill depth (mm)",
+                              "flipper_length_mm": "flipper length (mm)",
+                              "body_mass_g": "body mass (g)"},
+        about="palmerpenguins (PyPI): 333 penguins of three species with known sex"),
+    "anes96": Builtin(
+        _anes96, target="vote", positive_label="Dole",
+        task_description="Here is a respondent to the 1996 American National Election Study.",
+        question="Will this respondent vote for Bob Dole rather than Bill Clinton? Answer Yes "
+        "or No.",
+        feature_descriptions={
+            "popul": "population of the respondent's town (thousands)",
+            "TVnews": "number of days a week the respondent watches TV news",
+            "selfLR": "respondent's own political leaning",
+            "ClinLR": "respondent's view of Clinton's leaning",
+            "DoleLR": "respondent's view of Dole's leaning",
+            "PID": "respondent's party identification",
+            "age": "respondent's age", "educ": "respondent's education",
+            "income": "household income bracket (1-24)"},
+        value_labels={
+            "PID": {0: "strong Democrat", 1: "weak Democrat", 2: "independent, leaning "
+                    "Democrat", 3: "independent", 4: "independent, leaning Republican",
+                    5: "weak Republican", 6: "strong Republican"},
+            "educ": {1: "grades 1-8", 2: "some high school", 3: "high school graduate",
+                     4: "some college", 5: "college degree", 6: "master's degree", 7: "PhD"},
+            "selfLR": _LEANING, "ClinLR": _LEANING, "DoleLR": _LEANING},
+        about="statsmodels' subset of the 1996 American National Election Study (944 voters)"),
+}
 
 
 def _params_dir(params: Params) -> Path | None:
@@ -67,24 +144,41 @@ def describe_source(params: Params) -> str:
     return str(config.resolve_path(src, _params_dir(params)))
 
 
+def builtin(params: Params) -> Builtin | None:
+    """The built-in data set of `params.dataset.source`, or None for a file."""
+    src = params.dataset.source
+    if not src.startswith("builtin:"):
+        return None
+    name = src.split(":", 1)[1]
+    if name not in BUILTINS:
+        raise DataError(f"dataset.source {src!r}: no such built-in data set. Built-ins: "
+                        f"{', '.join('builtin:' + b for b in BUILTINS)}; or give a CSV or "
+                        "Parquet path.")
+    return BUILTINS[name]
+
+
 def load_source(params: Params) -> pd.DataFrame:
     """The raw table of `params.dataset.source` (a fresh copy: callers may not mutate a cache)."""
+    found = builtin(params)
+    if found is not None:
+        return found.load()
     src = params.dataset.source
-    if src.startswith("builtin:"):
-        name = src.split(":", 1)[1]
-        if name not in BUILTINS:
-            raise DataError(f"dataset.source {src!r}: no such built-in data set. Built-ins: "
-                            f"{', '.join('builtin:' + b for b in BUILTINS)}; or give a CSV or "
-                            "Parquet path.")
-        return BUILTINS[name]()
     path = config.resolve_path(src, _params_dir(params))
+    if path.is_dir():
+        raise DataError(f"dataset.source {src!r}: {path} is a folder; give a CSV, TSV or Parquet "
+                        f"file. Fix dataset.source in {params.source_file or 'the params'}.")
     if not path.is_file():
         here = _params_dir(params)
         where = f"{here} (the params file's folder) and " if here else ""
         raise DataError(f"dataset.source {src!r}: file not found (looked in {where}"
                         f"{config.PROJECT_ROOT}). Fix dataset.source in "
                         f"{params.source_file or 'the params'}.")
-    return _read_table(path)
+    table = _read_table(path)
+    if len(table) == 0:
+        raise DataError(f"{path}: no rows (the file holds only a header, columns "
+                        f"{', '.join(map(repr, table.columns[:10]))}): add data rows, or fix "
+                        f"dataset.source in {params.source_file or 'the params'}.")
+    return table
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -94,13 +188,32 @@ def _read_table(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+            sep = "\t" if suffix == ".tsv" else ","
+            table = pd.read_csv(path, sep=sep)
+            _check_header(path, sep)
+            return table
+    except DataError:
+        raise
     except Exception as e:  # pandas/pyarrow raise many types for a bad file
         raise DataError(f"{path}: could not read it as {suffix[1:].upper()}: "
                         f"{type(e).__name__}: {e}. Check that it is a valid, non-empty "
                         f"{suffix[1:].upper()} file with a header row.") from None
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: use .csv, .tsv or "
                     ".parquet.")
+
+
+def _check_header(path: Path, sep: str) -> None:
+    """pandas renames a repeated column name (`age`, `age.1`), which then reaches the prompts
+    as a feature of its own: refuse the file instead, naming the column."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        names = next(csv.reader(f, delimiter=sep), [])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, repeated))} appear more "
+                        "than once in the header row (pandas would rename the second one to "
+                        f"{repeated[0] + '.1'!r}): rename or remove the repeated columns.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,55 +237,99 @@ def _with_row_ids(raw: pd.DataFrame, origin: str) -> pd.DataFrame:
     return table
 
 
-def _check_target(table: pd.DataFrame, params: Params, origin: str) -> Any:
+def resolve_target(table: pd.DataFrame, params: Params, origin: str) -> str:
+    """The target column: dataset.target, else the built-in data set's own."""
+    target = params.dataset.target
+    if not target:
+        found = builtin(params)
+        if found is None:
+            raise DataError(f"{origin}: dataset.target is not set: name the column to predict. "
+                            f"Columns there are: {', '.join(map(repr, table.columns))}.")
+        target = found.target
+    return target
+
+
+# Values read as "the positive one" when dataset.positive_label is not set.
+_TRUTHY = {"1", "1.0", "true", "yes", "y", "t", "positive"}
+
+
+def _check_target(table: pd.DataFrame, params: Params, target_name: str, origin: str) -> Any:
     """Check the target column; returns the positive label as it appears in the data."""
     spec = params.dataset
-    if spec.target not in table.columns:
-        raise DataError(f"{origin}: target column {spec.target!r} not found. Columns there "
+    if target_name not in table.columns:
+        raise DataError(f"{origin}: target column {target_name!r} not found. Columns there "
                         f"are: {', '.join(map(repr, table.columns))}. Set dataset.target to one "
                         "of them.")
-    target = table[spec.target]
+    target = table[target_name]
     if target.isna().any():
         missing = target.index[target.isna()].tolist()
-        raise DataError(f"{origin}: target column {spec.target!r} is empty in {len(missing)} rows "
-                        f"(row ids {missing[:10]}). Drop those rows or fill in their class.")
+        raise DataError(f"{origin}: target column {target_name!r} is empty in {len(missing)} "
+                        f"rows (row ids {missing[:10]}). Drop those rows or fill in their class.")
     values = list(pd.unique(target))
     if len(values) != 2:
         shown = ", ".join(repr(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
-        raise DataError(f"{origin}: target column {spec.target!r} has {len(values)} classes "
+        raise DataError(f"{origin}: target column {target_name!r} has {len(values)} classes "
                         f"({shown}) but a yes/no task needs exactly 2. Pick a binary column or "
                         "recode it to two values.")
+    wanted = spec.positive_label
+    if wanted is None or wanted == "":
+        found = builtin(params)
+        if found is not None and found.target == target_name:
+            wanted = found.positive_label
+        else:
+            truthy = [v for v in values if str(v).strip().lower() in _TRUTHY]
+            if len(truthy) != 1:
+                raise DataError(f"{origin}: dataset.positive_label is not set and column "
+                                f"{target_name!r} holds {', '.join(map(repr, values))}: set "
+                                "dataset.positive_label to the one that means 'Yes'.")
+            return truthy[0]
     for v in values:
-        if v == spec.positive_label:
+        if v == wanted:
             return v
     # YAML `positive_label: 1` against a column read as strings (or the reverse).
     for v in values:
-        if str(v) == str(spec.positive_label):
+        if str(v) == str(wanted):
             return v
-    raise DataError(f"{origin}: dataset.positive_label {spec.positive_label!r} is not a value of "
-                    f"column {spec.target!r}; its values are {', '.join(map(repr, values))}. Set "
-                    "dataset.positive_label to the one that means 'Yes'.")
+    hint = _yaml_bool_hint(spec, values)
+    raise DataError(f"{origin}: dataset.positive_label {wanted!r} is not a value of "
+                    f"column {target_name!r}; its values are {', '.join(map(repr, values))}. Set "
+                    f"dataset.positive_label to the one that means 'Yes'.{hint}")
 
 
-def _check_features(table: pd.DataFrame, params: Params, origin: str) -> list[str]:
+# YAML 1.1 (PyYAML) reads these unquoted words as booleans.
+_YAML_BOOLS = {True: ("yes", "y", "true", "on"), False: ("no", "n", "false", "off")}
+
+
+def _yaml_bool_hint(spec: Any, values: list) -> str:
+    label = spec.positive_label
+    if not isinstance(label, bool):
+        return ""
+    meant = [v for v in values if isinstance(v, str) and v.strip().lower() in _YAML_BOOLS[label]]
+    example = meant[0] if meant else _YAML_BOOLS[label][0]
+    return (f" YAML reads an unquoted yes/no/on/off as {str(label).lower()}: put the label in "
+            f"quotes, e.g. positive_label: \"{example}\".")
+
+
+def _check_features(table: pd.DataFrame, params: Params, target: str, origin: str) -> list[str]:
     """The feature columns in prompt order (all but the target when none are given)."""
     spec = params.dataset
     columns = [str(c) for c in table.columns]
-    for name in [*spec.features, *spec.feature_descriptions]:
+    for name in [*spec.features, *spec.feature_descriptions, *spec.value_labels]:
         if name not in columns:
             close = difflib.get_close_matches(name, columns, n=3, cutoff=0.5)
             hint = f"Close matches: {', '.join(map(repr, close))}." if close else (
                 f"Columns there are: {', '.join(map(repr, columns))}.")
-            raise DataError(f"{origin}: feature {name!r} (in dataset.features or "
-                            f"dataset.feature_descriptions) is not a column. {hint}")
-    if spec.target in spec.features:
-        raise DataError(f"{origin}: the target {spec.target!r} is also listed in "
+            raise DataError(f"{origin}: feature {name!r} (in dataset.features, "
+                            "dataset.feature_descriptions or dataset.value_labels) is not a "
+                            f"column. {hint}")
+    if target in spec.features:
+        raise DataError(f"{origin}: the target {target!r} is also listed in "
                         "dataset.features: remove it (the model would be told the answer).")
     repeated = sorted({f for f in spec.features if spec.features.count(f) > 1})
     if repeated:
         raise DataError(f"{origin}: dataset.features lists {repeated} more than once.")
     if not spec.features:
-        return [c for c in table.columns if c != spec.target]
+        return [c for c in table.columns if c != target]
     return list(spec.features)
 
 
@@ -180,14 +337,15 @@ def _check_features(table: pd.DataFrame, params: Params, origin: str) -> list[st
 # The split
 
 
-def split_hash(table: pd.DataFrame, params: Params) -> str:
-    """Content hash of the table (ids, columns, values incl. target) and the split settings."""
+def split_hash(table: pd.DataFrame, params: Params, target: str, positive: Any) -> str:
+    """Content hash of the table (ids, columns, values incl. target) and the split settings
+    (with the target and positive label as resolved: not the prompt's wording)."""
     spec = params.dataset
     h = hashlib.sha256()
     h.update(json.dumps([str(c) for c in table.columns]).encode())
     h.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
-    settings = {"format": SPLIT_FORMAT, "target": spec.target,
-                "positive_label": str(spec.positive_label), "test_size": spec.test_size,
+    settings = {"format": SPLIT_FORMAT, "target": target,
+                "positive_label": str(positive), "test_size": spec.test_size,
                 "valid_size": spec.valid_size, "split_seed": spec.split_seed,
                 "balance": spec.balance}
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -326,8 +484,10 @@ def _integral(col: pd.Series) -> bool:
 
 
 def format_values(table: pd.DataFrame, features: list[str], params: Params) -> pd.DataFrame:
-    """Every feature value as prompt text: numbers rounded, missing as `prompt.missing`."""
+    """Every feature value as prompt text: numbers rounded, missing as `prompt.missing`, coded
+    values as their words (dataset.value_labels, a built-in's own)."""
     p = params.prompt
+    labels = value_labels(params)
     out = pd.DataFrame(index=table.index)
     for col in features:
         s = table[col]
@@ -337,8 +497,78 @@ def format_values(table: pd.DataFrame, features: list[str], params: Params) -> p
             fmt = lambda v: format_number(v, p.digits)  # noqa: E731
         else:
             fmt = str
-        out[col] = [p.missing if _is_missing(v) else fmt(v) for v in s]
+        words = labels.get(col, {})
+        out[col] = [p.missing if _is_missing(v) else words.get(fmt(v), fmt(v)) for v in s]
     return out
+
+
+def _key_text(v: Any) -> str:
+    """A value_labels key as the value's prompt text: 1 and 1.0 -> "1", True -> "True"."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def value_labels(params: Params) -> dict[str, dict[str, str]]:
+    """{column: {value as prompt text: word}}: a built-in's own, then dataset.value_labels."""
+    found = builtin(params)
+    merged: dict[str, dict[str, str]] = {}
+    for source in ((found.value_labels if found else {}), params.dataset.value_labels):
+        for col, words in source.items():
+            merged[col] = {**merged.get(col, {}),
+                           **{_key_text(k): str(w) for k, w in words.items()}}
+    return merged
+
+
+def humanize(column: str) -> str:
+    """A column name as prompt words: snake_case and dashes become spaces ("bill_length_mm" ->
+    "bill length mm"); anything else ("npreg", "mean radius") stays as it is."""
+    return " ".join(str(column).replace("_", " ").replace("-", " ").split()) or str(column)
+
+
+def feature_names(params: Params, features: list[str]) -> dict[str, str]:
+    """The name of each feature in prompts: dataset.feature_descriptions, else the built-in's
+    description, else the humanized column name."""
+    found = builtin(params)
+    own = found.feature_descriptions if found else {}
+    given = params.dataset.feature_descriptions
+    return {f: given.get(f) or own.get(f) or humanize(f) for f in features}
+
+
+@dataclasses.dataclass(frozen=True)
+class Wording:
+    """What is said around a serialized row: derived from the data unless the params say it."""
+
+    task_description: str
+    question: str
+    derived: tuple[str, ...]  # which of the two were derived (not from the params file)
+
+
+def wording(params: Params, target: str, positive: Any) -> Wording:
+    """The task description and question of `params`' table.
+
+    prompt.task_description / prompt.question win when set. Otherwise a built-in data set speaks
+    its own words (when its own target is predicted), and any other table gets a neutral
+    sentence and a question built from the target column and positive label: never another
+    table's words.
+    """
+    p, found = params.prompt, builtin(params)
+    own = found if found is not None and found.target == target else None
+    answers = f"Answer {p.answer_yes} or {p.answer_no}."
+    if own is not None:
+        task, question = own.task_description, own.question
+    else:
+        name = params.dataset.source.split(":", 1)[1] if found else Path(
+            params.dataset.source).stem
+        task = f"Here is one record of the table {humanize(name)!r}."
+        target_h = feature_names(params, [target])[target]
+        word = value_labels(params).get(target, {}).get(_key_text(positive), str(positive))
+        if word.strip().lower() in _TRUTHY:
+            question = f"Is {target_h} true for this record? {answers}"
+        else:
+            question = f"Is the {target_h} {word}? {answers}"
+    derived = tuple(k for k in ("task_description", "question") if not getattr(p, k))
+    return Wording(p.task_description or task, p.question or question, derived)
 
 
 def _is_missing(v: Any) -> bool:
@@ -366,15 +596,18 @@ def _template_source(params: Params) -> str:
 
 def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]], str]:
     """A function from one row's formatted values ({column: text}) to the serialized row."""
-    names = {f: params.dataset.feature_descriptions.get(f, f) for f in features}
+    names = feature_names(params, features)
     source = _template_source(params)
     if source == "sentence":
         return lambda row: " ".join(f"The {names[f]} is {row[f]}." for f in features)
     if source == "list":
         return lambda row: "\n".join(f"{names[f]}: {row[f]}" for f in features)
     import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    # Params files are untrusted: the sandbox refuses attribute access that leads out of the
+    # template (`cycler.__init__.__globals__.os...` would otherwise run shell commands).
+    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
     try:
         template = env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -390,20 +623,29 @@ def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]
             raise DataError(f"prompt.template: {e.message}. Variables: `row` (column -> value "
                             "text), `items` (name, description, value), `names`, and each column "
                             "whose name is an identifier.") from None
+        except jinja2.exceptions.SecurityError as e:
+            raise DataError(f"prompt.template: refused by the template sandbox ({e}): a prompt "
+                            "template may use the row's values, filters and loops, not Python "
+                            "internals. Fix the template.") from None
+        except Exception as e:  # noqa: BLE001 - the template is the user's code: any error is theirs
+            raise DataError(f"prompt.template: rendering failed: {type(e).__name__}: {e}. Fix "
+                            "the template.") from None
 
     return render
 
 
-def user_message(serialized: str, params: Params) -> str:
+def user_message(serialized: str, words: Wording) -> str:
     """task_description, blank line, the serialized row, blank line, question (empties skipped)."""
-    p = params.prompt
-    return "\n\n".join(part for part in (p.task_description, serialized, p.question) if part)
+    return "\n\n".join(part for part in (words.task_description, serialized, words.question)
+                       if part)
 
 
-def prompt_hash(params: Params, features: list[str]) -> str:
-    """Hash of everything that changes the prompt text (template file contents included)."""
+def prompt_hash(params: Params, features: list[str], words: Wording) -> str:
+    """Hash of everything that changes the prompt text (template file contents, derived wording,
+    names and value labels included)."""
     blob = {"prompt": dataclasses.asdict(params.prompt), "features": features,
-            "descriptions": params.dataset.feature_descriptions,
+            "names": feature_names(params, features), "labels": value_labels(params),
+            "wording": [words.task_description, words.question],
             "template": _template_source(params)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -418,6 +660,7 @@ class Prepared:
 
     params: Params
     table: pd.DataFrame  # features + target, index = row id
+    target: str  # the target column (dataset.target, or the built-in's own)
     features: list[str]
     split: dict[str, list]  # "train"/"valid"/"test" -> row ids (train oversampled if asked)
     split_hash: str
@@ -428,10 +671,7 @@ class Prepared:
     duplicates: dict  # {"count", "test_ids", "train_ids"}
     user_texts: dict = dataclasses.field(repr=False, default_factory=dict)  # row id -> prompt
     token_budget: dict | None = None  # filled in by token_stats()
-
-    @property
-    def target(self) -> str:
-        return self.params.dataset.target
+    words: Wording | None = None  # task description and question, as used
 
     def y(self, split: str) -> np.ndarray:
         """0/1 labels of a split (1 = positive_label), in split order."""
@@ -472,46 +712,69 @@ def prepare(params: Params) -> Prepared:
     origin = describe_source(params)
     raw = load_source(params)
     table = _with_row_ids(raw, origin)
-    positive = _check_target(table, params, origin)
-    features = _check_features(table, params, origin)
-    y_all = (table[params.dataset.target] == positive).to_numpy(dtype=int)
+    target = resolve_target(table, params, origin)
+    positive = _check_target(table, params, target, origin)
+    features = _check_features(table, params, target, origin)
+    y_all = (table[target] == positive).to_numpy(dtype=int)
 
-    shash = split_hash(table, params)
+    shash = split_hash(table, params, target, positive)
     split_dir = config.CACHE_DIR / "splits" / shash
     split_file = split_dir / "split.json"
     split = _load_split(split_file, table)
     if split is None:
         split = _compute_split(table, y_all, params, origin)
         if params.dataset.balance == "oversample":
-            y_train = (table.loc[split["train"], params.dataset.target] == positive).to_numpy()
+            y_train = (table.loc[split["train"], target] == positive).to_numpy()
             split["train"] = _oversample(split["train"], y_train.astype(int),
                                          params.dataset.split_seed)
-        _save_split(split_file, split, shash, params, origin)
+        _save_split(split_file, split, shash, params, origin, target, positive)
 
-    slim = table[[*features, params.dataset.target]]
-    duplicates = _duplicates(slim, [*features, params.dataset.target], split)
+    slim = table[[*features, target]]
+    duplicates = _duplicates(slim, [*features, target], split)
     if duplicates["count"]:
         warnings.warn(f"{duplicates['count']} test rows also appear identically in train "
                       f"(test ids {duplicates['test_ids'][:10]}): test scores are optimistic.",
                       stacklevel=2)
     serialize = _serializer(params, features)
     texts = format_values(slim, features, params)
-    user_texts = {i: user_message(serialize(row), params)
+    words = wording(params, target, positive)
+    user_texts = {i: user_message(serialize(row), words)
                   for i, row in zip(texts.index, texts.to_dict("records"), strict=True)}
-    data_dir = split_dir / f"prompts-{prompt_hash(params, features)}"
-    prepared = Prepared(params=params, table=slim, features=features, split=split,
-                        split_hash=shash, data_dir=data_dir, split_file=split_file,
+    data_dir = split_dir / f"prompts-{prompt_hash(params, features, words)}"
+    prepared = Prepared(params=params, table=slim, target=target, features=features,
+                        split=split, split_hash=shash, data_dir=data_dir, split_file=split_file,
                         source=origin, positive_label=positive, duplicates=duplicates,
-                        user_texts=user_texts)
+                        user_texts=user_texts, words=words)
     _write_jsonl(prepared)
     return prepared
 
 
+def table_split_hash(params: Params) -> str:
+    """The split hash of the table as this machine reads it: what prepare() would key its split
+    by. A batch worker compares it with the batch's before it trains on anything."""
+    origin = describe_source(params)
+    table = _with_row_ids(load_source(params), origin)
+    target = resolve_target(table, params, origin)
+    return split_hash(table, params, target, _check_target(table, params, target, origin))
+
+
+def install_split(split_json: str, shash: str) -> Path:
+    """Keep a split computed elsewhere (the batch's machine) as this machine's split of `shash`,
+    so that prepare() loads those rows instead of drawing them again; returns the file."""
+    path = config.CACHE_DIR / "splits" / shash / "split.json"
+    if json.loads(split_json).get("split_hash") != shash:
+        raise DataError(f"the split sent for hash {shash} is labelled "
+                        f"{json.loads(split_json).get('split_hash')!r}: not installing it")
+    if not path.is_file() or path.read_text(encoding="utf-8") != split_json:
+        _atomic_write(path, split_json)
+    return path
+
+
 def _save_split(path: Path, split: dict[str, list], shash: str, params: Params,
-                origin: str) -> None:
+                origin: str, target: str, positive: Any) -> None:
     spec = params.dataset
-    doc = {"split_hash": shash, "source": origin, "target": spec.target,
-           "positive_label": _jsonable(spec.positive_label), "test_size": spec.test_size,
+    doc = {"split_hash": shash, "source": origin, "target": target,
+           "positive_label": _jsonable(positive), "test_size": spec.test_size,
            "valid_size": spec.valid_size, "split_seed": spec.split_seed, "balance": spec.balance,
            "split": {name: [_jsonable(i) for i in ids] for name, ids in split.items()}}
     _atomic_write(path, json.dumps(doc, indent=1) + "\n")
@@ -586,6 +849,10 @@ def summary_lines(prepared: Prepared) -> list[str]:
     lines.append(f"duplicates:  {d['count']} test rows identical to a train row"
                  + (f" (test ids {d['test_ids'][:20]})" if d["count"] else ""))
     lines.append(f"prompts:     {prepared.data_dir}")
+    if prepared.words is not None and prepared.words.derived:
+        keys = " and ".join(f"prompt.{k}" for k in prepared.words.derived)
+        lines.append(f"wording:     {keys} derived from the data (set {keys} to change "
+                     f"it): {prepared.words.question!r}")
     return lines
 
 

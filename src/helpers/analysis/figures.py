@@ -1,5 +1,6 @@
 """The comparison's figures (seaborn, bare matplotlib Figures: no GUI backend needed):
-metric bars with CIs, confusion matrices, ROC curves, loss curves, zero-shot -> fine-tuned."""
+metric bars with CIs, confusion matrices, ROC curves, calibration (P(yes) by true class and a
+reliability diagram), loss curves, zero-shot -> fine-tuned."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def write_figures(c: Comparison, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with sns.axes_style("whitegrid"):
-        for make in (fig_metric_bars, fig_confusion, fig_roc, fig_loss, fig_zeroshot):
+        for make in (fig_metric_bars, fig_confusion, fig_roc, fig_calibration, fig_loss,
+                     fig_zeroshot):
             fig = make(c)
             if fig is not None:
                 path = out / f"{make.__name__.removeprefix('fig_')}.png"
@@ -44,26 +46,67 @@ def _pct_axis(ax: Any, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(PercentFormatter(1.0))
 
 
-def fig_metric_bars(c: Comparison) -> Any:
-    import seaborn as sns
+def model_colors(c: Comparison) -> dict[str, str]:
+    """One colour per model (by record name), the same in every figure and in MLflow's charts
+    (helpers.analysis.compare tags the runs with it): LLMs the strong shades of tab20, baselines
+    the light ones, so no two models share a colour and the arms stay apart at a glance."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
 
+    tab20 = [to_hex(col) for col in colormaps["tab20"].colors]
+    strong, light = tab20[0::2], tab20[1::2]
+    out: dict[str, str] = {}
+    for records, shades in ((c.llms, strong), (c.baselines, light)):
+        for i, r in enumerate(records):
+            if i < len(shades):
+                out[r.name] = shades[i]
+            else:  # more models than shades: evenly spaced hues
+                out[r.name] = to_hex(colormaps["hsv"]((i - len(shades)) / max(len(records), 1)))
+    return out
+
+
+def _legend(fig: Any, models: list[RunRecord], colors: dict[str, str], **style: Any) -> None:
+    """A legend of every model, LLMs first, below the panels (never over the data)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ordered = [r for r in models if r.kind == KIND_LLM] + [r for r in models
+                                                          if r.kind != KIND_LLM]
+    handles = []
+    for r in ordered:
+        label = f"{r.label} (LLM)" if r.kind == KIND_LLM else r.label
+        if style.get("lines"):
+            handles.append(Line2D([], [], color=colors[r.name], label=label,
+                                  ls="-" if r.kind == KIND_LLM else "--"))
+        else:
+            handles.append(Patch(facecolor=colors[r.name], edgecolor="black", lw=0.5,
+                                 hatch="" if r.kind == KIND_LLM else "//", label=label))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3),
+               fontsize=8, frameon=False)
+
+
+def fig_metric_bars(c: Comparison) -> Any:
     models = sorted(c.llms + c.baselines, key=score_key, reverse=True)
     names = ("accuracy", "f1", "balanced_accuracy")
     if not models:
         return None
-    fig = _figure(4.2 * len(names), 0.45 * len(models) + 1.6)
+    colors = model_colors(c)
+    fig = _figure(4.2 * len(names), 0.45 * len(models) + 2.2)
     axes = fig.subplots(1, len(names), sharey=True)
-    order = [r.label for r in models]
     for ax, metric in zip(axes, names, strict=True):
-        df = pd.DataFrame({"model": order, "value": [r.value(metric) for r in models],
-                           "type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in models]})
-        sns.barplot(data=df, y="model", x="value", hue="type", order=order, dodge=False, ax=ax,
-                    palette={"LLM": "#4C72B0", "baseline": "#A0A0A0"}, legend=ax is axes[0])
+        values = [r.value(metric) for r in models]
         low, high = zip(*(_error(r, metric) for r in models), strict=True)
-        ax.errorbar(df["value"].fillna(0), range(len(models)), xerr=[low, high], fmt="none",
-                    ecolor="black", capsize=3, lw=1)
+        bars = ax.barh(range(len(models)), np.nan_to_num(values),
+                       color=[colors[r.name] for r in models], edgecolor="black", lw=0.5,
+                       xerr=[low, high], error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
+        for bar, r in zip(bars, models, strict=True):
+            if r.kind != KIND_LLM:
+                bar.set_hatch("//")
         ax.set(xlim=(0, 1), xlabel=LABELS[metric], ylabel="")
+        ax.set_yticks(range(len(models)), [r.label for r in models])
+        ax.invert_yaxis()  # best at the top
         _pct_axis(ax)
+    _legend(fig, models, colors)
     fig.suptitle("Test metrics with 95% bootstrap CIs (± sd across seeds)")
     return fig
 
@@ -105,8 +148,9 @@ def fig_confusion(c: Comparison) -> Any:
 def fig_roc(c: Comparison) -> Any:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig = _figure(5.5, 5)
+    fig = _figure(5.5, 5.8)
     ax = fig.subplots()
+    colors = model_colors(c)
     drawn = 0
     for r in c.llms + c.baselines:
         rows = r.rows("test")
@@ -116,14 +160,63 @@ def fig_roc(c: Comparison) -> Any:
             continue
         fpr, tpr, _ = roc_curve(rows["label"], rows["p_yes"])
         auc = roc_auc_score(rows["label"], rows["p_yes"])
-        ax.plot(fpr, tpr, ls="-" if r.kind == KIND_LLM else "--",
-                label=f"{r.label} (AUC {auc:.2f})")
+        ax.plot(fpr, tpr, ls="-" if r.kind == KIND_LLM else "--", color=colors[r.name],
+                label=f"{r.label}{' (LLM)' if r.kind == KIND_LLM else ''} (AUC {auc:.2f})")
         drawn += 1
     if not drawn:
         return None
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (test)")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+def _scored(c: Comparison) -> list[tuple[str, pd.DataFrame]]:
+    """(name, rows with p_yes) of every model with probabilities: each LLM zero-shot and
+    fine-tuned, each baseline."""
+    out = []
+    for r in c.llms + c.baselines:
+        for which in ("zeroshot", "test") if r.kind == KIND_LLM else ("test",):
+            rows = r.rows(which)
+            if rows is None or "p_yes" not in rows or rows["p_yes"].isna().any():
+                continue
+            out.append((r.label + (" (zero-shot)" if which == "zeroshot" else ""), rows))
+    return out
+
+
+def fig_calibration(c: Comparison, bins: int = 10) -> Any:
+    """Left: P(yes) of every test row by true class, per model (a box and the rows): a model
+    that puts every row in one narrow band shows it at a glance. Right: the reliability
+    diagram (mean P(yes) against the observed rate of Yes in `bins` equal-width bins)."""
+    import seaborn as sns
+
+    scored = _scored(c)
+    if not scored:
+        return None
+    df = pd.concat([pd.DataFrame({"model": name, "P(yes)": rows["p_yes"].to_numpy(float),
+                                  "true class": np.where(rows["label"] == 1, "Yes", "No")})
+                    for name, rows in scored], ignore_index=True)
+    fig = _figure(11, 0.5 * len(scored) + 2.2)
+    left, right = fig.subplots(1, 2, width_ratios=[1.5, 1])
+    palette = {"Yes": "#C44E52", "No": "#4C72B0"}
+    sns.boxplot(data=df, x="P(yes)", y="model", hue="true class", ax=left, palette=palette,
+                fliersize=0, whis=(5, 95), linewidth=0.8, boxprops={"alpha": 0.5})
+    sns.stripplot(data=df, x="P(yes)", y="model", hue="true class", ax=left, palette=palette,
+                  dodge=True, size=2.2, alpha=0.6, legend=False)
+    left.set(xlim=(-0.02, 1.02), ylabel="", title="P(yes) on test rows, by true class")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, rows in scored:
+        p, y = rows["p_yes"].to_numpy(float), rows["label"].to_numpy(float)
+        which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+        keep = [k for k in range(bins) if (which == k).any()]
+        brier = float(np.mean((p - y) ** 2))
+        right.plot([p[which == k].mean() for k in keep], [y[which == k].mean() for k in keep],
+                   marker="o", ms=3, lw=1, label=f"{name} (Brier {brier:.3f})")
+    right.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    right.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean P(yes) in bin", ylabel="observed rate of Yes",
+              title="Reliability (test)")
+    right.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Calibration")
     return fig
 
 
@@ -137,12 +230,21 @@ def fig_loss(c: Comparison) -> Any:
     for ax, r in zip(axes, models, strict=False):
         df = pd.DataFrame([(k, s, v) for k, pts in r.history.items() for s, v in pts],
                           columns=["series", "step", "loss"])
-        sns.lineplot(data=df, x="step", y="loss", hue="series", marker="o", markersize=3, ax=ax)
+        sns.lineplot(data=df, x="step", y="loss", hue="series", marker="o", markersize=3, ax=ax,
+                     palette=LOSS_COLORS, legend=False)
         ax.set(title=r.name + (f" (first of {len(r.seeds)} seeds)" if len(r.seeds) > 1 else ""))
     for ax in axes[len(models):]:
         ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    fig.legend(handles=[Line2D([], [], color=col, marker="o", markersize=3, label=name)
+                        for name, col in LOSS_COLORS.items()],
+               loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle("Training and validation loss")
     return fig
+
+
+LOSS_COLORS = {"train_loss": "#1f77b4", "val_loss": "#ff7f0e"}
 
 
 def fig_zeroshot(c: Comparison) -> Any:
@@ -167,6 +269,6 @@ def fig_zeroshot(c: Comparison) -> Any:
            xlabel="test accuracy", title="Zero-shot → fine-tuned (95% CIs)")
     ax.invert_yaxis()
     _pct_axis(ax)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 

@@ -26,7 +26,16 @@ import numpy as np
 
 from helpers.analysis import report, stats
 from helpers.analysis.records import RunRecord, score_key
-from helpers.config import DEFAULTS_FILE_NAME, Params, flat_types, flatten, load_params, unflatten
+from helpers.config import (
+    DEFAULT_EPOCHS,
+    DEFAULTS_FILE_NAME,
+    Params,
+    flat_types,
+    flatten,
+    load_params,
+    unflatten,
+)
+from helpers.contract import TRAIN_STEPS
 
 MARKER = "# Written by `tablora recommend`"
 
@@ -270,11 +279,20 @@ def merge_changes(findings: Sequence[Finding]) -> dict[str, Change]:
 
 def apply_changes(flat: dict[str, Any], changes: dict[str, Change]
                   ) -> tuple[dict[str, Any], list[str]]:
-    """New flat params and 'key old -> new' lines; values rounded to what the schema types."""
+    """New flat params and 'key old -> new' lines; values rounded to what the schema types.
+
+    The rules speak of `num_iters`; a run budgeted in epochs (num_iters 0) has a factor applied
+    to num_epochs instead, and a set number of steps replaces its num_epochs."""
     types = flat_types()
     new = dict(flat)
     lines = []
     for key, ch in changes.items():
+        if key == "num_iters" and not flat.get("num_iters"):
+            if ch.factor is not None:
+                key = "num_epochs"
+                flat = {**flat, key: flat.get(key) or DEFAULT_EPOCHS}
+            else:
+                new["num_epochs"] = 0.0
         old = flat.get(key)
         value = old * ch.factor if ch.factor is not None and old is not None else ch.value
         if types.get(key) is int:
@@ -326,18 +344,26 @@ def estimate_seconds(r: RunRecord, old: dict[str, Any], new: dict[str, Any]
     tokens per example = tokens/s × seconds / (iterations × batch size), and the new run
     processes new iterations × batch size examples at the same tokens/s."""
     secs, tps = r.metrics.get("train_seconds"), r.metrics.get("tokens_per_sec")
-    old_work = old["num_iters"] * old["batch_size"]
-    new_work = new["num_iters"] * new["batch_size"]
+    old_steps = old.get("num_iters") or r.metrics.get(TRAIN_STEPS) or 0
+    old_work = old_steps * old["batch_size"]
+    if new.get("num_iters"):
+        new_steps = new["num_iters"]
+        new_work = new_steps * new["batch_size"]
+    else:  # epochs: the same rows, so the work scales with the number of passes
+        ratio = (new.get("num_epochs") or DEFAULT_EPOCHS) / (old.get("num_epochs")
+                                                               or DEFAULT_EPOCHS)
+        new_work = old_work * ratio if old.get("num_epochs") or not old.get("num_iters") else 0
+        new_steps = round(new_work / new["batch_size"])
     n_seeds = max(1, len(new.get("seeds") or []))
-    if not secs or not old_work:
-        return None, "unknown: the earlier run logged no train_seconds"
+    if not secs or not old_work or not new_work:
+        return None, "unknown: the earlier run logged no train_seconds or train_steps"
     seconds = secs * new_work / old_work * n_seeds
-    measured = f"{old['num_iters']} iters × batch {old['batch_size']} took {_duration(secs)}"
+    measured = f"{old_steps:.0f} iters × batch {old['batch_size']} took {_duration(secs)}"
     if tps:
         per_example = tps * secs / old_work
         measured += f" at {tps:,.0f} tokens/s (~{per_example:,.0f} tokens per example)"
     seeds = f" × {n_seeds} seeds" if n_seeds > 1 else ""
-    return seconds, (f"~{_duration(seconds)} of training ({new['num_iters']} iters × batch "
+    return seconds, (f"~{_duration(seconds)} of training ({new_steps:.0f} iters × batch "
                      f"{new['batch_size']}{seeds}; earlier {measured}; evaluation not included)")
 
 

@@ -30,12 +30,12 @@ from helpers.contract import KIND_BASELINE, KIND_LLM
 PREDICTIONS = {"test": contract.predictions_path(contract.PREFIX_TEST),
                "zeroshot": contract.predictions_path(contract.PREFIX_ZEROSHOT)}
 HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
+# Scores shown as plain numbers (0.966), not percentages: they are not rates of rows.
+PLAIN_METRICS = ("brier", "roc_auc", "pr_auc")
 
 
 class ReportError(ValueError):
     """Runs that cannot be compared (none, mixed splits, different test rows): said plainly."""
-
-    user_facing = True
 
 
 class NoRuns(ReportError):
@@ -67,6 +67,32 @@ class RunRecord:
     seeds: list[int] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
     spread: dict[str, float] = field(default_factory=dict)  # sd across seeds, per metric
+    tags: dict[str, str] = field(default_factory=dict)  # the run's tags (the first seed's)
+
+    @property
+    def is_floor(self) -> bool:
+        """A floor baseline (contract.FLOORS): knows nothing about the rows."""
+        return self.kind == KIND_BASELINE and self.name in contract.FLOORS
+
+    @property
+    def still_improving(self) -> bool:
+        """Training ended by its budget while validation loss was still falling."""
+        return self.tags.get(contract.TAG_STILL_IMPROVING) == "true"
+
+    def threshold(self, which: str = "test") -> tuple[float, str]:
+        """(threshold, how it was chosen in words) of the fine-tuned/baseline ("test") or the
+        zero-shot model; (NaN, "") when none was logged (generate mode)."""
+        prefix = contract.PREFIX_TEST if which == "test" else contract.PREFIX_ZEROSHOT
+        value = float(self.metrics.get(contract.THRESHOLD_METRICS[prefix], np.nan))
+        source = self.tags.get(contract.THRESHOLD_SOURCE_TAGS[prefix], "")
+        return value, contract.THRESHOLD_SOURCES.get(source, source)
+
+    def threshold_text(self, which: str = "test") -> str:
+        """'0.153 (tuned on valid)', '0.500 (fixed)'; '–' without one."""
+        value, how = self.threshold(which)
+        if not np.isfinite(value):
+            return "–"
+        return f"{value:.3f}" + (f" ({how})" if how else "")
 
     @property
     def label(self) -> str:
@@ -81,9 +107,16 @@ class RunRecord:
         return None if low is None or high is None else (float(low), float(high))
 
     def cell(self, metric: str, prefix: str = "test_", with_ci: bool = True) -> str:
-        """'54.2% [41.5, 66.9]', or '54.2% ± 3.1' across seeds."""
+        """'54.2% [41.5, 66.9]', or '54.2% ± 3.1' across seeds; a score that is not a rate
+        (PLAIN_METRICS: the Brier score) as '0.072'."""
         v = self.value(metric, prefix)
         sd = self.spread.get(f"{prefix}{metric}")
+        if metric in PLAIN_METRICS:
+            if not np.isfinite(v):
+                return "–"
+            ci = self.ci(metric, prefix) if with_ci and sd is None else None
+            return f"{v:.3f}" + (f" ± {sd:.3f}" if sd is not None else
+                                 f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
         if sd is not None:
             return f"{stats.pct(v)} ± {100 * sd:.1f}"
         ci = self.ci(metric, prefix) if with_ci else None
@@ -200,7 +233,7 @@ def record_from_run(client: Any, run: Any, dst: Path) -> RunRecord:
         split_hash=tags.get(contract.TAG_SPLIT_HASH, ""),
         batch_id=tags.get(contract.TAG_BATCH_ID, ""),
         seed=int(seed) if seed not in (None, "") else None,
-        run_id=info.run_id, start_time=int(info.start_time or 0),
+        run_id=info.run_id, start_time=int(info.start_time or 0), tags=dict(tags),
         predictions=_download_csv(client, info.run_id, PREDICTIONS["test"], run_dst),
         zeroshot=(_download_csv(client, info.run_id, PREDICTIONS["zeroshot"], run_dst)
                   if kind == KIND_LLM else None),
@@ -217,6 +250,7 @@ class Loaded:
     skipped: list[str]
     parent_run_id: str = ""
     experiment_id: str = ""
+    memchecks: list[MemcheckRecord] = field(default_factory=list)
 
 
 def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
@@ -244,7 +278,8 @@ def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
         records = [record_from_run(client, r, Path(tmp)) for r in latest]
     exp = client.get_experiment_by_name(experiment)
     return Loaded(experiment, batch, merge_all(records), skipped + superseded,
-                  parent.info.run_id if parent else "", exp.experiment_id)
+                  parent.info.run_id if parent else "", exp.experiment_id,
+                  load_memchecks(all_runs))
 
 
 def _borrow_baselines(runs: list[Any], all_runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
@@ -322,6 +357,54 @@ def check_split(runs: Sequence[Any], batch: str | None = None) -> None:
         hint = "" if batch else " Pick one round with --batch <batch id>."
         raise ReportError(f"these runs were made on different data splits and cannot be compared "
                           f"— {detail}.{hint}")
+
+
+# ---------------------------------------------------------------- memorization checks
+
+@dataclass
+class MemcheckRecord:
+    """One memorization check (helpers.llm.memcheck): a model against one text of a table."""
+
+    model_id: str
+    source: str  # dataset.source as the params file gave it
+    text: str  # "file" or "pandas"
+    tests: dict[str, dict[str, float]]  # test -> exact, trials, chance_exact, ..., flagged
+    run_id: str = ""
+    start_time: int = 0
+
+    @property
+    def flagged(self) -> list[str]:
+        return [t for t, m in self.tests.items() if m.get("flagged")]
+
+
+def memcheck_record(run: Any) -> MemcheckRecord:
+    params = params_from_flat(run.data.params)
+    tests: dict[str, dict[str, float]] = {}
+    for name in contract.MEMCHECK_TESTS:
+        head = contract.memcheck_metric(name, "")
+        values = {k[len(head):]: float(v) for k, v in run.data.metrics.items()
+                  if k.startswith(head)}
+        if "trials" in values:
+            tests[name] = values
+    return MemcheckRecord(model_id=str(params.get("model_id", "")),
+                          source=str(params.get("dataset", {}).get("source", "")),
+                          text=run.data.tags.get(contract.TAG_MEMCHECK_TEXT, ""), tests=tests,
+                          run_id=run.info.run_id, start_time=int(run.info.start_time or 0))
+
+
+def load_memchecks(runs: Iterable[Any]) -> list[MemcheckRecord]:
+    """The latest FINISHED memorization check per (model, table, text), from any batch: what a
+    model has memorized does not depend on the round that asked."""
+    latest: dict[tuple[str, str, str], MemcheckRecord] = {}
+    for run in runs:
+        if (run.data.tags.get(contract.TAG_KIND) != contract.KIND_MEMCHECK
+                or run.info.status != "FINISHED"):
+            continue
+        rec = memcheck_record(run)
+        key = (rec.model_id, rec.source, rec.text)
+        if key not in latest or rec.start_time > latest[key].start_time:
+            latest[key] = rec
+    return list(latest.values())
 
 
 # ---------------------------------------------------------------- seeds

@@ -9,9 +9,16 @@ module. Design choices that the numbers depend on:
   first seed" would throw the other seeds away.
 - Runs on different splits (tablora.split_hash) are never compared: the report refuses and names
   them. Paired tests join rows on row_id and refuse rows that differ.
-- Exact McNemar for each LLM against the best classical baseline and against the best LLM, Holm
-  over that family; significance is judged on the adjusted p. Ranks tie models that the data do
-  not separate; a "clear winner" needs the top LLM to beat every other LLM significantly.
+- Floors first: every model (each LLM fine-tuned and zero-shot, each baseline but the floors
+  themselves) against the better floor (contract.FLOORS: majority class, stratified random),
+  exact McNemar, Holm over that family ("vs floor"). A model not significantly better than the
+  floor is "no better than the floor" in the verdict and every table, and takes no rank.
+- Then exact McNemar for each LLM against the best classical baseline (the best above the floor)
+  and for each LLM above the floor against the best of them: a second Holm family. Ranks tie
+  models that the data do not separate; a "clear winner" needs the top LLM to beat every other
+  LLM above the floor significantly.
+- Zero-shot -> fine-tuned per LLM is a third family, and each model against its earlier round a
+  fourth: each Holm-adjusted on its own, since each answers its own question.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from helpers import metrics
 from helpers.analysis import stats
 from helpers.analysis.records import (
     Loaded,
+    MemcheckRecord,
     NoRuns,
     ReportError,
     RunRecord,
@@ -38,13 +46,18 @@ from helpers.analysis.records import (
 )
 from helpers.contract import KIND_BASELINE, KIND_LLM, PREFIX_TEST, PREFIX_ZEROSHOT
 
-TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balance_gap")
+TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "balance_gap", "roc_auc",
+                 "brier")
 LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
           "specificity": "Specificity", "f1": "F1", "balance_gap": "Balance gap",
-          "balanced_accuracy": "Balanced accuracy", "roc_auc": "ROC-AUC"}
-LOWER_IS_BETTER = {"balance_gap"}
+          "balanced_accuracy": "Balanced accuracy", "roc_auc": "ROC-AUC", "brier": "Brier"}
+LOWER_IS_BETTER = {"balance_gap", "brier"}
 VS_BASELINE, VS_BEST_LLM = "vs best baseline", "vs best LLM"
 ZEROSHOT, EARLIER = "zero-shot → fine-tuned", "vs earlier round"
+VS_FLOOR = "vs floor"
+AT_FLOOR = "no better than the floor"  # the label, in verdicts and tables
+FLOOR_WORDS = {"majority": "majority-class floor", "stratified": "stratified-random floor"}
+NO_RANK = "–"
 
 
 # ---------------------------------------------------------------- paired comparisons
@@ -63,11 +76,14 @@ class Paired:
     diff: tuple[float, float, float] | None = None
     p_adjusted: float | None = None
     note: str = ""
+    floor_note: str = ""  # appended to the verdict (both sides at or below the floor)
 
     @property
     def names(self) -> tuple[str, str]:
         if self.family == ZEROSHOT:
             return f"{self.a.label} (fine-tuned)", f"{self.a.label} (zero-shot)"
+        if self.family == VS_FLOOR and self.which_a == "zeroshot":
+            return f"{self.a.label} (zero-shot)", self.b.label
         if self.family == EARLIER:
             return f"{self.a.label} (now)", f"{self.b.label} (earlier)"
         return self.a.label, self.b.label
@@ -82,10 +98,14 @@ class Paired:
         return self.significant and self.test is not None and self.test.b_only > self.test.a_only
 
     @property
+    def a_better(self) -> bool:
+        return self.significant and self.test is not None and self.test.a_only > self.test.b_only
+
+    @property
     def text(self) -> str:
         if self.test is None:
             return self.note
-        return stats.verdict(*self.names, self.test, self.p_adjusted)
+        return stats.verdict(*self.names, self.test, self.p_adjusted) + self.floor_note
 
 
 def paired(a: RunRecord, b: RunRecord, family: str, which_a: str = "test",
@@ -137,20 +157,39 @@ class Comparison:
     ranks: dict[str, str]
     headline: list[str]
     skipped: list[str] = field(default_factory=list)
+    floor: RunRecord | None = None  # the better floor baseline (contract.FLOORS)
+    floor_tests: list[Paired] = field(default_factory=list)  # every model vs floor: one family
+    top_llm: RunRecord | None = None  # the best LLM above the floor (else the best LLM)
+    top_baseline: RunRecord | None = None  # the best non-floor baseline above the floor
     against: str | None = None
     earlier: list[Paired] = field(default_factory=list)  # each model vs its earlier round
     unmatched: list[str] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     markdown: str = ""
+    memchecks: list[MemcheckRecord] = field(default_factory=list)
 
     @property
     def best_llm(self) -> RunRecord | None:
-        return self.llms[0] if self.llms else None
+        return self.top_llm
 
     @property
     def best_baseline(self) -> RunRecord | None:
-        return self.baselines[0] if self.baselines else None
+        return self.top_baseline
+
+    def floor_test(self, r: RunRecord, which: str = "test") -> Paired | None:
+        return next((t for t in self.floor_tests if t.a is r and t.which_a == which), None)
+
+    def at_floor(self, r: RunRecord, which: str = "test") -> bool:
+        """Tested against the floor and not significantly better than it (False: untested)."""
+        t = self.floor_test(r, which)
+        return t is not None and t.test is not None and not t.a_better
+
+    def rank(self, r: RunRecord) -> str:
+        """An LLM's rank; "–" for a model no better than the floor (it takes no rank)."""
+        if self.at_floor(r):
+            return f"{NO_RANK} ({AT_FLOOR})"
+        return self.ranks.get(r.name, "")
 
     @property
     def clear_winner(self) -> bool:
@@ -169,30 +208,59 @@ class Comparison:
             "best_baseline_accuracy": base.value("accuracy") if base else float("nan"),
             "clear_winner": self.clear_winner,
             "n_significant": sum(c.significant for c in self.tests),
+            "at_floor": [r.label for r in self.llms + self.baselines if self.at_floor(r)],
             "out_dir": str(self.out_dir or ""),
         }
 
 
+def floor_words(floor: RunRecord) -> str:
+    """'the majority-class floor (majority, 66.4%)'."""
+    what = FLOOR_WORDS.get(floor.name, f"{floor.name} floor")
+    return f"the {what} ({floor.label}, {floor.cell('accuracy', with_ci=False)})"
+
+
 def build(records: Sequence[RunRecord], experiment: str = "", batch: str | None = None,
-          skipped: Sequence[str] = ()) -> Comparison:
-    """Tests, ranks and headline from model records (pure: no MLflow)."""
+          skipped: Sequence[str] = (), memchecks: Sequence[MemcheckRecord] = ()
+          ) -> Comparison:
+    """Tests, ranks and headline from model records (pure: no MLflow); `memchecks` add a
+    memorization line per LLM checked on its table."""
     llms = sorted((r for r in records if r.kind == KIND_LLM), key=score_key, reverse=True)
     baselines = sorted((r for r in records if r.kind == KIND_BASELINE), key=score_key,
                        reverse=True)
-    tests: list[Paired] = []
+    comp = Comparison(experiment, batch, llms, baselines, [], [], {}, [], list(skipped),
+                      memchecks=list(memchecks))
+    floors = [b for b in baselines if b.is_floor]
+    comp.floor = floors[0] if floors else None
+    if comp.floor is not None:
+        for r in llms:
+            comp.floor_tests.append(paired(r, comp.floor, VS_FLOOR))
+            if r.rows("zeroshot") is not None:
+                comp.floor_tests.append(paired(r, comp.floor, VS_FLOOR, "zeroshot", "test"))
+        comp.floor_tests += [paired(b, comp.floor, VS_FLOOR) for b in baselines
+                             if not b.is_floor]
+        adjust(comp.floor_tests)
+    working = [r for r in llms if not comp.at_floor(r)]
+    others = [b for b in baselines if not b.is_floor]
+    comp.top_llm = working[0] if working else (llms[0] if llms else None)
+    comp.top_baseline = next((b for b in others if not comp.at_floor(b)),
+                             others[0] if others else None)
     for r in llms:
-        if baselines:
-            tests.append(paired(r, baselines[0], VS_BASELINE))
-        if r is not llms[0]:
-            tests.append(paired(r, llms[0], VS_BEST_LLM))
-    adjust(tests)
-    worse = {c.a.name for c in tests if c.family == VS_BEST_LLM and c.a_worse}
-    ranks = stats.tie_ranks([r.name for r in llms], worse)
-    zeroshot = [paired(r, r, ZEROSHOT, "test", "zeroshot") for r in llms
-                if f"{PREFIX_ZEROSHOT}_accuracy" in r.metrics]
-    adjust(zeroshot)
-    comp = Comparison(experiment, batch, llms, baselines, tests, zeroshot, ranks, [],
-                      list(skipped))
+        if comp.top_baseline is not None:
+            comp.tests.append(paired(r, comp.top_baseline, VS_BASELINE))
+        if r in working and r is not working[0]:
+            comp.tests.append(paired(r, working[0], VS_BEST_LLM))
+    adjust(comp.tests)
+    worse = {c.a.name for c in comp.tests if c.family == VS_BEST_LLM and c.a_worse}
+    comp.ranks = stats.tie_ranks([r.name for r in working], worse)
+    comp.zeroshot = [paired(r, r, ZEROSHOT, "test", "zeroshot") for r in llms
+                     if f"{PREFIX_ZEROSHOT}_accuracy" in r.metrics]
+    adjust(comp.zeroshot)
+    for z in comp.zeroshot:
+        if comp.floor is not None and comp.at_floor(z.a) and comp.at_floor(z.a, "zeroshot"):
+            z.floor_note = (f"; both zero-shot and fine-tuned are {AT_FLOOR}: "
+                            f"{floor_words(comp.floor)}")
+        elif comp.floor is not None and comp.at_floor(z.a):
+            z.floor_note = f"; the fine-tuned model is {AT_FLOOR}: {floor_words(comp.floor)}"
     comp.headline = headline(comp)
     return comp
 
@@ -203,20 +271,34 @@ def headline(c: Comparison) -> list[str]:
     n_rows = next((len(r.predictions) for r in c.llms + c.baselines
                    if r.predictions is not None), None)
     rows = f" on these {n_rows} test rows" if n_rows else ""
-    if len(c.llms) == 1:
+    working = [r for r in c.llms if not c.at_floor(r)]
+    for r in c.llms + [b for b in c.baselines if not b.is_floor]:
+        t = c.floor_test(r)
+        if c.at_floor(r) and t is not None:
+            kind = "LLM" if r.kind == KIND_LLM else "baseline"
+            lines.append(f"{r.label} ({kind}, {r.cell('accuracy')}) is {AT_FLOOR}: "
+                         f"{floor_words(c.floor)}; {t.text}"
+                         + ("; it takes no rank." if r.kind == KIND_LLM else "."))
+    if len(c.llms) == 1 and working:
         lines.append(f"One LLM: {c.llms[0].label} ({c.llms[0].cell('accuracy')}).")
-    elif c.llms:
-        top = [r.label for r in c.llms if c.ranks[r.name].lstrip("=") == "1"]
-        best = c.llms[0]
+    elif len(working) == 1:
+        lines.append(f"One LLM above the floor: {working[0].label} "
+                     f"({working[0].cell('accuracy')}).")
+    elif working:
+        top = [r.label for r in working if c.ranks[r.name].lstrip("=") == "1"]
+        best = working[0]
         untested = [t.a.label for t in c.tests if t.family == VS_BEST_LLM and t.test is None]
         if c.clear_winner:
             lines.append(f"Clear winner among the LLMs: {best.label} ({best.cell('accuracy')}) "
-                         "is significantly better than every other LLM (exact McNemar, Holm).")
+                         "is significantly better than every other LLM above the floor (exact "
+                         "McNemar, Holm).")
         else:
             lines.append(f"No clear winner among the LLMs: {_join(top)} are not distinguishable "
                          f"from the best ({best.label}, {best.cell('accuracy')}){rows}; they "
                          "share rank =1" + (f" (untested, no predictions logged: "
                                             f"{_join(untested)})" if untested else "") + ".")
+    elif c.llms:
+        lines.append("No LLM is better than the floor: none takes a rank.")
     base = c.best_baseline
     if base and c.best_llm:
         vs = next(t for t in c.tests if t.a is c.best_llm and t.family == VS_BASELINE)
@@ -225,15 +307,72 @@ def headline(c: Comparison) -> list[str]:
         lines.append(f"Best baseline: {base.label} ({base.cell('accuracy')}); no LLM runs.")
     if c.zeroshot:
         tested = [z for z in c.zeroshot if z.test is not None]
-        gains = [z.a.label for z in tested if z.significant and not z.a_worse]
+        gains = [z.a.label for z in tested if z.a_better and not c.at_floor(z.a)]
+        floor_gains = [z.a.label for z in tested if z.a_better and c.at_floor(z.a)]
         losses = [z.a.label for z in tested if z.a_worse]
+        verb = "is" if len(floor_gains) == 1 else "are"
         lines.append(f"Fine-tuning improved accuracy significantly for {len(gains)} of "
                      f"{len(tested)} LLMs" + (f" ({_join(gains)})" if gains else "")
+                     + (f"; {_join(floor_gains)} improved but {verb} still {AT_FLOOR}"
+                        if floor_gains else "")
                      + (f"; it made {_join(losses)} significantly worse" if losses else "")
                      + ".")
+    improving = [r.label for r in c.llms if r.still_improving]
+    if improving:
+        lines.append(f"Training stopped while validation loss was still falling for "
+                     f"{_join(improving)}: under-trained, its verdicts may understate it; raise "
+                     "num_epochs (early stopping ends training when it stops improving).")
+    if c.floor is None and (c.llms or c.baselines):
+        lines.append("No floor baseline ran (majority, stratified): nothing here is checked "
+                     "against a model that knows nothing; add them to baselines.models.")
     if any(len(r.seeds) > 1 for r in c.llms + c.baselines):
         lines.append("Models run with several seeds: mean ± sd across seeds; their paired tests "
                      "use the seed-majority vote per row (ties: the first seed).")
+    return lines + memcheck_lines(c)
+
+
+# What each memorization test found, in words: test -> (what the model did, per what).
+_MEMCHECK_WORDS = {
+    "header": ("continues the table's first rows verbatim", "cuts"),
+    "row": ("completes {exact} of {trials} rows of the table verbatim", ""),
+    "feature": ("recalls the held-out value of {exact} of {trials} rows", ""),
+    "first_token": ("starts {exact} of {trials} next rows with the right first value", ""),
+}
+
+
+def _memcheck_finding(test: str, m: dict[str, float]) -> str:
+    words, per = _MEMCHECK_WORDS[test]
+    counts = {k: int(m.get(k, 0)) for k in ("exact", "trials", "chance_exact", "chance_trials")}
+    text = words.format(**counts)
+    if per:
+        text += f" at {counts['exact']} of {counts['trials']} {per}"
+    return text + f" (shuffled copy: {counts['chance_exact']} of {counts['chance_trials']})"
+
+
+def memcheck_lines(c: Comparison) -> list[str]:
+    """A line per LLM whose model was checked for memorization of the table it was scored on
+    (helpers.llm.memcheck): the tests that flagged it, or that none did."""
+    lines: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for r in c.llms:
+        source = str(r.params.get("dataset", {}).get("source", ""))
+        key = (r.model_id, source)
+        checks = [m for m in c.memchecks if (m.model_id, m.source) == key]
+        if not checks or key in seen:
+            continue
+        seen.add(key)
+        flagged = [(m, t) for m in checks for t in m.flagged]
+        if flagged:
+            found = "; ".join(f"{_memcheck_finding(t, m.tests[t])} [{m.text} text]"
+                              for m, t in flagged)
+            lines.append(f"Memorization: {r.model_id} has seen {source}: it {found}; its "
+                         "results on this table may be inflated (tablora memcheck).")
+        else:
+            tested = ", ".join(sorted({t for m in checks for t in m.tests}))
+            rows = next((m.tests["row"] for m in checks if "row" in m.tests), None)
+            detail = f": it {_memcheck_finding('row', rows)}" if rows else ""
+            lines.append(f"Memorization check: no sign that {r.model_id} has seen {source} "
+                         f"(tests {tested} at chance level{detail}).")
     return lines
 
 
@@ -315,22 +454,67 @@ def _marked(r: RunRecord, metric: str, best: float, with_ci: bool = True) -> str
 
 def llm_table(c: Comparison) -> str:
     best = {m: _best(c.llms, m) for m in TABLE_METRICS}
-    rows = [[r.label] + [_marked(r, m, best[m]) for m in TABLE_METRICS] + [c.ranks[r.name]]
-            for r in c.llms]
-    return md_table(["Model"] + [LABELS[m] for m in TABLE_METRICS] + ["Rank"], rows)
+    rows = [[r.label] + [_marked(r, m, best[m]) for m in TABLE_METRICS]
+            + [r.threshold_text(), c.rank(r)] for r in c.llms]
+    return md_table(["Model"] + [LABELS[m] for m in TABLE_METRICS] + ["Threshold", "Rank"],
+                    rows)
+
+
+def _type(r: RunRecord) -> str:
+    if r.kind == KIND_LLM:
+        return "LLM (fine-tuned)"
+    return "floor" if r.is_floor else "baseline"
+
+
+def floor_cell(c: Comparison, r: RunRecord, which: str = "test") -> str:
+    """'above' / 'no better than the floor' / 'the floor' / '–' (untested)."""
+    if r.is_floor:
+        return "the floor" if r is c.floor else "floor"
+    t = c.floor_test(r, which)
+    if t is None or t.test is None:
+        return "–"
+    return "above" if t.a_better else AT_FLOOR
 
 
 def all_models_table(c: Comparison) -> str:
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
     best = {m: _best(everyone, m) for m in TABLE_METRICS}
-    rows = [[r.label, "LLM (fine-tuned)" if r.kind == KIND_LLM else "baseline"]
-            + [_marked(r, m, best[m]) for m in TABLE_METRICS] for r in everyone]
-    return md_table(["Model", "Type"] + [LABELS[m] for m in TABLE_METRICS], rows)
+    rows = [[r.label, _type(r)] + [_marked(r, m, best[m]) for m in TABLE_METRICS]
+            + [r.threshold_text(), floor_cell(c, r)] for r in everyone]
+    return md_table(["Model", "Type"] + [LABELS[m] for m in TABLE_METRICS]
+                    + ["Threshold", "vs floor"], rows)
 
 
 def tests_table(tests: Sequence[Paired]) -> str:
     rows = [[" vs ".join(t.names), t.text] for t in tests]
     return md_table(["Comparison", "Verdict"], rows)
+
+
+def calibration_table(c: Comparison) -> str:
+    """P(yes) by true class (quartiles) and the Brier score: a model whose P(yes) sits in a
+    narrow band shows it here, whatever its threshold makes of it."""
+    rows = []
+    for r in c.llms + c.baselines:
+        for which in ("zeroshot", "test") if r.kind == KIND_LLM else ("test",):
+            df = r.rows(which)
+            if df is None or "p_yes" not in df or df["p_yes"].isna().any():
+                continue
+            name = r.label + {"zeroshot": " (zero-shot)", "test": ""}[which]
+            p, y = df["p_yes"].to_numpy(dtype=float), df["label"].to_numpy()
+            cells = [_quartiles(p[y == k]) for k in (1, 0)]
+            iqr = float(np.subtract(*np.percentile(p, [75, 25])))
+            brier = float(np.mean((p - y) ** 2))
+            rows.append([name, *cells, f"{iqr:.2f}", f"{brier:.3f}",
+                         r.threshold_text(which)])
+    return md_table(["Model", "P(yes), Yes rows", "P(yes), No rows", "P(yes) IQR", "Brier",
+                     "Threshold"], rows)
+
+
+def _quartiles(p: np.ndarray) -> str:
+    if not len(p):
+        return "–"
+    q1, q2, q3 = np.percentile(p, [25, 50, 75])
+    return f"{q2:.2f} [{q1:.2f}, {q3:.2f}]"
 
 
 def _change(t: Paired, now: float, before: float) -> str:
@@ -349,10 +533,11 @@ def zeroshot_table(c: Comparison) -> str:
         ft_bal = f"{r.cell('recall')} / {r.cell('specificity')}"
         rows.append([r.label, r.cell("accuracy", zs), r.cell("accuracy"),
                      _change(z, r.value("accuracy"), r.value("accuracy", zs)),
-                     zs_bal, ft_bal, z.text if z.test else z.note])
+                     zs_bal, ft_bal, f"{floor_cell(c, r, 'zeroshot')} / {floor_cell(c, r)}",
+                     z.text if z.test else z.note])
     return md_table(["Model", "Zero-shot", "Fine-tuned", "Change (points) [CI]",
                      "Zero-shot recall / specificity", "Fine-tuned recall / specificity",
-                     "Verdict"], rows)
+                     "vs floor (zero-shot / fine-tuned)", "Verdict"], rows)
 
 
 def confusion_counts(r: RunRecord, which: str = "test") -> dict[str, float] | None:
@@ -392,12 +577,19 @@ def earlier_table(c: Comparison) -> str:
 
 
 def readme_table(c: Comparison) -> str:
-    """The short table for a README: accuracy with CI, F1, recall, balance gap, rank."""
-    rows = [[r.label, r.cell("accuracy"), r.cell("f1", with_ci=False), r.cell("recall"),
-             r.cell("balance_gap"), c.ranks.get(r.name, "")] for r in c.llms]
-    rows += [[f"{r.label} (baseline)", r.cell("accuracy"), r.cell("f1", with_ci=False),
-              r.cell("recall"), r.cell("balance_gap"), "–"] for r in c.baselines]
-    return md_table(["Model", "Accuracy [95% CI]", "F1", "Recall", "Balance gap", "Rank"], rows)
+    """The short table for a README: accuracy with CI, F1, recall, balance gap, ROC-AUC, Brier,
+    rank (an LLM's; "no better than the floor" for any model that is not above it)."""
+    def cells(r: RunRecord) -> list[str]:
+        return [r.cell("accuracy"), r.cell("f1", with_ci=False), r.cell("recall"),
+                r.cell("balance_gap"), r.cell("roc_auc", with_ci=False), r.cell("brier")]
+
+    rows = [[r.label, *cells(r), c.rank(r)] for r in c.llms]
+    for r in c.baselines:
+        rank = (f"{NO_RANK} (floor)" if r.is_floor else
+                f"{NO_RANK} ({AT_FLOOR})" if c.at_floor(r) else NO_RANK)
+        rows.append([f"{r.label} ({'floor' if r.is_floor else 'baseline'})", *cells(r), rank])
+    return md_table(["Model", "Accuracy [95% CI]", "F1", "Recall", "Balance gap", "ROC-AUC",
+                     "Brier", "Rank"], rows)
 
 
 def results_frame(c: Comparison) -> pd.DataFrame:
@@ -412,7 +604,10 @@ def results_frame(c: Comparison) -> pd.DataFrame:
         "Recall": [r.cell("recall") for r in everyone],
         "Specificity": [r.cell("specificity") for r in everyone],
         "Balance gap": [r.cell("balance_gap") for r in everyone],
-        "LLM rank": [c.ranks.get(r.name, "") if r.kind == KIND_LLM else "" for r in everyone],
+        "Brier": [r.cell("brier") for r in everyone],
+        "Threshold": [r.threshold_text() for r in everyone],
+        "vs floor": [floor_cell(c, r) for r in everyone],
+        "LLM rank": [c.rank(r) if r.kind == KIND_LLM else "" for r in everyone],
     })
 
 
@@ -429,13 +624,29 @@ def markdown(c: Comparison, extra: str = "") -> str:
         parts += ["## Fine-tuned LLM results", llm_table(c),
                   "Value [95% bootstrap CI] (mean ± sd across seeds where several ran); the best "
                   "of each column in bold. Rank =1: not significantly worse than the best LLM "
-                  "(exact McNemar, Holm-adjusted, α = 0.05); the models significantly below it "
-                  "share the next rank, because each is tested only against the best."]
-    parts += ["## Baselines beside the LLMs", all_models_table(c)]
+                  "above the floor (exact McNemar, Holm-adjusted, α = 0.05); the models "
+                  "significantly below it share the next rank, because each is tested only "
+                  f"against the best; a model {AT_FLOOR} takes no rank (–)."]
+    parts += ["## Baselines beside the LLMs", all_models_table(c),
+              "Threshold: where each model's P(yes) is cut, and how it was chosen: `fixed` "
+              "(params `threshold`), tuned on the validation split (LLMs) or on out-of-fold "
+              "predictions of train + valid (baselines), by one `threshold_mode` for all; never "
+              "on test."]
+    if c.floor_tests:
+        parts += ["## Against the floor", tests_table(c.floor_tests),
+                  f"Each model against {floor_words(c.floor)}: exact McNemar, Holm correction "
+                  f"across these {sum(t.test is not None for t in c.floor_tests)} comparisons. "
+                  f"A model not significantly better is {AT_FLOOR}."]
     if c.tests:
         parts += ["## Paired comparisons (same test rows)", tests_table(c.tests),
                   f"Exact McNemar on the discordant rows; Holm correction across these "
                   f"{sum(t.test is not None for t in c.tests)} comparisons."]
+    if calibration_table(c).count("\n") > 1:
+        parts += ["## Calibration (test)", calibration_table(c),
+                  "P(yes): median [interquartile range] over the rows of each true class; IQR "
+                  "over all test rows; Brier score (mean squared error of P(yes), lower is "
+                  "better). A narrow band means a model that barely separates the classes, "
+                  "whatever its threshold."]
     if c.zeroshot:
         parts += ["## Zero-shot → fine-tuned", zeroshot_table(c),
                   "Change: paired bootstrap 95% CI; verdict: exact McNemar, Holm across models."]

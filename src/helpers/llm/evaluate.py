@@ -25,7 +25,11 @@ from helpers.contract import (
     PREFIX_ZEROSHOT,
     TAG_ADAPTER_DIR,
     TAG_SPLIT_HASH,
+    THRESHOLD_FIXED,
     THRESHOLD_METRICS,
+    THRESHOLD_SOURCE_TAGS,
+    THRESHOLD_SOURCES,
+    THRESHOLD_VALID,
 )
 from helpers.llm import scoring
 
@@ -35,8 +39,6 @@ PREFIXES = {"zeroshot": PREFIX_ZEROSHOT, "finetuned": PREFIX_TEST}
 
 class EvaluationError(RuntimeError):
     """No adapter or run to evaluate, or a mismatch; the message says what to pass instead."""
-
-    user_facing = True
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Result:
     prediction: np.ndarray
     row_ids: list
     threshold: float  # NaN in generate mode
+    threshold_source: str = THRESHOLD_FIXED  # contract.THRESHOLD_SOURCES; "" in generate mode
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -102,7 +105,6 @@ def find_target(params: Params, run_id: str = "", adapter: str = "") -> Target:
     adapter given: that directory (into `run_id`, or a new run). run_id given: its `adapters/`
     artifact, else params.adapter_dir. Neither: the latest FINISHED run named params.name.
     """
-    import mlflow
 
     tracking.setup(params.experiment)
     if adapter:
@@ -117,7 +119,7 @@ def find_target(params: Params, run_id: str = "", adapter: str = "") -> Target:
                 f"{params.source_file or 'PARAMS.yaml'}`), or pass --run-id or --adapter.")
         run_id = found.info.run_id
     else:
-        mlflow.MlflowClient().get_run(run_id)  # a clear MLflow error for an unknown id
+        tracking.get_run(run_id)  # a StoreError naming the id
     local = download_adapter(run_id)
     if local is not None:
         return Target(run_id, local, f"artifact {ARTIFACT_ADAPTERS}/ of run {run_id}")
@@ -147,9 +149,9 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
                 prefix: str) -> Result:
     """Score the test split; the threshold is params.threshold or tuned on the valid split."""
-    threshold = math.nan
+    threshold, source = math.nan, ""
     if params.scoring == "logprob":
-        threshold = params.threshold
+        threshold, source = params.threshold, THRESHOLD_FIXED
         if params.threshold_mode == "tune":
             if not prepared.split["valid"]:
                 raise EvaluationError("threshold_mode: tune needs a validation split: set "
@@ -157,11 +159,12 @@ def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
             valid = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
                                   desc=f"{prefix} (valid)")
             threshold = metrics.tune_threshold(prepared.y("valid"), valid.p_yes)
+            source = THRESHOLD_VALID
     scores = scoring.score(model, tokenizer, prepared.messages("test", False), params,
                            desc=prefix)
     y = prepared.y("test")
     return Result(prefix, scores, y, scores.predict(y, threshold), list(prepared.split["test"]),
-                  threshold)
+                  threshold, source)
 
 
 def log_result(result: Result, params: Params) -> dict[str, float]:
@@ -179,6 +182,7 @@ def log_result(result: Result, params: Params) -> dict[str, float]:
         extra[f"{result.prefix}_invalid_rate"] = s.invalid_rate
     else:
         extra[THRESHOLD_METRICS[result.prefix]] = result.threshold
+        mlflow.set_tag(THRESHOLD_SOURCE_TAGS[result.prefix], result.threshold_source)
     mlflow.log_metrics(extra)
     result.metrics = {**values, **extra}
     return result.metrics
@@ -255,7 +259,8 @@ def comparison_table(results: dict[str, Result]) -> Any:
                 continue
             low, high = (r.metrics.get(f"{r.prefix}_{m}_ci_{b}") for b in ("low", "high"))
             col[m] = f"{v:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
-        col["threshold"] = "" if math.isnan(r.threshold) else f"{r.threshold:.3f}"
+        col["threshold"] = "" if math.isnan(r.threshold) else (
+            f"{r.threshold:.3f} ({THRESHOLD_SOURCES[r.threshold_source]})")
         columns[LABELS[key]] = col
     return pd.DataFrame(columns)
 

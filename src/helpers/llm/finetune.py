@@ -18,6 +18,7 @@ PEFT convention, scale = lora_alpha / lora_rank (mlx-lm's default scale 20 = alp
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,8 @@ from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from helpers import tracking
-from helpers.config import Params, ParamsError
+from helpers import config, tracking
+from helpers.config import EVALS_PER_EPOCH, Params, ParamsError
 from helpers.contract import (
     ADAPTER_CONFIG,
     ADAPTER_FILE,
@@ -49,16 +51,26 @@ from helpers.contract import (
     ARTIFACT_ADAPTERS_LAST,
     TAG_MODEL_NAME,
     TAG_SEED,
+    TAG_STILL_IMPROVING,
     TAG_STOPPED_EARLY,
+    TRAIN_STEPS,
 )
 from helpers.llm import fast_training
-from helpers.llm.batches import Batches
+from helpers.llm.batches import Batches, steps_per_epoch
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 LAST_DIR = "last"
 CHECKPOINT_DIR = "checkpoint"
+# Written into every adapter folder tablora creates: only a folder holding it is ever cleared.
+OUTPUT_MARKER = ".tablora-output.json"
+# What this module writes into an adapter folder (anything else there is not tablora's).
+OUTPUT_NAMES = (ADAPTER_FILE, ADAPTER_CONFIG, LAST_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp",
+                f"{CHECKPOINT_DIR}.old", OUTPUT_MARKER)
 
+# "Still improving": training ended by its budget while the last validation loss was the best
+# so far and at least this fraction below the one before it.
+STILL_IMPROVING = 0.01
 
 
 class TrainingDiverged(FloatingPointError):
@@ -81,6 +93,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     stopped_early: bool
+    still_improving: bool  # ended by the budget while validation loss was still falling
     tokens_per_sec: float
     train_seconds: float  # wall time of all training legs, validation and checkpoints included
     trainable_parameters: int
@@ -93,6 +106,7 @@ class TrainResult:
                 "best_val_loss": None if self.best_val_loss is None
                 else round(self.best_val_loss, 4),
                 "best_step": self.best_step, "stopped_early": self.stopped_early,
+                "still_improving": self.still_improving,
                 "tokens_per_sec": round(self.tokens_per_sec, 1),
                 "train_seconds": round(self.train_seconds, 1),
                 "trainable_parameters": self.trainable_parameters,
@@ -155,14 +169,32 @@ def adapter_config(params: Params, **extra: Any) -> dict[str, Any]:
             "tablora_params": params.name, **extra}
 
 
-def learning_rate_schedule(params: Params) -> Any:
+def total_steps(params: Params, n_train: int) -> int:
+    """The training budget in iterations: num_iters, or num_epochs passes over n_train rows
+    (batches of batch_size, the remainder dropped: helpers.llm.batches.steps_per_epoch)."""
+    key, value = params.budget
+    if key == "num_iters":
+        return int(value)
+    return max(1, math.ceil(value * steps_per_epoch(n_train, params.batch_size)))
+
+
+def eval_every(params: Params, n_train: int) -> int:
+    """Validation interval in steps: steps_per_eval, or EVALS_PER_EPOCH times an epoch."""
+    if params.steps_per_eval:
+        return params.steps_per_eval
+    return max(1, steps_per_epoch(n_train, params.batch_size) // EVALS_PER_EPOCH)
+
+
+def learning_rate_schedule(params: Params, steps: int | None = None) -> Any:
     """A constant or cosine-decayed learning rate, with an optional linear warm-up.
 
-    Steps count optimizer updates (iterations / grad_accumulation_steps); the optimizer's own
-    step counter drives it, so a resumed run continues where the schedule stopped.
+    `steps`: the resolved budget (total_steps; num_iters when not given). Steps count optimizer
+    updates (iterations / grad_accumulation_steps); the optimizer's own step counter drives
+    it, so a resumed run continues where the schedule stopped.
     """
     lr = params.learning_rate
-    updates = max(params.num_iters // params.grad_accumulation_steps, 1)
+    steps = steps or params.budget[1]
+    updates = max(int(steps) // params.grad_accumulation_steps, 1)
     warmup = params.warmup_steps
     if params.lr_schedule == "cosine":
         main = optim.cosine_decay(lr, max(updates - warmup, 1))
@@ -175,9 +207,9 @@ def learning_rate_schedule(params: Params) -> Any:
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def build_optimizer(params: Params) -> optim.Optimizer:
+def build_optimizer(params: Params, steps: int | None = None) -> optim.Optimizer:
     # Adam, as mlx-lm's default: LoRA's few parameters need no weight decay.
-    return optim.Adam(learning_rate=learning_rate_schedule(params))
+    return optim.Adam(learning_rate=learning_rate_schedule(params, steps))
 
 
 def load_datasets(prepared: Any, tokenizer: Any, params: Params) -> tuple[Any, Any]:
@@ -238,8 +270,35 @@ def restore_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimize
     mx.eval(model.parameters(), optimizer.state)
 
 
+def claim_output_dir(out: Path, params: Params) -> None:
+    """Make `out` a folder tablora owns (its marker file), or refuse: a folder that already holds
+    files is used only when tablora made it. (An adapter folder of an older tablora, inside
+    runs/ and holding nothing but adapter files, is adopted.)"""
+    marker = out / OUTPUT_MARKER
+    if marker.is_file():
+        return
+    if out.is_file():
+        raise ParamsError(f"output_dir {out}: is a file; output_dir must be a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    legacy = (entries and set(entries) <= set(OUTPUT_NAMES)
+              and out.resolve().is_relative_to(config.RUNS_DIR.resolve()))
+    if entries and not legacy:
+        where = f" (from {params.source_file})" if params.source_file else ""
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ParamsError(f"output_dir {out}{where}: the folder already holds files that tablora "
+                          f"did not write ({shown}); tablora writes and deletes adapters only in "
+                          f"folders it created (they hold {OUTPUT_MARKER}). Set output_dir to a "
+                          "new or empty folder, or leave it empty for runs/adapters/<name>.")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"written_by": "tablora", "params": params.name,
+                                  "contents": list(OUTPUT_NAMES[:-1])}, indent=1) + "\n")
+
+
 def _clear_outputs(out: Path) -> None:
-    """Remove an earlier run's adapters from `out` (only the files this module writes)."""
+    """Remove an earlier run's adapters from `out` (only the files this module writes, and only
+    in a folder tablora created: claim_output_dir first)."""
+    if not (out / OUTPUT_MARKER).is_file():
+        raise RuntimeError(f"{out}: not a tablora output folder (no {OUTPUT_MARKER}): not cleared")
     for name in (ADAPTER_FILE, ADAPTER_CONFIG):
         (out / name).unlink(missing_ok=True)
     for name in (LAST_DIR, CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old"):
@@ -250,24 +309,25 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _progress_bar(total: int, initial: int):
-    with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing, then works
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    from helpers.llm.scoring import tqdm_class
+
+    return tqdm_class()(total=total, initial=initial, desc="train", unit="step",
+                        dynamic_ncols=True)
 
 
 class _Supervisor(TrainingCallback):
     """Called by mlx-lm after every step: checks, validation, checkpoints, progress, MLflow."""
 
     def __init__(self, *, model, optimizer, params: Params, out: Path, valid, loss, batches,
-                 state: dict[str, Any]):
+                 state: dict[str, Any], total: int, every: int):
         self.model, self.optimizer, self.params, self.out = model, optimizer, params, out
+        self.total, self.every = total, every  # the budget and validation interval, in steps
         self.valid, self.loss, self.batches = valid, loss, batches
         self.state = state  # what a checkpoint stores (see _fresh_state)
         self.offset = state["step"]  # mlx-lm counts iterations from 1 on every call
-        self.logger = tracking.TrainingLogger()
+        self.logger = tracking.TrainingLogger(state["run_id"])
         self.recent = collections.deque(state["recent_losses"], maxlen=params.steps_per_report)
-        self.bar = _progress_bar(params.num_iters, self.offset)
+        self.bar = _progress_bar(total, self.offset)
         self._tokens_seen = 0
         self._tick = time.perf_counter()
 
@@ -292,16 +352,16 @@ class _Supervisor(TrainingCallback):
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         self.bar.update(1)
         p = self.params
-        if step % p.steps_per_report == 0 or step == p.num_iters:
-            self.bar.write(f"step {step:>5}/{p.num_iters}  train_loss {np.mean(self.recent):.4f}"
+        if step % p.steps_per_report == 0 or step == self.total:
+            self.bar.write(f"step {step:>5}/{self.total}  train_loss {np.mean(self.recent):.4f}"
                            f"  lr {float(info['learning_rate']):.2e}  {tps:,.0f} tok/s")
         self._after_step(step)
         self._tick = time.perf_counter()
 
     def _after_step(self, step: int) -> None:
         p = self.params
-        last = step == p.num_iters
-        if self.valid is not None and (step % p.steps_per_eval == 0 or last):
+        last = step == self.total
+        if self.valid is not None and (step % self.every == 0 or last):
             self.validate(step)
         stop = (p.early_stopping_patience > 0
                 and self.state["evals_since_best"] >= p.early_stopping_patience)
@@ -330,7 +390,8 @@ class _Supervisor(TrainingCallback):
             save_adapter(self.model, self.out, adapter_config(p, step=step, val_loss=val))
         else:
             st["evals_since_best"] += 1
-        self.bar.write(f"step {step:>5}/{p.num_iters}  val_loss {val:.4f}  (best "
+        st.setdefault("val_losses", []).append(val)
+        self.bar.write(f"step {step:>5}/{self.total}  val_loss {val:.4f}  (best "
                        f"{st['best_val_loss']:.4f} at step {st['best_step']}; {seconds:.1f}s)")
         return val
 
@@ -356,10 +417,10 @@ def _elapsed(state: dict[str, Any]) -> float:
     return state["_seconds_before"] + time.perf_counter() - state["_started"]
 
 
-def _fresh_state(params: Params, run_id: str) -> dict[str, Any]:
+def _fresh_state(params: Params, run_id: str, total: int) -> dict[str, Any]:
     return {"step": 0, "run_id": run_id, "seed": params.seed, "params_hash": params.hash(),
-            "num_iters": params.num_iters, "best_val_loss": None, "best_step": None,
-            "evals_since_best": 0, "stopped_early": False, "recent_losses": [],
+            "num_iters": total, "best_val_loss": None, "best_step": None,
+            "evals_since_best": 0, "stopped_early": False, "recent_losses": [], "val_losses": [],
             "step_seconds": 0.0, "step_tokens": 0, "train_seconds": 0.0}
 
 
@@ -373,11 +434,14 @@ class _QuietMlxConsole:
         from mlx_lm.cli_ui import make_console
 
         self.console = make_console()
-        self.was = self.console.quiet
+        self.was = self.console.quiet, self.console.is_jupyter
         self.console.quiet = True
+        # In a notebook rich would also display a widget and route stderr into it, our progress
+        # bar included: the saved notebook then showed a stale bar ("6/32") beside the final one.
+        self.console.is_jupyter = False
 
     def __exit__(self, *exc):
-        self.console.quiet = self.was
+        self.console.quiet, self.console.is_jupyter = self.was
 
 
 def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
@@ -387,7 +451,36 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     A checkpoint of this same run in `params.adapter_dir` (a run started again with its run_id)
     is resumed: weights, optimizer state, step, best val loss and MLflow steps continue. `loss`
     and `batches` replace mlx-lm's default_loss and the batch iterator (same signatures).
+    One training at a time writes into an adapter folder: a second one is refused.
     """
+    with _output_lock(params.adapter_dir):
+        return _train(model, tokenizer, prepared, params, loss=loss, batches=batches)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on `out` (a file beside it), released when training ends however."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ParamsError(f"output_dir {out}: another training run is writing its adapters "
+                              "there right now; wait for it, or give this run its own "
+                              "output_dir (or name).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
+           loss: Any = None, batches: Batches | None = None) -> TrainResult:
     import mlflow
 
     active = mlflow.active_run()
@@ -403,11 +496,13 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
 
     seed_everything(params.seed)
     n_trainable = add_lora(model, params)
-    optimizer = build_optimizer(params)
+    total, every = total_steps(params, len(train_set)), eval_every(params, len(train_set))
+    optimizer = build_optimizer(params, total)
     out = params.adapter_dir
-    state = _resume_or_start(out, run_id, model, optimizer, params)
+    claim_output_dir(out, params)
+    state = _resume_or_start(out, run_id, model, optimizer, params, total)
     resumed_from = state["step"]
-    _tag_run(params, n_trainable)
+    _tag_run(params, n_trainable, total)
 
     fast = loss is None and batches is None and params.fast_training
     if fast:
@@ -416,13 +511,13 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
         loss = batches.loss
     loss = loss or mlx_trainer.default_loss
     batches = batches or Batches(seed=params.seed, skip=state["step"])
-    remaining = params.num_iters - state["step"]
+    remaining = total - state["step"]
     # Wall time so far: earlier legs (from the checkpoint) + this one.
     state["_seconds_before"], state["_started"] = state["train_seconds"], time.perf_counter()
     if remaining > 0 and not state["stopped_early"]:
         try:
             _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                         remaining)
+                         remaining, total, every)
         except fast_training.FastPathUnsupported:
             if not fast:
                 raise
@@ -432,11 +527,12 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
                           "check)", stacklevel=2)
             _run_trainer(model, optimizer, train_set, valid, params, out,
                          mlx_trainer.default_loss, Batches(seed=params.seed, skip=state["step"]),
-                         state, remaining)
+                         state, remaining, total, every)
     return _finish(model, params, out, state, run_id, n_trainable, resumed_from)
 
 
-def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params) -> dict:
+def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params,
+                     total: int) -> dict:
     """The trainer state: restored from this run's checkpoint in `out`, or a fresh one."""
     import mlflow
 
@@ -449,14 +545,14 @@ def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params) -
         return state
     if "train_loss" in mlflow.get_run(run_id).data.metrics:
         warnings.warn(f"run {run_id} has trained before but {out} holds no checkpoint of it: "
-                      "training again from step 0 (its curves will show both)", stacklevel=3)
+                      "training again from step 0 (steps already in its curves are not logged "
+                      "again)", stacklevel=3)
     _clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return _fresh_state(params, run_id)
+    return _fresh_state(params, run_id, total)
 
 
 def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                 remaining) -> None:
+                 remaining, total, every) -> None:
     (out / LAST_DIR).mkdir(parents=True, exist_ok=True)
     args = mlx_trainer.TrainingArgs(
         batch_size=params.batch_size, iters=remaining, val_batches=params.val_batches,
@@ -466,7 +562,7 @@ def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches,
         adapter_file=str(out / LAST_DIR / ADAPTER_FILE),
         grad_accumulation_steps=params.grad_accumulation_steps)
     sup = _Supervisor(model=model, optimizer=optimizer, params=params, out=out, valid=valid,
-                      loss=loss, batches=batches, state=state)
+                      loss=loss, batches=batches, state=state, total=total, every=every)
     if valid is not None and state["step"] == 0:
         sup.validate(0)  # the starting point of the curve (the base model)
     try:
@@ -481,7 +577,7 @@ def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches,
         sup.close()
 
 
-def _tag_run(params: Params, n_trainable: int) -> None:
+def _tag_run(params: Params, n_trainable: int, total: int) -> None:
     import mlflow
 
     run = mlflow.get_run(mlflow.active_run().info.run_id)
@@ -489,7 +585,17 @@ def _tag_run(params: Params, n_trainable: int) -> None:
     if TAG_MODEL_NAME not in run.data.tags:  # a batch sets it without the seed suffix
         tags[TAG_MODEL_NAME] = params.name
     mlflow.set_tags(tags)
-    mlflow.log_metric("trainable_parameters", n_trainable)
+    # The budget in steps (num_epochs resolved): a metric, since a resumed run logs it again.
+    mlflow.log_metrics({"trainable_parameters": n_trainable, TRAIN_STEPS: total})
+
+
+def still_improving(state: dict[str, Any]) -> bool:
+    """Ended by the budget (not early stopping) while the last validation loss was the best so
+    far and clearly below the one before it: more steps would likely have helped."""
+    vals = state.get("val_losses") or []
+    if state["stopped_early"] or len(vals) < 2:
+        return False
+    return vals[-1] <= min(vals) and vals[-1] < vals[-2] * (1 - STILL_IMPROVING)
 
 
 def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> TrainResult:
@@ -515,11 +621,21 @@ def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> Tra
     if state["best_val_loss"] is not None:
         summary.update(best_val_loss=state["best_val_loss"], best_val_step=state["best_step"])
     mlflow.log_metrics(summary)
-    mlflow.set_tag(TAG_STOPPED_EARLY, str(state["stopped_early"]).lower())
+    improving = still_improving(state)
+    mlflow.set_tags({TAG_STOPPED_EARLY: str(state["stopped_early"]).lower(),
+                     TAG_STILL_IMPROVING: str(improving).lower()})
+    if improving:
+        vals = state["val_losses"]
+        warnings.warn(f"training stopped at its budget ({step} steps) while validation loss was "
+                      f"still falling ({vals[-2]:.4f} -> {vals[-1]:.4f} at the last two "
+                      "evaluations): this model may be under-trained. Raise num_epochs (or "
+                      "num_iters); early stopping ends training once it stops improving.",
+                      stacklevel=3)
     return TrainResult(run_id=run_id, adapter_dir=out, last_dir=out / LAST_DIR, steps=step,
                        final_train_loss=final_loss, best_val_loss=state["best_val_loss"],
                        best_step=state["best_step"], stopped_early=state["stopped_early"],
-                       tokens_per_sec=tps, train_seconds=state["train_seconds"],
+                       still_improving=improving, tokens_per_sec=tps,
+                       train_seconds=state["train_seconds"],
                        trainable_parameters=n_trainable, resumed_from=resumed_from)
 
 

@@ -39,10 +39,8 @@ BUILD_STAMP = "tablora-build.json"
 
 
 class ModelUnavailable(RuntimeError):
-    """The model cannot be found or fetched; the message says what to use instead."""
-
-    # cli.main prints the message alone (no traceback) for errors marked user-facing.
-    user_facing = True
+    """The model cannot be found or fetched; the message says what to use instead (a known
+    error: contract.USER_ERRORS)."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.config import Params
+from helpers.config import Params, ParamsError
 from helpers.llm import kernels
 from helpers.llm import lanes as cpu
 from helpers.llm.kernels import PAD_ID
@@ -83,14 +83,23 @@ class Scores:
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
     """tqdm.auto's bar (a widget in Jupyter, text elsewhere), showing examples/s."""
-    import importlib.util
+    return tqdm_class()(total=total, desc=desc, unit="ex", disable=not enabled)
 
-    # Without ipywidgets tqdm.auto warns in every notebook and falls back to text: go there.
-    if importlib.util.find_spec("ipywidgets") is None:
+
+def tqdm_class() -> Any:
+    """tqdm's text bar in a notebook that papermill runs (tablora sets ENV_NOTEBOOK there): a
+    widget is saved as first drawn ("0/32"), text as last printed; also where ipywidgets is
+    missing (tqdm.auto would warn, then print text anyway). tqdm.auto elsewhere."""
+    import importlib.util
+    import os
+
+    from helpers.contract import ENV_NOTEBOOK
+
+    if os.environ.get(ENV_NOTEBOOK) or importlib.util.find_spec("ipywidgets") is None:
         from tqdm.std import tqdm
     else:
         from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled)
+    return tqdm
 
 
 # --------------------------------------------------------------------------- tokens
@@ -119,8 +128,8 @@ def answer_tokens(tokenizer: Any, prompt_text: str, answer: str) -> list[int]:
     # The answer merged with the prompt's last token: fall back to the answer on its own.
     alone = tokenizer.encode(answer, add_special_tokens=False)
     if not alone:
-        raise ValueError(f"answer {answer!r} encodes to no tokens: set prompt.answer_yes / "
-                         "prompt.answer_no to non-empty words")
+        raise ParamsError(f"answer {answer!r} encodes to no tokens: set prompt.answer_yes / "
+                          "prompt.answer_no to non-empty words")
     return list(alone)
 
 
@@ -461,8 +470,9 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
         answers = [answer_tokens(tokenizer, texts[0], a)
                    for a in (params.prompt.answer_yes, params.prompt.answer_no)]
         if answers[0] == answers[1]:
-            raise ValueError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
-                             f"{params.prompt.answer_no!r} give the same tokens: make them differ")
+            raise ParamsError(f"prompt.answer_yes {params.prompt.answer_yes!r} and answer_no "
+                              f"{params.prompt.answer_no!r} give the same tokens: make them "
+                              "differ")
         lp, prefix_len = answer_logprobs(model, ids, answers, params.eval_batch_size,
                                          use_prefix_cache, progress, desc or "scoring", fast,
                                          lanes)

@@ -4,6 +4,12 @@ A batch is one MLflow parent run (tablora.kind=batch) with a child run per model
 baselines run once per distinct split, then the comparison. A model that fails is recorded (FAILED
 run, cause in a tag, the executed notebook as an artifact) and the batch goes on; the summary at
 the end says which failed and why, and the exit code is non-zero when any did.
+
+The models and the baselines are tasks for a workflow.executor: here one after another, or on a
+Dask cluster (`--cluster`, `--workers`). A task gets everything it needs as picklable arguments
+(the resolved params, the batch's MLflow ids and tracking URI, the split the batch drew) and
+makes its own MLflow run, so it runs the same on another machine; a run whose worker died is
+ended KILLED by the batch once its task has run again elsewhere.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import config, contract, tracking
+from helpers import config, contract, data, tracking
 from helpers.config import Params, ParamsError, load_params
-from helpers.workflow import notebooks
+from helpers.workflow import executor, notebooks
 
 MODEL_NOTEBOOKS = ("train", "evaluate")
 # Every notebook the batch runs must declare these (see docs/ARCHITECTURE.md).
@@ -53,6 +59,7 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # notebook -> wall time
     cause: str = ""
     note: str = ""
+    worker: str = ""  # where it ran (executor.where())
 
     @property
     def total_seconds(self) -> float:
@@ -63,10 +70,12 @@ class Outcome:
 class BaselineGroup:
     """Models sharing a split: the baselines notebook runs once for all of them."""
 
-    key: str
+    key: str  # the split hash (tablora.split_hash); "-2", "-3" for other settings on that split
     file: Path  # the first model file of the group: its dataset and baselines sections
     params: Params
     models: list[str]
+    split_hash: str = ""
+    error: str = ""  # why the table could not be read (the split hash is then unknown)
 
 
 # ---------------------------------------------------------------- planning (no MLflow, no kernels)
@@ -104,7 +113,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, "
+        raise ParamsError(f"--seeds {text!r}: expected comma-separated integers, "
                          "e.g. 0,1,2") from None
 
 
@@ -148,13 +157,14 @@ def select(jobs: list[Job], only: list[str]) -> list[Job]:
     unknown = wanted - {n for j in jobs for n in (j.name, j.run_name, j.file.stem)}
     if unknown:
         known = ", ".join(sorted({j.name for j in jobs}))
-        raise ValueError(f"--only {', '.join(sorted(unknown))}: no such model in this batch "
+        raise ParamsError(f"--only {', '.join(sorted(unknown))}: no such model in this batch "
                          f"(models: {known})")
     return picked
 
 
 def baselines_key(params: Params) -> str:
-    """Same dataset section, baselines settings and experiment = same baselines runs."""
+    """Same dataset section, baselines settings and experiment = same baselines runs (the group,
+    not the split's id: that is the split hash)."""
     blob = json.dumps({"experiment": params.experiment,
                        "dataset": dataclasses.asdict(params.dataset),
                        "baselines": dataclasses.asdict(params.baselines)},
@@ -163,16 +173,35 @@ def baselines_key(params: Params) -> str:
 
 
 def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
+    """One group per baselines setting, named by its split hash: the id MLflow tags the runs
+    with (tablora.split_hash), read from the table without writing anything."""
     groups: dict[str, BaselineGroup] = {}
+    hashes: dict[str, tuple[str, str]] = {}
     for job in jobs:
         if job.params is None:
             continue
-        key = baselines_key(job.params)
-        if key not in groups:
-            groups[key] = BaselineGroup(key, job.file, job.base or job.params, [])
-        if job.name not in groups[key].models:
-            groups[key].models.append(job.name)
+        config_key = baselines_key(job.params)
+        if config_key not in groups:
+            split, error = _split_hash(job.params, hashes)
+            same = sum(g.split_hash == split for g in groups.values())
+            key = split if not same else f"{split}-{same + 1}"
+            groups[config_key] = BaselineGroup(key, job.file, job.base or job.params, [],
+                                               split_hash=split, error=error)
+        if job.name not in groups[config_key].models:
+            groups[config_key].models.append(job.name)
     return list(groups.values())
+
+
+def _split_hash(params: Params, cache: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(split hash, "") or, when the table cannot be read, (a settings hash, the error)."""
+    blob = json.dumps(dataclasses.asdict(params.dataset), sort_keys=True, default=str)
+    key = f"{params.source_file}|{blob}"
+    if key not in cache:
+        try:
+            cache[key] = (data.table_split_hash(params), "")
+        except Exception as e:  # noqa: BLE001 - the run itself reports it; the plan says so
+            cache[key] = (baselines_key(params), f"{type(e).__name__}: {_one_line(str(e))}")
+    return cache[key]
 
 
 def experiment_of(jobs: list[Job]) -> str:
@@ -187,6 +216,15 @@ def plan_hash(jobs: list[Job]) -> str:
     """Identifies "the same batch command" for --resume: the resolved params of every run."""
     items = sorted(j.params.hash() if j.params else f"broken:{j.file}" for j in jobs)
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+# The Source the MLflow UI shows for a batch's parent run.
+BATCH_SOURCE = "tablora batch"
+
+
+def _source(notebook: str) -> str:
+    path = _notebook_file(notebook)
+    return str(path) if path else f"{notebook}.ipynb"
 
 
 def _notebook_file(name: str) -> Path | None:
@@ -211,7 +249,9 @@ def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
             lines.append(f"        --resume: skipped, {skips[job.run_name]}")
     lines.append(_baselines_plan(groups))
     lines.extend(f"  split {g.key}: {_describe_split(g.params)} for {', '.join(g.models)}"
-                 f" (with {_rel(g.file)})" for g in groups)
+                 f" (with {_rel(g.file)})"
+                 + (f"\n        the table cannot be read: {_short(g.error)}" if g.error else "")
+                 for g in groups)
     if not compare:
         lines.append("compare: skipped (--no-compare)")
     else:
@@ -226,8 +266,13 @@ def _describe_job(job: Job) -> str:
         return f"{job.run_name}: BROKEN params file ({_rel(job.file)}): {job.error}"
     p = job.params
     return (f"{job.run_name}: {p.model_id} seed {p.seed}, lr {p.learning_rate:g}, "
-            f"{p.num_iters} iters, LoRA r{p.lora_rank}/a{p.lora_alpha:g}, batch {p.batch_size}"
+            f"{_budget(p)}, LoRA r{p.lora_rank}/a{p.lora_alpha:g}, batch {p.batch_size}"
             f" ({_rel(job.file)})")
+
+
+def _budget(p: Params) -> str:
+    key, value = p.budget
+    return f"{value:g} iters" if key == "num_iters" else f"{value:g} epochs"
 
 
 def _baselines_plan(groups: list[BaselineGroup]) -> str:
@@ -239,7 +284,9 @@ def _baselines_plan(groups: list[BaselineGroup]) -> str:
 def _describe_split(p: Params) -> str:
     d = p.dataset
     features = f"{len(d.features)} features" if d.features else "all features"
-    return (f"{d.source} -> {d.target}={d.positive_label!r}, {features}, test {d.test_size:g}, "
+    target = d.target or "(its target)"
+    positive = "" if d.positive_label in ("", None) else f"={d.positive_label!r}"
+    return (f"{d.source} -> {target}{positive}, {features}, test {d.test_size:g}, "
             f"valid {d.valid_size:g}, split_seed {d.split_seed}")
 
 
@@ -262,21 +309,91 @@ class Batch:
     parent_id: str
     out_dir: Path
     client: Any
+    # The runs this process keeps alive (their heartbeat, see tracking.mark_stale_runs).
+    beating: list[str] = field(default_factory=list)
 
     def model_tags(self, job: Job) -> dict[str, str]:
         p = job.params
         tags = {contract.TAG_KIND: contract.KIND_LLM, contract.TAG_PARENT: self.parent_id,
-                contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name}
+                contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name,
+                **_owner_tags(), **tracking.run_identity(_source("train"))}
         if p is not None:
             tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
         return tags
 
+    def ref(self, quiet: bool = False) -> BatchRef:
+        return BatchRef(self.batch_id, self.experiment_id, self.parent_id,
+                        tracking.tracking_uri(), quiet)
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A Batch as a task carries it to a worker: ids and the tracking URI, no client."""
+
+    batch_id: str
+    experiment_id: str
+    parent_id: str
+    tracking_uri: str
+    quiet: bool = False  # notebook output to a log file (on a cluster), not the terminal
+
+    def open(self) -> Batch:
+        """The Batch on the machine that runs the task. The worker's own MLFLOW_TRACKING_URI
+        wins (the batch's may name a host as only the batch's machine sees it); either way the
+        store must hold the batch's parent run."""
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or self.tracking_uri
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the notebook kernels inherit it
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        try:
+            client.get_run(self.parent_id)
+        except Exception as e:  # noqa: BLE001 - any store error means the same fix
+            raise RuntimeError(
+                f"{executor.where()}: the MLflow store {uri} has no run {self.parent_id} (batch "
+                f"{self.batch_id}; {type(e).__name__}): set MLFLOW_TRACKING_URI on this worker "
+                f"to the batch's tracking server ({self.tracking_uri})") from None
+        return Batch(self.batch_id, self.experiment_id, self.parent_id,
+                     config.RUNS_DIR / self.batch_id, client)
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """One model run, as sent to whichever worker runs it."""
+
+    batch: BatchRef
+    task: str  # unique in the batch: tag tablora.task of every attempt's run
+    counter: str  # "[2/5]"
+    run_name: str
+    params: Params
+    tags: dict[str, str]
+    split_hash: str  # drawn by the batch; "" when its data did not load there
+    split_json: str
+    # --resume: the interrupted (KILLED) run to continue, and the notebooks it still needs.
+    resume_run_id: str = ""
+    notebooks: tuple[str, ...] = MODEL_NOTEBOOKS
+
+
+@dataclass(frozen=True)
+class BaselinesTask:
+    batch: BatchRef
+    task: str
+    group: BaselineGroup
+    split_hash: str
+    split_json: str
+
+
+class SplitMismatch(RuntimeError):
+    """The worker reads other data than the batch split: its runs would not be comparable."""
+
 
 def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = None,
-        resume: bool = False, dry_run: bool = False, compare: bool = True) -> int:
+        resume: bool = False, dry_run: bool = False, compare: bool = True,
+        cluster: str = "", workers: int = 0, memcheck: bool = False) -> int:
     """Plan the batch of `paths` (files or folders) and run it (or print the plan); returns the
-    exit code: 1 when any model failed."""
+    exit code: 1 when any model failed. cluster/workers: see executor.connect. `memcheck`:
+    check each model once per table for memorization first (helpers.llm.memcheck)."""
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
@@ -285,7 +402,8 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
         print(format_plan(jobs, groups, experiment, compare, skips))
         return 0
     _preflight()
-    return run_batch(jobs, groups, experiment, resume=resume, compare=compare)
+    return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
+                     workers=workers, memcheck=memcheck)
 
 
 def _preflight() -> None:
@@ -299,32 +417,46 @@ def _preflight() -> None:
 
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
-              resume: bool = False, compare: bool = True) -> int:
+              resume: bool = False, compare: bool = True, cluster: str = "",
+              workers: int = 0, memcheck: bool = False) -> int:
     import mlflow
 
     t0 = time.perf_counter()
     # Create the store and the experiment here, once: kernels creating a new SQLite store at the
-    # same time crash in its schema set-up. setup() also exports the absolute tracking URI.
+    # same time crash in its schema set-up. setup() also exports the absolute tracking URI (and
+    # LocalCluster workers, started below, inherit it).
     exp_id = tracking.setup(experiment)
     client = mlflow.MlflowClient()
-    batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
-    print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
-          f"executed notebooks in {batch.out_dir}", flush=True)
-    outcomes: list[Outcome] = []
-    baseline_outcomes: list[Outcome] = []
-    compare_outcome: Outcome | None = None
+    ex = executor.connect(cluster, workers)
     try:
-        with _batch_env(batch):
-            baseline_outcomes = [_run_baselines(batch, g, resume) for g in groups]
-            for i, job in enumerate(jobs, 1):
-                outcomes.append(_run_model(batch, job, f"[{i}/{len(jobs)}]", resume))
-            if compare:
-                compare_outcome = _run_compare(batch, jobs)
-    except KeyboardInterrupt:
-        client.set_terminated(batch.parent_id, "KILLED")
-        raise
+        if ex.parallel:
+            print(ex.describe(), flush=True)
+            _warn_local_store(cluster)
+        splits = _splits(groups)
+        # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
+        for rid in tracking.mark_stale_runs(exp_id):
+            print(f"run {rid}: its process is gone: marked KILLED", flush=True)
+        batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
+        print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
+              f"executed notebooks in {batch.out_dir}", flush=True)
+        compare_outcome: Outcome | None = None
+        try:
+            with _batch_env(batch):
+                if memcheck:  # in this process, before any model trains
+                    _run_memchecks(jobs)
+                outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
+                                                         resume)
+                if compare:
+                    compare_outcome = _run_compare(batch, jobs)
+        except KeyboardInterrupt:
+            ex.close()  # a LocalCluster's workers stop; a remote cluster's tasks are cancelled
+            _reap(batch, why="the batch was interrupted while it ran on {worker}")
+            client.set_terminated(batch.parent_id, "KILLED")
+            raise
+    finally:
+        ex.close()
     summary = Summary(batch.batch_id, experiment, outcomes, baseline_outcomes, compare_outcome,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, workers=ex.parallel)
     _log_summary(batch, summary)
     print()
     print(summary.text())
@@ -332,9 +464,140 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         table = results_table(batch.out_dir / "compare.ipynb")
         if table:
             print("\nResults (from compare.ipynb):\n" + table)
-    print(f"\nBrowse the runs:    make ui   then http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
-          f"\nOpen the notebooks: make lab  (this batch's executed copies: {batch.out_dir})")
+    print(f"\nBrowse the runs:    make ui   then {tracking.ui_url(exp_id)}"
+          f"\nOpen the notebooks: make lab  (this batch's executed copies, as .ipynb and .html: "
+          f"{batch.out_dir})")
     return 1 if summary.failed else 0
+
+
+def _warn_local_store(cluster: str) -> None:
+    """Workers on other machines cannot write into this machine's SQLite file or loopback."""
+    from urllib.parse import urlparse
+
+    uri = tracking.tracking_uri()
+    host = urlparse(uri).hostname or ""
+    if cluster and (uri.startswith(("sqlite:", "file:")) or host in ("127.0.0.1", "localhost")):
+        print(f"note: MLflow store {uri} is only reachable from this machine: workers on other "
+              "machines need MLFLOW_TRACKING_URI set to a tracking server they can reach "
+              "(`tablora server --host 0.0.0.0`, see README: several machines)", flush=True)
+
+
+def _splits(groups: list[BaselineGroup]) -> dict[str, tuple[str, str]]:
+    """Each distinct split drawn here, once: group key -> (split hash, split file). Workers check
+    the hash against their copy of the data and use these rows. A split whose data does not
+    load here gets ("", ""): its notebooks fail with the data's own message, as they would
+    without a batch."""
+    from helpers import data
+
+    out: dict[str, tuple[str, str]] = {}
+    for group in groups:
+        try:
+            prepared = data.prepare(group.params)
+            out[group.key] = (prepared.split_hash, prepared.split_file.read_text("utf-8"))
+        except Exception:  # noqa: BLE001 - reported by the notebooks, per model
+            out[group.key] = ("", "")
+    return out
+
+
+def _task_labels(jobs: list[Job]) -> list[str]:
+    """A label per job, unique in the batch (the run name, numbered when two jobs share it)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for job in jobs:
+        seen[job.run_name] = seen.get(job.run_name, 0) + 1
+        n = seen[job.run_name]
+        labels.append(job.run_name if n == 1 else f"{job.run_name}#{n}")
+    # tablora.task values go inside MLflow filter strings
+    return [label.replace("'", "_") for label in labels]
+
+
+def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
+               groups: list[BaselineGroup], splits: dict[str, tuple[str, str]],
+               resume: bool) -> tuple[list[Outcome], list[Outcome]]:
+    """The baselines of each split and every model, as tasks of `ex`; outcomes in plan order.
+    What needs no worker (a broken params file, a run --resume skips) is settled here."""
+    ref = batch.ref(quiet=ex.parallel)
+    results: dict[str, Outcome] = {}
+    base_labels = [f"baselines {g.key}" for g in groups]
+    for label, group in zip(base_labels, groups, strict=True):
+        settled = _baselines_settled(batch, group, resume)
+        if settled is not None:
+            results[label] = settled
+        else:
+            ex.submit(baselines_task, BaselinesTask(ref, label, group, *splits[group.key]),
+                      label=label)
+    labels = _task_labels(jobs)
+    for i, (label, job) in enumerate(zip(labels, jobs, strict=True), 1):
+        counter = f"[{i}/{len(jobs)}]"
+        settled = _run_model(batch, job, counter, resume)
+        if settled is not None:
+            results[label] = settled
+            continue
+        task = ModelTask(ref, label, counter, job.run_name, job.params, batch.model_tags(job),
+                         *splits[baselines_key(job.params)], *_continued(batch, job, counter,
+                                                                            resume))
+        ex.submit(model_task, task, label=label)
+    total = len(jobs) + len(groups)
+    for event in ex.events():
+        if event.kind == "started":
+            if ex.parallel:
+                print(f"{_progress(results, total, ex)} {event.label}: started on "
+                      f"{event.worker}", flush=True)
+            continue
+        outcome = event.result
+        if outcome is None:  # the task raised on every try, or its workers kept dying
+            outcome = Outcome(_outcome_label(event.label, jobs, labels), status="failed",
+                              cause=f"the task failed: {event.error}")
+        if event.result is None:
+            again = f"the task gave up: {event.error}"
+        else:
+            again = "the task ran again" + (f" as run {outcome.run_id}" if outcome.run_id else "")
+        reaped = _reap(batch, task=event.label, keep=outcome.run_id,
+                       why=f"its worker ({{worker}}) was lost mid-run; {again}")
+        if not outcome.run_id and reaped:
+            outcome.run_id = reaped[0].info.run_id
+        outcome.worker = outcome.worker or event.worker
+        results[event.label] = outcome
+        if ex.parallel:
+            status = outcome.status if outcome.status != "failed" else (
+                f"FAILED: {_short(outcome.cause)}")
+            print(f"{_progress(results, total, ex)} {event.label}: {status} in "
+                  f"{_duration(outcome.total_seconds)} on {outcome.worker or '?'}", flush=True)
+    # Nothing of this batch runs now: a run still RUNNING lost its worker for good.
+    _reap(batch, why="its worker ({worker}) was lost mid-run and the batch ended")
+    return ([results[label] for label in labels],
+            [results[label] for label in base_labels])
+
+
+def _outcome_label(label: str, jobs: list[Job], labels: list[str]) -> str:
+    """The summary's row name of a task's label: the run name, or the baselines label."""
+    return jobs[labels.index(label)].run_name if label in labels else label
+
+
+def _progress(results: dict[str, Outcome], total: int, ex: executor.Executor) -> str:
+    failed = sum(o.status == "failed" for o in results.values())
+    counts = ex.counts()
+    return (f"[{len(results)}/{total} done, {failed} failed, {counts['running']} running, "
+            f"{counts['waiting']} waiting]")
+
+
+def _reap(batch: Batch, task: str = "", keep: str = "", why: str = "") -> list[Any]:
+    """End KILLED the runs of this batch (of one task, or all) that are still RUNNING, but
+    `keep`: their worker died under them (the task ran again as a new run, or the batch is
+    over). Returns them, latest first. `why` may name the run's worker as {worker}."""
+    filt = (f"tags.`{contract.TAG_PARENT}` = '{batch.parent_id}' and "
+            "attributes.status = 'RUNNING'")
+    if task:
+        filt += f" and tags.`{contract.TAG_TASK}` = '{task}'"
+    runs = batch.client.search_runs([batch.experiment_id], filter_string=filt,
+                                    order_by=["attributes.start_time DESC"], max_results=1000)
+    reaped = [r for r in runs if r.info.run_id != keep]
+    for run in reaped:
+        worker = run.data.tags.get(contract.TAG_WORKER, "unknown")
+        batch.client.set_tag(run.info.run_id, contract.TAG_ERROR,
+                             why.replace("{worker}", worker)[:4000])
+        batch.client.set_terminated(run.info.run_id, "KILLED")
+    return reaped
 
 
 def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
@@ -344,18 +607,26 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
     if previous is not None:
         batch_id = previous.data.tags[contract.TAG_BATCH_ID]
         client.update_run(previous.info.run_id, status="RUNNING")
+        if contract.TAG_ERROR in previous.data.tags:  # e.g. "KILLED: its process is gone"
+            client.delete_tag(previous.info.run_id, contract.TAG_ERROR)
+        for key, value in _owner_tags().items():
+            client.set_tag(previous.info.run_id, key, value)
         parent_id = previous.info.run_id
         print(f"--resume: continuing batch {batch_id}")
     else:
         batch_id = new_batch_id()
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
             contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
-            contract.TAG_PLAN_HASH: plan,
-            contract.TAG_GIT_COMMIT: tracking.git_commit()})
+            contract.TAG_PLAN_HASH: plan, **_owner_tags(),
+            **tracking.run_identity(BATCH_SOURCE)})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
     return Batch(batch_id, exp_id, parent_id, out_dir, client)
+
+
+def _owner_tags() -> dict[str, str]:
+    return {contract.TAG_OWNER: tracking.owner(), contract.TAG_HEARTBEAT: str(int(time.time()))}
 
 
 def _previous_batch(client: Any, exp_id: str, plan: str) -> Any | None:
@@ -373,8 +644,10 @@ def _batch_env(batch: Batch) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in (contract.ENV_BATCH_ID, contract.ENV_PARENT_RUN_ID)}
     os.environ[contract.ENV_BATCH_ID] = batch.batch_id
     os.environ[contract.ENV_PARENT_RUN_ID] = batch.parent_id
+    batch.beating[:] = [batch.parent_id]
     try:
-        yield
+        with tracking.heartbeat(batch.beating):
+            yield
     finally:
         for key, value in saved.items():
             if value is None:
@@ -420,7 +693,32 @@ def _resume_skips_readonly(jobs: list[Job], experiment: str) -> dict[str, str]:
     return skips
 
 
-def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
+def _continued(batch: Batch, job: Job, counter: str, resume: bool) -> tuple[str, tuple[str, ...]]:
+    """With --resume, the latest interrupted (KILLED) run of these params continues: training
+    from its checkpoint (finetune resumes a run's own checkpoint) or, trained already,
+    evaluating only. Returns (its run id, the notebooks to run), or ("", all of them)."""
+    interrupted = _interrupted_run(batch, job.params.hash()) if resume else None
+    if interrupted is None:
+        return "", MODEL_NOTEBOOKS
+    trained = "final_train_loss" in interrupted.data.metrics
+    print(f"{counter} {job.run_name}: --resume: continuing interrupted run "
+          f"{interrupted.info.run_id} ("
+          f"{'trained, evaluating' if trained else 'training from its last checkpoint'})",
+          flush=True)
+    return interrupted.info.run_id, ("evaluate",) if trained else MODEL_NOTEBOOKS
+
+
+def _interrupted_run(batch: Batch, params_hash: str) -> Any | None:
+    runs = batch.client.search_runs(
+        [batch.experiment_id], filter_string=f"tags.`{contract.TAG_PARAMS_HASH}` = "
+        f"'{params_hash}' and tags.`{contract.TAG_KIND}` = '{contract.KIND_LLM}' and "
+        "attributes.status = 'KILLED'", order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome | None:
+    """What the batch settles without a worker: a broken params file, a run --resume skips;
+    None when the model must run (model_task)."""
     outcome = Outcome(job.run_name)
     if job.params is None:
         return _broken_file(batch, job, counter, outcome)
@@ -431,27 +729,102 @@ def _run_model(batch: Batch, job: Job, counter: str, resume: bool) -> Outcome:
                 _skip_note(done))
             print(f"{counter} {job.run_name}: skipped (--resume: {outcome.note})", flush=True)
             return outcome
-    # The batch creates the run so that train.ipynb and evaluate.ipynb both write into it.
-    run = batch.client.create_run(batch.experiment_id, run_name=job.run_name,
-                                  tags=batch.model_tags(job))
-    outcome.run_id = run.info.run_id
-    for name in MODEL_NOTEBOOKS:
-        print(f"{counter} {job.run_name}: {name} ...", flush=True)
-        output = batch.out_dir / job.run_name / f"{name}.ipynb"
-        error = _execute(batch, outcome, name, job.params, outcome.run_id, output)
-        _log_notebook(batch, outcome.run_id, output)
-        secs = outcome.seconds[name]
-        if error is not None:
-            _fail(batch, outcome, error)
-            print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s FAILED: "
-                  f"{_short(outcome.cause)}", flush=True)
+    return None
+
+
+def model_task(task: ModelTask) -> Outcome:
+    """One model: its MLflow run, train.ipynb then evaluate.ipynb, on whichever machine runs
+    the task (a Dask worker, or here). Each attempt makes its own run."""
+    batch = task.batch.open()
+    outcome = Outcome(task.run_name, worker=executor.where())
+    run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker}
+    # The process that runs the task owns the run (its heartbeat; stale when it dies).
+    tags = {**task.tags, **_owner_tags(), **run_tags}
+    if task.resume_run_id:
+        outcome.run_id = task.resume_run_id
+        batch.client.update_run(outcome.run_id, status="RUNNING")
+        for key, value in tags.items():
+            batch.client.set_tag(outcome.run_id, key, value)
+    else:  # the task creates the run so that train.ipynb and evaluate.ipynb both write into it
+        outcome.run_id = batch.client.create_run(batch.experiment_id, run_name=task.run_name,
+                                                 tags=tags).info.run_id
+    log = batch.out_dir / task.run_name / "output.log"
+    with (tracking.heartbeat([outcome.run_id]),
+          _task_env(batch, task.batch.quiet, run_tags, log, outcome.run_id)):
+        mismatch = _split_mismatch(task.params, task.split_hash, task.split_json)
+        if mismatch is not None:
+            _fail(batch, outcome, mismatch)
+            print(f"{task.counter} {task.run_name}: FAILED: {_short(outcome.cause)}",
+                  flush=True)
             return outcome
-        print(f"{counter} {job.run_name}: {name} ... {secs:.0f}s ok", flush=True)
+        for name in task.notebooks:
+            print(f"{task.counter} {task.run_name}: {name} ...", flush=True)
+            output = batch.out_dir / task.run_name / f"{name}.ipynb"
+            error = _execute(batch, outcome, name, task.params, outcome.run_id, output)
+            _log_notebook(batch, outcome.run_id, output)
+            secs = outcome.seconds[name]
+            if error is not None:
+                _fail(batch, outcome, error)
+                print(f"{task.counter} {task.run_name}: {name} ... {secs:.0f}s FAILED: "
+                      f"{_short(outcome.cause)}", flush=True)
+                return outcome
+            print(f"{task.counter} {task.run_name}: {name} ... {secs:.0f}s ok", flush=True)
     outcome.status = "ok"
     # A notebook that did not end the run itself leaves it RUNNING forever in the UI.
     if batch.client.get_run(outcome.run_id).info.status == "RUNNING":
         batch.client.set_terminated(outcome.run_id, "FINISHED")
     return outcome
+
+
+def _split_mismatch(params: Params, expected: str, split_json: str) -> SplitMismatch | None:
+    """The batch drew the split once: this machine must read the same table (same hash), and
+    then uses the batch's rows. None when all is well (or the batch could not load the data:
+    the notebook then fails with the data's own message)."""
+    from helpers import data
+
+    if not expected:
+        return None
+    try:
+        actual = data.table_split_hash(params)
+    except Exception:  # noqa: BLE001 - the notebook reports the data error itself
+        return None
+    if actual != expected:
+        return SplitMismatch(
+            f"split hash {actual} on {executor.where()} differs from the batch's {expected}: "
+            f"this machine's {data.describe_source(params)} is not the data the batch split; "
+            "give every worker the same file (and dataset settings)")
+    data.install_split(split_json, expected)
+    return None
+
+
+@contextmanager
+def _task_env(batch: Batch, quiet: bool, run_tags: dict[str, str], log: Path,
+              log_run_id: str) -> Iterator[None]:
+    """Around a task on its worker: the batch's environment for the kernels, tags for every run
+    they start, and (on a cluster) the notebooks' output in a log file, attached to the run."""
+    import contextlib
+    import sys
+
+    saved = os.environ.get(contract.ENV_RUN_TAGS)
+    os.environ[contract.ENV_RUN_TAGS] = json.dumps(run_tags)
+    try:
+        with _batch_env(batch), contextlib.ExitStack() as stack:
+            if quiet:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                f = stack.enter_context(open(log, "w", encoding="utf-8"))
+                stack.enter_context(contextlib.redirect_stdout(f))
+                stack.enter_context(contextlib.redirect_stderr(f))
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+    finally:
+        if saved is None:
+            os.environ.pop(contract.ENV_RUN_TAGS, None)
+        else:
+            os.environ[contract.ENV_RUN_TAGS] = saved
+        if quiet and log.is_file():
+            batch.client.log_artifact(log_run_id, str(log), contract.ARTIFACT_NOTEBOOKS)
 
 
 def _execute(batch: Batch, outcome: Outcome, name: str, params: Params,
@@ -509,10 +882,11 @@ def _broken_file(batch: Batch, job: Job, counter: str, outcome: Outcome) -> Outc
 
 def _log_notebook(batch: Batch, run_id: str, output: Path) -> None:
     if output.is_file():
-        batch.client.log_artifact(run_id, str(output), contract.ARTIFACT_NOTEBOOKS)
+        notebooks.log_executed(batch.client, run_id, output)
 
 
-def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
+def _baselines_settled(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome | None:
+    """Baselines that need no worker (no notebook, or --resume finds them done); else None."""
     outcome = Outcome(f"baselines {group.key}")
     if _notebook_file("baselines") is None:
         outcome.status, outcome.note = "skipped", "notebooks/baselines.ipynb not found"
@@ -522,23 +896,39 @@ def _run_baselines(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome:
         outcome.status, outcome.note = "skipped", "--resume: already in this batch"
         print(f"baselines {group.key}: skipped ({outcome.note})", flush=True)
         return outcome
-    print(f"baselines {group.key}: {_describe_split(group.params)} ...", flush=True)
-    started_ms = int(time.time() * 1000)
+    return None
+
+
+def baselines_task(task: BaselinesTask) -> Outcome:
+    """The baselines notebook of one split, on whichever machine runs the task."""
+    batch, group = task.batch.open(), task.group
+    outcome = Outcome(f"baselines {group.key}", worker=executor.where())
+    run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker,
+                contract.TAG_BASELINES_KEY: group.key}
     output = batch.out_dir / "baselines" / f"baselines-{group.key}.ipynb"
-    # baselines.ipynb nests its runs under `run_id` and tags them with `batch_id`; the batch
-    # environment (TABLORA_*) covers a notebook that declares neither.
-    extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
-    run_id = batch.parent_id if "batch_id" in extra else ""
-    error = _execute(batch, outcome, "baselines", group.params, run_id, output, **extra)
-    _log_notebook(batch, batch.parent_id, output)
-    _tag_new_baseline_runs(batch, group.key, started_ms)
-    secs = outcome.seconds["baselines"]
-    if error is None:
-        outcome.status = "ok"
-        print(f"baselines {group.key}: {secs:.0f}s ok", flush=True)
-        return outcome
-    _baselines_failed(batch, group, outcome, error)
-    print(f"baselines {group.key}: {secs:.0f}s FAILED: {_short(outcome.cause)}", flush=True)
+    with _task_env(batch, task.batch.quiet, run_tags, output.with_suffix(".log"),
+                   batch.parent_id):
+        print(f"baselines {group.key}: {_describe_split(group.params)} ...", flush=True)
+        started_ms = int(time.time() * 1000)
+        error: BaseException | None = _split_mismatch(group.params, task.split_hash,
+                                                      task.split_json)
+        if error is None:
+            # baselines.ipynb nests its runs under `run_id` and tags them with `batch_id`; the
+            # batch environment (TABLORA_*) covers a notebook that declares neither.
+            extra = _declared(_notebook_file("baselines"), batch_id=batch.batch_id)
+            run_id = batch.parent_id if "batch_id" in extra else ""
+            error = _execute(batch, outcome, "baselines", group.params, run_id, output,
+                             **extra)
+            _log_notebook(batch, batch.parent_id, output)
+            _tag_new_baseline_runs(batch, group.key, started_ms)
+        secs = outcome.seconds.get("baselines", 0.0)
+        if error is None:
+            outcome.status = "ok"
+            print(f"baselines {group.key}: {secs:.0f}s ok", flush=True)
+            return outcome
+        _baselines_failed(batch, group, outcome, error)
+        print(f"baselines {group.key}: {secs:.0f}s FAILED: {_short(outcome.cause)}",
+              flush=True)
     return outcome
 
 
@@ -572,11 +962,36 @@ def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
         return
     # The notebook failed before it started a run of its own: make one to carry the cause.
     run = batch.client.create_run(batch.experiment_id, run_name=f"baselines-{group.key}", tags={
+        **tracking.run_identity(_source("baselines")),
         contract.TAG_KIND: contract.KIND_BASELINE, contract.TAG_PARENT: batch.parent_id,
         contract.TAG_BATCH_ID: batch.batch_id, contract.TAG_BASELINES_KEY: group.key,
         contract.TAG_ERROR: exc[:4000], **({contract.TAG_ERROR_CELL: cell[:500]} if cell else {})})
     outcome.run_id = run.info.run_id
     batch.client.set_terminated(outcome.run_id, "FAILED")
+
+
+def _run_memchecks(jobs: list[Job]) -> None:
+    """The memorization check once per (model, table), before any training: a check that
+    already FINISHED with the same model, table and settings (in any batch) is reused. A
+    failure is reported and the batch goes on: it is no model's failure."""
+    from helpers.llm import memcheck
+
+    pairs: dict[tuple[str, str], Params] = {}
+    for job in jobs:
+        if job.params is not None:
+            pairs.setdefault((job.params.model_id, job.params.dataset.source), job.params)
+    for (model_id, source), params in pairs.items():
+        print(f"memcheck: {model_id} on {source} ...", flush=True)
+        try:
+            for result, run_id in memcheck.run(params, reuse=True, progress=False):
+                verdict = ("reused" if result is None else
+                           f"flagged by {', '.join(result.flagged)}" if result.flagged
+                           else "at chance level")
+                print(f"memcheck: {model_id} on {source}: {verdict} (run {run_id})", flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # isolation: the models still run
+            print(f"memcheck: {model_id} on {source}: FAILED: {_short(str(e))}", flush=True)
 
 
 def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
@@ -639,6 +1054,7 @@ class Summary:
     baselines: list[Outcome]
     compare: Outcome | None
     seconds: float
+    workers: bool = False  # ran on a cluster: the table says where each model ran
 
     @property
     def failed(self) -> list[Outcome]:
@@ -660,11 +1076,11 @@ class Summary:
                  + f", total {_duration(self.seconds)}"]
         width = max([len(o.label) for o in self.models + self.baselines] + [8])
         head = f"  {'model':<{width}}  {'status':<7}  {'train':>7}  {'evaluate':>8}  {'total':>7}"
-        lines.append(head + "  run")
+        lines.append(head + "  run" + ("  worker" if self.workers else ""))
         for o in self.models + self.baselines:
             lines.append(f"  {o.label:<{width}}  {o.status:<7}  {_secs(o, 'train'):>7}  "
                          f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
-                         f"{o.run_id or '-'}")
+                         f"{o.run_id or '-'}" + (f"  {o.worker or '-'}" if self.workers else ""))
         if self.compare is not None:
             lines.append(f"  compare: {self.compare.status} in "
                          f"{_duration(self.compare.total_seconds)}")
@@ -678,7 +1094,7 @@ class Summary:
             return {"name": o.label, "status": o.status, "run_id": o.run_id,
                     "seconds": {k: round(v, 1) for k, v in o.seconds.items()},
                     "total_seconds": round(o.total_seconds, 1), "cause": o.cause,
-                    "note": o.note}
+                    "note": o.note, "worker": o.worker}
 
         return {"batch_id": self.batch_id, "experiment": self.experiment,
                 "success_rate": self.success_rate, "n_models": len(self.models),
@@ -696,7 +1112,28 @@ def _log_summary(batch: Batch, summary: Summary) -> None:
     client.log_dict(batch.parent_id, d, contract.SUMMARY_JSON)
     for key in ("success_rate", "n_failed", "n_models", "total_seconds"):
         client.log_metric(batch.parent_id, key, d[key])
+    _describe_batch(batch, summary)
     client.set_terminated(batch.parent_id, "FAILED" if summary.failed else "FINISHED")
+
+
+def _describe_batch(batch: Batch, summary: Summary) -> None:
+    """The parent run's description (its status line over the comparison's verdict, which the
+    comparison wrote) and the datasets its runs used."""
+    client = batch.client
+    try:
+        children = [o.run_id for o in summary.models + summary.baselines if o.run_id]
+        children += [r.info.run_id for r in _baseline_runs(batch, "")]
+        tracking.copy_dataset_inputs(client, list(dict.fromkeys(children)), batch.parent_id)
+        status = summary.text().splitlines()[0]
+        if summary.failed:
+            status += "; failed: " + ", ".join(o.label for o in summary.failed)
+        verdict = tracking.description(batch.parent_id, client)
+        if verdict.startswith("batch "):  # an earlier status line (--resume): replace it
+            verdict = verdict.split("\n\n", 1)[1] if "\n\n" in verdict else ""
+        tracking.describe(batch.parent_id, status + (f"\n\n{verdict}" if verdict else ""),
+                          client)
+    except Exception as e:  # noqa: BLE001 - the summary is logged already; this is decoration
+        print(f"warning: could not describe batch run {batch.parent_id}: {e}")
 
 
 def _one_line(text: str) -> str:
