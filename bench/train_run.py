@@ -186,6 +186,8 @@ def main() -> None:
     a = ARGS
     tmp = Path(tempfile.mkdtemp(prefix="tablora-bench-run-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    # Adapters may go to this temporary folder (outside the project's runs/), as bench/demo.py.
+    os.environ["TABLORA_OUTPUT_ROOT"] = str(tmp)
     # helpers first: it points MLX at the optimized BLAS before mlx is imported.
     # isort: off
     import helpers  # noqa: F401
