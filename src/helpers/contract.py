@@ -93,6 +93,12 @@ ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or r
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
+# The run's logged MLflow model (helpers.serving): a pyfunc for the fine-tuned LLM, scikit-learn
+# for a baseline; registered under the params name (the baseline's name). Its metadata key
+# MODEL_METADATA holds what `tablora predict` needs (kind, features, target, threshold, ...).
+ARTIFACT_MODEL = "model"
+MODEL_METADATA = "tablora"
+MODEL_SPEC_FILE = "tablora_model.json"  # the pyfunc's resolved prompt recipe and settings
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
@@ -133,6 +139,7 @@ USER_ERRORS = (
     "ModelUnavailable",  # helpers.llm.models: a model that cannot be found or fetched
     "TrainingDiverged",  # helpers.llm.finetune: NaN loss, with the learning rate to use
     "EvaluationError",  # helpers.llm.evaluate: no run or adapter to score
+    "PredictError",  # helpers.serving: new rows, a run or model that cannot be used
     "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell

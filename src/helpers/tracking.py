@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -450,3 +451,36 @@ class TrainingLogger:
         metrics = {name: float(info[key]) for key, name in self.METRICS.items() if key in info}
         if metrics:
             mlflow.log_metrics(metrics, step=int(info["iteration"]))
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register a logged model under `name` in the MLflow Model Registry; returns the version, or
+    "" after one warning line when the store refuses (a registration is a convenience: the run
+    and its logged model stand without it)."""
+    import mlflow
+
+    try:
+        with _quiet_registry():
+            version = mlflow.register_model(model_uri, name)
+    except Exception as e:  # noqa: BLE001 - any store error: warn, keep the run
+        print(f"warning: could not register {model_uri} as model {name!r} in "
+              f"{tracking_uri()}: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              "(the run and its logged model are kept; register it later from the MLflow UI)",
+              file=sys.stderr)
+        return ""
+    return str(version.version)
+
+
+@contextlib.contextmanager
+def _quiet_registry() -> Iterator[None]:
+    """MLflow prints two INFO lines per registration ("Successfully registered", "Created
+    version"): one model per run of a batch would flood the output."""
+    import logging
+
+    log = logging.getLogger("mlflow.tracking._model_registry.client")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
