@@ -172,3 +172,10 @@ def test_a_store_that_cannot_be_opened_is_a_store_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
     with pytest.raises(tracking.StoreError, match="missing"):
         tracking.setup("x")
+
+
+def test_a_refused_registration_warns_in_one_line_and_goes_on(mlflow_store, capsys):
+    # No such logged model: the store refuses, the caller keeps going with "".
+    assert tracking.register_model("models:/m-0000nothing", "tiny") == ""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: could not register")

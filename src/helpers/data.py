@@ -490,13 +490,14 @@ KIND_INT, KIND_NUMBER, KIND_TEXT = "int", "number", "text"
 
 
 def column_kinds(table: pd.DataFrame, features: list[str]) -> dict[str, str]:
-    """{column: "int" | "number" | "text"}: whole-number floats (ints that became floats
-    because of NaNs), other numbers, everything else (strings, booleans, categories)."""
+    """{column: "int" | "number" | "text"}: integers and whole-number floats (ints that became
+    floats because of NaNs), other numbers, everything else (strings, booleans, categories)."""
     kinds = {}
     for col in features:
         s = table[col]
-        if _integral(s):
-            kinds[col] = KIND_INT
+        if _integral(s) or (pd.api.types.is_integer_dtype(s)
+                            and not pd.api.types.is_bool_dtype(s)):
+            kinds[col] = KIND_INT  # an int column's values are written as format_number does
         elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
             kinds[col] = KIND_NUMBER
         else:
@@ -512,10 +513,11 @@ def _as_number(v: Any) -> float | int | None:
     if isinstance(v, (int, float, np.integer, np.floating)):
         return v
     if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
+        for parse in (int, float):
+            try:
+                return parse(v)
+            except ValueError:
+                pass
     return None
 
 

@@ -457,30 +457,20 @@ def register_model(model_uri: str, name: str) -> str:
     """Register a logged model under `name` in the MLflow Model Registry; returns the version, or
     "" after one warning line when the store refuses (a registration is a convenience: the run
     and its logged model stand without it)."""
+    import io
+
     import mlflow
 
     try:
-        with _quiet_registry():
-            version = mlflow.register_model(model_uri, name)
+        # MLflow prints "Successfully registered model" and "Created version" lines of its own
+        # (one model per run of a batch): one line of ours instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            version = str(mlflow.register_model(model_uri, name).version)
     except Exception as e:  # noqa: BLE001 - any store error: warn, keep the run
         print(f"warning: could not register {model_uri} as model {name!r} in "
               f"{tracking_uri()}: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
               "(the run and its logged model are kept; register it later from the MLflow UI)",
               file=sys.stderr)
         return ""
-    return str(version.version)
-
-
-@contextlib.contextmanager
-def _quiet_registry() -> Iterator[None]:
-    """MLflow prints two INFO lines per registration ("Successfully registered", "Created
-    version"): one model per run of a batch would flood the output."""
-    import logging
-
-    log = logging.getLogger("mlflow.tracking._model_registry.client")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    print(f"registered model {name!r} version {version} (models:/{name}/{version})")
+    return version

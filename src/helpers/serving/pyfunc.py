@@ -146,8 +146,10 @@ class TabloraLLM(mlflow.pyfunc.PythonModel):
         spec = ModelSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
         self.classifier = LLMClassifier.load(spec, Path(context.artifacts[ARTIFACT_ADAPTER]))
 
-    # No type hints here: MLflow would read them as the input schema (the signature is that).
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # A DataFrame type hint: MLflow infers no schema from it (the signature is the schema) and
+    # hands the input over as a DataFrame.
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict | None = None) -> pd.DataFrame:
         table = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(
             model_input)
         return self.classifier.predict_frame(table).reset_index(drop=True)
