@@ -130,19 +130,16 @@ ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
 ARTIFACT_MEMCHECK = "memcheck/completions.json"  # every prompt, target and completion
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
-<<<<<<< HEAD
+# Bookkeeping of the data a run used (rows and classes per split, prompt tokens, duplicates):
+# one JSON file, not metrics, so that the runs table lists the results first.
+DATA_SUMMARY = "data/summary.json"
+REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
 # The run's logged MLflow model (helpers.serving): a pyfunc for the fine-tuned LLM, scikit-learn
 # for a baseline; registered under the params name (the baseline's name). Its metadata key
 # MODEL_METADATA holds what `tablora predict` needs (kind, features, target, threshold, ...).
 ARTIFACT_MODEL = "model"
 MODEL_METADATA = "tablora"
 MODEL_SPEC_FILE = "tablora_model.json"  # the pyfunc's resolved prompt recipe and settings
-=======
-# Bookkeeping of the data a run used (rows and classes per split, prompt tokens, duplicates):
-# one JSON file, not metrics, so that the runs table lists the results first.
-DATA_SUMMARY = "data/summary.json"
-REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
->>>>>>> main
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
