@@ -232,3 +232,21 @@ def test_unusable_files_get_one_clear_line(evaluated, tmp_path, capsys, name, co
 def test_a_run_and_a_model_at_once_is_refused(evaluated):
     with pytest.raises(PredictError, match="not both"):
         predict.model_uri("abc", "models:/tiny/1")
+
+
+def test_the_command_writes_the_csv_and_says_what_it_did(evaluated, tmp_path, capsys):
+    from helpers import cli
+
+    rows, out = _new_rows(evaluated, tmp_path / "new.csv"), tmp_path / "p.csv"
+    assert cli.main(["predict", str(rows), "--run", evaluated["run_id"], "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(evaluated['prepared'].split['test'])} rows scored by the llm model" in printed
+    logged = _csv(evaluated["run_id"], contract.PREFIX_TEST)
+    assert pd.read_csv(out)["p_yes"].tolist() == logged["p_yes"].tolist()
+    # A bad file: one `error:` line, exit 2, nothing written.
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    assert cli.main(["predict", str(tmp_path / "bad.csv"), "--model", "models:/tiny/1", "-o",
+                     str(tmp_path / "bad-out.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "missing feature column(s)" in err[-1]
+    assert not (tmp_path / "bad-out.csv").exists()
