@@ -205,6 +205,8 @@ def predict(path: Path, run_id: str = "", model: str = "", out: Path | None = No
     uri = model_uri(run_id, model)
     meta = model_metadata(uri)
     table = read_rows(path, meta)
+    if meta["kind"] == contract.KIND_LLM:
+        load_llm(uri)  # loading is not scoring: out of the examples/s
     t0 = time.perf_counter()
     p_yes, prediction, threshold = score(table, meta, uri, str(path), progress)
     seconds = time.perf_counter() - t0
