@@ -153,7 +153,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from helpers.serving import export
 
-    out = export.export(a.run, a.out)
+    out = export.export(a.run, a.out, dequantize=not a.keep_quantized)
     print(f"fused model: {out} (mlx_lm.load({str(out)!r}), or model_id: {out} in a params file)")
     return 0
 
@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the training run whose adapter to fuse")
     p.add_argument("--out", type=Path, required=True,
                    help="a new (or empty) folder for the fused model")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="quantize the fused weights again like a quantized base model (smaller; "
+                   "P(yes) moves: the adapter was trained on the dequantized model)")
     p.set_defaults(func=cmd_export)
 
     p = command("recommend", "diagnose the runs and write next-round params files", (

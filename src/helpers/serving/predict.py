@@ -150,7 +150,10 @@ def load_llm(uri: str) -> Any:
 def load_baseline(uri: str) -> Any:
     import mlflow.sklearn
 
-    return mlflow.sklearn.load_model(uri)
+    if uri not in _LOADED:
+        _LOADED.clear()
+        _LOADED[uri] = mlflow.sklearn.load_model(uri)
+    return _LOADED[uri]
 
 
 def _baseline_frame(model: Any, table: pd.DataFrame, features: list[str],
@@ -205,8 +208,9 @@ def predict(path: Path, run_id: str = "", model: str = "", out: Path | None = No
     uri = model_uri(run_id, model)
     meta = model_metadata(uri)
     table = read_rows(path, meta)
-    if meta["kind"] == contract.KIND_LLM:
-        load_llm(uri)  # loading is not scoring: out of the examples/s
+    # Loading is not scoring: out of the examples/s.
+    {contract.KIND_LLM: load_llm, contract.KIND_BASELINE: load_baseline}.get(
+        meta["kind"], lambda _: None)(uri)
     t0 = time.perf_counter()
     p_yes, prediction, threshold = score(table, meta, uri, str(path), progress)
     seconds = time.perf_counter() - t0
