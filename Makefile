@@ -62,6 +62,7 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/train_speed.py
 	$(PY) bench/train_run.py
 	$(PY) bench/eval_speed.py
+	$(PY) bench/predict_speed.py
 	$(PY) bench/demo.py
 	$(PY) bench/batch_scale.py
 

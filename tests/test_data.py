@@ -574,3 +574,30 @@ def test_a_file_without_target_or_clear_positive_is_refused(tmp_path):
 def test_value_labels_of_an_unknown_column_are_refused(tmp_path):
     msg = error_of(make_params(tmp_path, **{"dataset.value_labels": {"smokr": {0: "no"}}}))
     assert "'smokr'" in msg and "'smoker'" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt recipe (what a logged model keeps to write new rows)
+
+
+def test_the_recipe_writes_the_training_rows_as_prepare_did(tmp_path):
+    p = data.prepare(make_params(tmp_path, **{
+        "prompt.template": "{{ row.age }} / {{ row.bmi }} / {{ row.smoker }}",
+        "dataset.value_labels": {"smoker": {"yes": "a smoker"}}}))
+    again = data.PromptRecipe.from_dict(json.loads(json.dumps(p.recipe.to_dict())))
+    assert again.user_texts(p.table) == [p.user_texts[i] for i in p.table.index]
+    assert again.kinds == {"age": "int", "bmi": "number", "smoker": "text"}
+
+
+def test_new_rows_are_written_by_the_training_column_kinds(tmp_path):
+    """New rows whose dtypes differ from training's (whole numbers in a float column, text in a
+    number column, a category never seen) are still written as training wrote such values."""
+    p = data.prepare(make_params(tmp_path, **{"prompt.template": "list"}))
+    new = pd.DataFrame({"age": ["41", "n/a"], "bmi": [30, None], "smoker": ["never", "yes"]})
+    lines = [t.split("\n\n")[1].splitlines() for t in p.recipe.user_texts(new)]
+    assert lines[0] == ["age: 41", "bmi: 30.0", "smoker: never"]  # training wrote 30 as "30.0"
+    assert lines[1] == ["age: n/a", "bmi: unknown", "smoker: yes"]  # unseen text as it is
+
+
+def test_positive_labels_compare_as_text():
+    assert data.positive_labels([1.0, 0, "1", "x"], "1").tolist() == [1, 0, 1, 0]

@@ -250,3 +250,10 @@ def test_dataset_inputs_copy_to_a_parent(params, mlflow_store, tmp_path, monkeyp
     parent = client.create_run(tracking.setup(params.experiment)).info.run_id
     assert tracking.copy_dataset_inputs(client, runs, parent) == 3  # the same three splits
     assert len(client.get_run(parent).inputs.dataset_inputs) == 3
+
+
+def test_a_refused_registration_warns_in_one_line_and_goes_on(mlflow_store, capsys):
+    # No such logged model: the store refuses, the caller keeps going with "".
+    assert tracking.register_model("models:/m-0000nothing", "tiny") == ""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: could not register")

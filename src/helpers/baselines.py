@@ -402,15 +402,28 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _log_model(model: Pipeline) -> None:
+def model_metadata(prepared: Any, result: BaselineResult) -> dict[str, Any]:
+    """What `tablora predict` reads from a baseline's logged model (contract.MODEL_METADATA)."""
+    r = prepared.recipe
+    return {"kind": contract.KIND_BASELINE, "features": list(r.features), "kinds": r.kinds,
+            "target": r.target, "positive_label": r.positive_label,
+            "threshold": float(result.threshold), "baseline": result.name}
+
+
+def _log_model(result: BaselineResult, prepared: Any, register: bool = True) -> None:
+    """The fitted pipeline as the run's `model`, registered under the baseline's name."""
     import mlflow.sklearn
     import sklearn
 
     # Explicit requirements: MLflow would otherwise infer them by importing the model in a
     # subprocess, seconds per model. cloudpickle: skops (MLflow's default) is not installed.
     with _quiet("mlflow.sklearn"):
-        mlflow.sklearn.log_model(model, name="model", serialization_format="cloudpickle",
-                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
+        info = mlflow.sklearn.log_model(
+            result.model, name=contract.ARTIFACT_MODEL, serialization_format="cloudpickle",
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+            metadata={contract.MODEL_METADATA: model_metadata(prepared, result)})
+    if register:
+        tracking.register_model(info.model_uri, result.name)
 
 
 def _log_params(params: Params, result: BaselineResult) -> None:
@@ -427,7 +440,7 @@ def _log_params(params: Params, result: BaselineResult) -> None:
         mlflow.log_artifact(params.source_file, artifact_path=contract.ARTIFACT_PARAMS)
 
 
-def _log_result(params: Params, result: BaselineResult) -> None:
+def _log_result(params: Params, result: BaselineResult, prepared: Any) -> None:
     import mlflow
 
     _log_params(params, result)
@@ -443,7 +456,7 @@ def _log_result(params: Params, result: BaselineResult) -> None:
     if fig is not None:
         what = importances(result).columns[1]
         mlflow.log_figure(fig, f"{contract.ARTIFACT_FIGURES}/{what}s.png")
-    _log_model(result.model)
+    _log_model(result, prepared)
 
 
 def run_all(prepared: Any, params: Params | None = None, batch_id: str = "",
@@ -464,7 +477,7 @@ def run_all(prepared: Any, params: Params | None = None, batch_id: str = "",
             # Every run names the data it was scored on (the UI's Dataset column), as LLM runs do.
             tracking.log_dataset(prepared)
             result = fit_baseline(prepared, name, params)
-            _log_result(params, result)
+            _log_result(params, result, prepared)
             result.run_id = run.info.run_id
         results.append(result)
     return results

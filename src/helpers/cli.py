@@ -136,6 +136,28 @@ def cmd_memcheck(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(a: argparse.Namespace) -> int:
+    """Score new rows with a run's (or a registered) model; a CSV out, one summary line."""
+    from helpers.serving import predict
+
+    result = predict.predict(a.csv, run_id=a.run or "", model=a.model or "", out=a.out)
+    if a.out is None:
+        print(result.frame.to_csv(index=False), end="")
+        print(predict.summary_line(result), file=sys.stderr)
+    else:
+        print(predict.summary_line(result))
+        print(f"written: {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from helpers.serving import export
+
+    out = export.export(a.run, a.out, dequantize=not a.keep_quantized)
+    print(f"fused model: {out} (mlx_lm.load({str(out)!r}), or model_id: {out} in a params file)")
+    return 0
+
+
 def cmd_recommend(a: argparse.Namespace) -> int:
     from helpers.analysis import compare, recommend
 
@@ -388,6 +410,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data file as distributed (auto: when there is one), the table as "
                    "pandas writes it, or both")
     p.set_defaults(func=cmd_memcheck)
+
+    p = command("predict", "score new rows (a CSV, labels optional) with a run's model, LLM "
+                "or baseline, at the threshold its evaluation chose", (
+                    "tablora predict new.csv --run 0123abcd... -o predictions.csv",
+                    "tablora predict new.csv --model models:/smollm2-135m/1 -o predictions.csv",
+                    "tablora predict new.csv --model models:/random_forest/1   # CSV to stdout"))
+    p.add_argument("csv", type=Path, help="the rows to score: a CSV with a header row holding "
+                   "the model's feature columns (an id or row_id column is kept; the target "
+                   "column, when there, gives the metrics)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="RUN_ID", help="an evaluated LLM run or a baseline run")
+    which.add_argument("--model", metavar="models:/NAME/VERSION",
+                       help="a registered model (the MLflow UI's Models page)")
+    p.add_argument("-o", "--out", type=Path, help="the CSV to write: row_id, p_yes, prediction "
+                   "(default: printed); written only when every row was scored")
+    p.set_defaults(func=cmd_predict)
+
+    p = command("export", "fuse a run's LoRA adapter into its base model: a standalone mlx-lm "
+                "model folder (mlx_lm.fuse)", (
+                    "tablora export --run 0123abcd... --out runs/export/smollm2-fused",
+                    "mlx_lm.generate --model runs/export/smollm2-fused --prompt 'Hi'"))
+    p.add_argument("--run", required=True, metavar="RUN_ID",
+                   help="the training run whose adapter to fuse")
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new (or empty) folder for the fused model")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="quantize the fused weights again like a quantized base model (smaller; "
+                   "P(yes) moves: the adapter was trained on the dequantized model)")
+    p.set_defaults(func=cmd_export)
 
     p = command("recommend", "diagnose the runs and write next-round params files", (
         "tablora recommend --batch 20261128-231500-ab12 --out params/round2",

@@ -134,6 +134,12 @@ SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
 # one JSON file, not metrics, so that the runs table lists the results first.
 DATA_SUMMARY = "data/summary.json"
 REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
+# The run's logged MLflow model (helpers.serving): a pyfunc for the fine-tuned LLM, scikit-learn
+# for a baseline; registered under the params name (the baseline's name). Its metadata key
+# MODEL_METADATA holds what `tablora predict` needs (kind, features, target, threshold, ...).
+ARTIFACT_MODEL = "model"
+MODEL_METADATA = "tablora"
+MODEL_SPEC_FILE = "tablora_model.json"  # the pyfunc's resolved prompt recipe and settings
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
@@ -174,6 +180,7 @@ USER_ERRORS = (
     "ModelUnavailable",  # helpers.llm.models: a model that cannot be found or fetched
     "TrainingDiverged",  # helpers.llm.finetune: NaN loss, with the learning rate to use
     "EvaluationError",  # helpers.llm.evaluate: no run or adapter to score
+    "PredictError",  # helpers.serving: new rows, a run or model that cannot be used
     "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell

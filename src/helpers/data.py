@@ -483,22 +483,76 @@ def _integral(col: pd.Series) -> bool:
                                   and np.all(np.abs(vals) < 1e15))
 
 
-def format_values(table: pd.DataFrame, features: list[str], params: Params) -> pd.DataFrame:
-    """Every feature value as prompt text: numbers rounded, missing as `prompt.missing`, coded
-    values as their words (dataset.value_labels, a built-in's own)."""
-    p = params.prompt
-    labels = value_labels(params)
-    out = pd.DataFrame(index=table.index)
+# How format_values writes a column, decided once from the training table (column_kinds) and
+# kept with a logged model, so that new rows are written as the training rows were even when
+# their own dtypes differ (a float column whose new values happen to be whole numbers).
+KIND_INT, KIND_NUMBER, KIND_TEXT = "int", "number", "text"
+
+
+def column_kinds(table: pd.DataFrame, features: list[str]) -> dict[str, str]:
+    """{column: "int" | "number" | "text"}: integers and whole-number floats (ints that became
+    floats because of NaNs), other numbers, everything else (strings, booleans, categories)."""
+    kinds = {}
     for col in features:
         s = table[col]
-        if _integral(s):
-            fmt: Callable[[Any], str] = lambda v: str(int(v))  # noqa: E731
+        if _integral(s) or (pd.api.types.is_integer_dtype(s)
+                            and not pd.api.types.is_bool_dtype(s)):
+            kinds[col] = KIND_INT  # an int column's values are written as format_number does
         elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            fmt = lambda v: format_number(v, p.digits)  # noqa: E731
+            kinds[col] = KIND_NUMBER
         else:
-            fmt = str
+            kinds[col] = KIND_TEXT
+    return kinds
+
+
+def _as_number(v: Any) -> float | int | None:
+    """A number as it is, a numeric string as its number (new rows may arrive as text), else
+    None (serialized as it is)."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return v
+    if isinstance(v, str):
+        for parse in (int, float):
+            try:
+                return parse(v)
+            except ValueError:
+                pass
+    return None
+
+
+def format_value(v: Any, kind: str, digits: int, missing: str,
+                 words: dict[str, str] | None = None) -> str:
+    """One value as prompt text, by its column's kind (column_kinds)."""
+    if _is_missing(v):
+        return missing
+    text = str(v)
+    if kind != KIND_TEXT:
+        x = _as_number(v)
+        if x is not None:
+            if kind == KIND_INT and float(x).is_integer() and abs(float(x)) < 1e15:
+                text = str(int(x))
+            else:
+                text = format_number(x, digits)
+    return (words or {}).get(text, text)
+
+
+def format_values(table: pd.DataFrame, features: list[str], params: Params,
+                  kinds: dict[str, str] | None = None) -> pd.DataFrame:
+    """Every feature value as prompt text: numbers rounded, missing as `prompt.missing`, coded
+    values as their words (dataset.value_labels, a built-in's own). kinds: how each column is
+    written (default: column_kinds of `table`)."""
+    p = params.prompt
+    return _format_frame(table, features, kinds or column_kinds(table, features),
+                         value_labels(params), p.digits, p.missing)
+
+
+def _format_frame(table: pd.DataFrame, features: list[str], kinds: dict[str, str],
+                  labels: dict[str, dict[str, str]], digits: int, missing: str) -> pd.DataFrame:
+    out = pd.DataFrame(index=table.index)
+    for col in features:
         words = labels.get(col, {})
-        out[col] = [p.missing if _is_missing(v) else words.get(fmt(v), fmt(v)) for v in s]
+        out[col] = [format_value(v, kinds[col], digits, missing, words) for v in table[col]]
     return out
 
 
@@ -596,8 +650,11 @@ def _template_source(params: Params) -> str:
 
 def _serializer(params: Params, features: list[str]) -> Callable[[dict[str, str]], str]:
     """A function from one row's formatted values ({column: text}) to the serialized row."""
-    names = feature_names(params, features)
-    source = _template_source(params)
+    return _make_serializer(_template_source(params), feature_names(params, features), features)
+
+
+def _make_serializer(source: str, names: dict[str, str],
+                     features: list[str]) -> Callable[[dict[str, str]], str]:
     if source == "sentence":
         return lambda row: " ".join(f"The {names[f]} is {row[f]}." for f in features)
     if source == "list":
@@ -650,6 +707,68 @@ def prompt_hash(params: Params, features: list[str], words: Wording) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptRecipe:
+    """Everything that turns one row into its chat prompt, resolved (names, value labels,
+    template text, wording, how each column is written): what a logged model keeps, so that new
+    rows are serialized exactly as the training rows were, without the params file, its template
+    file or the training table."""
+
+    features: list[str]
+    kinds: dict[str, str]  # column_kinds of the training table
+    names: dict[str, str]  # feature_names
+    labels: dict[str, dict[str, str]]  # value_labels
+    template: str  # "sentence", "list" or the Jinja2 text
+    task_description: str
+    question: str
+    system_prompt: str
+    missing: str
+    digits: int
+    answer_yes: str
+    answer_no: str
+    target: str
+    positive_label: str  # as text: what counts as 1 in a label column of new rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PromptRecipe:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def user_texts(self, table: pd.DataFrame) -> list[str]:
+        """The user message of each row of `table` (which holds at least self.features)."""
+        texts = _format_frame(table, self.features, self.kinds, self.labels, self.digits,
+                              self.missing)
+        serialize = _make_serializer(self.template, self.names, self.features)
+        words = Wording(self.task_description, self.question, ())
+        return [user_message(serialize(row), words) for row in texts.to_dict("records")]
+
+    def messages(self, texts: list[str]) -> list[list[dict[str, str]]]:
+        """Chat messages per user text: [system], user (no answer: what scoring reads)."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [[*system, {"role": "user", "content": t}] for t in texts]
+
+
+def positive_labels(values: Any, positive: str) -> np.ndarray:
+    """0/1 labels of a target column of new rows: 1 where the value is the positive label,
+    compared as text (a CSV may read 1 where training had 1.0, or the reverse)."""
+    return np.array([int(str(v) == positive or _key_text(v) == _key_text(positive))
+                     for v in values], dtype=int)
+
+
+def prompt_recipe(params: Params, table: pd.DataFrame, features: list[str], target: str,
+                  positive: Any, words: Wording) -> PromptRecipe:
+    p = params.prompt
+    return PromptRecipe(
+        features=list(features), kinds=column_kinds(table, features),
+        names=feature_names(params, features), labels=value_labels(params),
+        template=_template_source(params), task_description=words.task_description,
+        question=words.question, system_prompt=p.system_prompt, missing=p.missing,
+        digits=p.digits, answer_yes=p.answer_yes, answer_no=p.answer_no, target=str(target),
+        positive_label=str(_jsonable(positive)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Prepared
 
@@ -672,6 +791,7 @@ class Prepared:
     user_texts: dict = dataclasses.field(repr=False, default_factory=dict)  # row id -> prompt
     token_budget: dict | None = None  # filled in by token_stats()
     words: Wording | None = None  # task description and question, as used
+    recipe: PromptRecipe | None = None  # how a row becomes its prompt (what a logged model keeps)
 
     def y(self, split: str) -> np.ndarray:
         """0/1 labels of a split (1 = positive_label), in split order."""
@@ -735,16 +855,15 @@ def prepare(params: Params) -> Prepared:
         warnings.warn(f"{duplicates['count']} test rows also appear identically in train "
                       f"(test ids {duplicates['test_ids'][:10]}): test scores are optimistic.",
                       stacklevel=2)
-    serialize = _serializer(params, features)
-    texts = format_values(slim, features, params)
     words = wording(params, target, positive)
-    user_texts = {i: user_message(serialize(row), words)
-                  for i, row in zip(texts.index, texts.to_dict("records"), strict=True)}
+    # One path for training rows and new ones (helpers.serving): the recipe.
+    recipe = prompt_recipe(params, slim, features, target, positive, words)
+    user_texts = dict(zip(slim.index, recipe.user_texts(slim), strict=True))
     data_dir = split_dir / f"prompts-{prompt_hash(params, features, words)}"
     prepared = Prepared(params=params, table=slim, target=target, features=features,
                         split=split, split_hash=shash, data_dir=data_dir, split_file=split_file,
                         source=origin, positive_label=positive, duplicates=duplicates,
-                        user_texts=user_texts, words=words)
+                        user_texts=user_texts, words=words, recipe=recipe)
     _write_jsonl(prepared)
     return prepared
 

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -635,3 +636,26 @@ class TrainingLogger:
         metrics = {name: float(info[key]) for key, name in self.METRICS.items() if key in info}
         if metrics:
             mlflow.log_metrics(metrics, step=int(info["iteration"]))
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register a logged model under `name` in the MLflow Model Registry; returns the version, or
+    "" after one warning line when the store refuses (a registration is a convenience: the run
+    and its logged model stand without it)."""
+    import io
+
+    import mlflow
+
+    try:
+        # MLflow prints "Successfully registered model" and "Created version" lines of its own
+        # (one model per run of a batch): one line of ours instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            version = str(mlflow.register_model(model_uri, name).version)
+    except Exception as e:  # noqa: BLE001 - any store error: warn, keep the run
+        print(f"warning: could not register {model_uri} as model {name!r} in "
+              f"{tracking_uri()}: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              "(the run and its logged model are kept; register it later from the MLflow UI)",
+              file=sys.stderr)
+        return ""
+    print(f"registered model {name!r} version {version} (models:/{name}/{version})")
+    return version
