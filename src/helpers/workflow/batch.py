@@ -47,6 +47,7 @@ class Job:
     params: Params | None = None  # resolved: the file, its _defaults.yaml, the seed
     base: Params | None = None  # the file as loaded (before the seed): its baselines' params
     error: str = ""  # why the file cannot be used
+    tags: dict[str, str] = field(default_factory=dict)  # more tags for its run (a curve's point)
 
 
 @dataclass
@@ -76,6 +77,8 @@ class BaselineGroup:
     models: list[str]
     split_hash: str = ""
     error: str = ""  # why the table could not be read (the split hash is then unknown)
+    # More tags for its runs: those of its first model's Job (a curve's point).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- planning (no MLflow, no kernels)
@@ -186,7 +189,8 @@ def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
             same = sum(g.split_hash == split for g in groups.values())
             key = split if not same else f"{split}-{same + 1}"
             groups[config_key] = BaselineGroup(key, job.file, job.base or job.params, [],
-                                               split_hash=split, error=error)
+                                               split_hash=split, error=error,
+                                               tags=dict(job.tags))
         if job.name not in groups[config_key].models:
             groups[config_key].models.append(job.name)
     return list(groups.values())
@@ -320,7 +324,7 @@ class Batch:
         if p is not None:
             tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
-        return tags
+        return {**tags, **job.tags}
 
     def ref(self, quiet: bool = False) -> BatchRef:
         return BatchRef(self.batch_id, self.experiment_id, self.parent_id,
@@ -418,7 +422,11 @@ def _preflight() -> None:
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
               resume: bool = False, compare: bool = True, cluster: str = "",
-              workers: int = 0, memcheck: bool = False) -> int:
+              workers: int = 0, memcheck: bool = False,
+              parent_tags: dict[str, str] | None = None,
+              compare_notebook: str = "compare") -> int:
+    """parent_tags: more tags for the parent run (a curve's); compare_notebook: the notebook
+    run over the batch's runs at the end (a curve's: "curve")."""
     import mlflow
 
     t0 = time.perf_counter()
@@ -436,7 +444,7 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
         for rid in tracking.mark_stale_runs(exp_id):
             print(f"run {rid}: its process is gone: marked KILLED", flush=True)
-        batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
+        batch = _open_batch(client, exp_id, plan_hash(jobs), resume, parent_tags or {})
         print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
               f"executed notebooks in {batch.out_dir}", flush=True)
         compare_outcome: Outcome | None = None
@@ -447,7 +455,7 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
                 outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
                                                          resume)
                 if compare:
-                    compare_outcome = _run_compare(batch, jobs)
+                    compare_outcome = _run_compare(batch, jobs, compare_notebook)
         except KeyboardInterrupt:
             ex.close()  # a LocalCluster's workers stop; a remote cluster's tasks are cancelled
             _reap(batch, why="the batch was interrupted while it ran on {worker}")
@@ -461,9 +469,9 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
     print()
     print(summary.text())
     if compare_outcome is not None and compare_outcome.status == "ok":
-        table = results_table(batch.out_dir / "compare.ipynb")
+        table = results_table(batch.out_dir / f"{compare_notebook}.ipynb")
         if table:
-            print("\nResults (from compare.ipynb):\n" + table)
+            print(f"\nResults (from {compare_notebook}.ipynb):\n" + table)
     print(f"\nBrowse the runs:    make ui   then {tracking.ui_url(exp_id)}"
           f"\nOpen the notebooks: make lab  (this batch's executed copies, as .ipynb and .html: "
           f"{batch.out_dir})")
@@ -526,6 +534,9 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         else:
             ex.submit(baselines_task, BaselinesTask(ref, label, group, *splits[group.key]),
                       label=label)
+    # A model's split is its baselines group's: groups are named by split hash, not by
+    # baselines_key (a KeyError for every batch whose table could be read, before this).
+    group_of = {baselines_key(g.params): g.key for g in groups}
     labels = _task_labels(jobs)
     for i, (label, job) in enumerate(zip(labels, jobs, strict=True), 1):
         counter = f"[{i}/{len(jobs)}]"
@@ -533,9 +544,9 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         if settled is not None:
             results[label] = settled
             continue
+        split = splits[group_of[baselines_key(job.params)]]
         task = ModelTask(ref, label, counter, job.run_name, job.params, batch.model_tags(job),
-                         *splits[baselines_key(job.params)], *_continued(batch, job, counter,
-                                                                            resume))
+                         *split, *_continued(batch, job, counter, resume))
         ex.submit(model_task, task, label=label)
     total = len(jobs) + len(groups)
     for event in ex.events():
@@ -600,7 +611,8 @@ def _reap(batch: Batch, task: str = "", keep: str = "", why: str = "") -> list[A
     return reaped
 
 
-def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
+def _open_batch(client: Any, exp_id: str, plan: str, resume: bool,
+                parent_tags: dict[str, str] | None = None) -> Batch:
     """The parent run: a new one, or with --resume the latest batch that ran the same plan, so
     that the finished runs it skips and the new ones end up in one batch for the comparison."""
     previous = _previous_batch(client, exp_id, plan) if resume else None
@@ -618,7 +630,7 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
             contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
             contract.TAG_PLAN_HASH: plan, **_owner_tags(),
-            **tracking.run_identity(BATCH_SOURCE)})
+            **tracking.run_identity(BATCH_SOURCE), **(parent_tags or {})})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -904,7 +916,7 @@ def baselines_task(task: BaselinesTask) -> Outcome:
     batch, group = task.batch.open(), task.group
     outcome = Outcome(f"baselines {group.key}", worker=executor.where())
     run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker,
-                contract.TAG_BASELINES_KEY: group.key}
+                contract.TAG_BASELINES_KEY: group.key, **group.tags}
     output = batch.out_dir / "baselines" / f"baselines-{group.key}.ipynb"
     with _task_env(batch, task.batch.quiet, run_tags, output.with_suffix(".log"),
                    batch.parent_id):
@@ -994,26 +1006,26 @@ def _run_memchecks(jobs: list[Job]) -> None:
             print(f"memcheck: {model_id} on {source}: FAILED: {_short(str(e))}", flush=True)
 
 
-def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
-    path = _notebook_file("compare")
+def _run_compare(batch: Batch, jobs: list[Job], notebook: str = "compare") -> Outcome | None:
+    path = _notebook_file(notebook)
     first = next((j for j in jobs if j.params is not None), None)
     if path is None or first is None:
-        why = "notebooks/compare.ipynb not found" if path is None else "no model to compare"
-        print(f"compare: skipped ({why})", flush=True)
+        why = f"notebooks/{notebook}.ipynb not found" if path is None else "no model to compare"
+        print(f"{notebook}: skipped ({why})", flush=True)
         return None
-    outcome = Outcome("compare")
-    print("compare ...", flush=True)
-    output = batch.out_dir / "compare.ipynb"
+    outcome = Outcome(notebook)
+    print(f"{notebook} ...", flush=True)
+    output = batch.out_dir / f"{notebook}.ipynb"
     extra = _declared(path, batch_id=batch.batch_id, experiment=first.params.experiment,
-                      out_dir=str(batch.out_dir / "compare"))
-    error = _execute(batch, outcome, "compare", first.params, "", output, **extra)
+                      out_dir=str(batch.out_dir / notebook))
+    error = _execute(batch, outcome, notebook, first.params, "", output, **extra)
     _log_notebook(batch, batch.parent_id, output)
     if error is None:
         outcome.status = "ok"
     else:
         exc, cell = describe_error(error)
         outcome.status, outcome.cause = "failed", f"{exc} (cell: `{cell}`)" if cell else exc
-    print(f"compare ... {outcome.total_seconds:.0f}s {outcome.status}", flush=True)
+    print(f"{notebook} ... {outcome.total_seconds:.0f}s {outcome.status}", flush=True)
     return outcome
 
 
