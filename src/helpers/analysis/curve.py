@@ -237,27 +237,35 @@ def crossover_sentence(tests: pd.DataFrame, llm: str = "the LLM", n_train: int =
     if tests is None or tests.empty:
         return f"no size has both {llm} and a baseline finished: nothing to compare yet."
     t = tests.sort_values("rows", ignore_index=True)
+    sizes = [_k(int(r), n_train) for r in t["rows"]]
     # The crossover: the smallest k from which the baseline is better at every larger k.
     start = len(t)
     while start > 0 and t.loc[start - 1, "outcome"] == BASELINE:
         start -= 1
-    better = [_k(r, n_train) for r, o in zip(t["rows"], t["outcome"], strict=True) if o == LLM]
-    llm_note = f" ({llm} is better at {', '.join(better)})" if better else ""
+    better = [k for k, o in zip(sizes, t["outcome"], strict=True) if o == LLM]
+    note = f" ({llm} is better at {_list(better)})" if better else ""
+    worse = [k for k, o in zip(sizes[:start], t["outcome"][:start], strict=True) if o == BASELINE]
+    if worse:  # the baseline wins at some smaller size but not from there on
+        note += f" (the baseline is also better at {_list(worse)})"
     if start == len(t):
-        last = _k(int(t["rows"].iloc[-1]), n_train)
-        names = _names(t["baseline"])
-        return (f"{llm} is not distinguishable from or better than {names} at every size up "
-                f"to {last}: no crossover at these sizes{llm_note}.")
+        if worse:
+            return (f"no lasting crossover at these sizes: the best baseline is better at "
+                    f"{_list(worse)} only, and {llm} is not distinguishable from or better than "
+                    f"{_names(t['baseline'].iloc[-1:])} at {sizes[-1]}.")
+        return (f"{llm} is not distinguishable from or better than {_names(t['baseline'])} at "
+                f"every size up to {sizes[-1]}: no crossover at these sizes{note}.")
     at = t.loc[start]
     p_text = stats.fmt_p(float(at["p_holm"]), "p")
     if start == 0:
-        return (f"{at['baseline']} is better than {llm} at every size from "
-                f"{_k(int(at['rows']), n_train)} ({p_text}, Holm-adjusted across sizes).")
-    before = t.loc[: start - 1]
-    return (f"{llm} is not distinguishable from or better than {_names(before['baseline'])} "
-            f"up to {_k(int(before['rows'].iloc[-1]), n_train)}; from "
-            f"{_k(int(at['rows']), n_train)} {at['baseline']} is better ({p_text}, "
-            f"Holm-adjusted across sizes){llm_note}.")
+        return (f"{at['baseline']} is better than {llm} at every size from {sizes[0]} "
+                f"({p_text}, Holm-adjusted across sizes).")
+    return (f"{llm} is not distinguishable from or better than "
+            f"{_names(t['baseline'][:start])} up to {sizes[start - 1]}; from {sizes[start]} "
+            f"{at['baseline']} is better ({p_text}, Holm-adjusted across sizes){note}.")
+
+
+def _list(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else items[0]
 
 
 def _p(p: float) -> str:
