@@ -130,6 +130,35 @@ def test_plan_points_sizes_seeds_and_zero_shot_once(tmp_path, cache, capsys, mon
         load_params(None, {"curve.sizes": [8, "half"]})
 
 
+def test_a_batch_of_curve_files_runs_their_points(tmp_path, cache, capsys, monkeypatch):
+    """curve.sizes in a params file: `tablora batch` of a folder runs each file's points, then
+    curve.ipynb; a plain file or another table in the same batch is refused."""
+    from helpers.workflow import batch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")
+    folder = tmp_path / "curves"
+    folder.mkdir()
+    table = table_params(tmp_path, curve={"sizes": [4, "all"], "seeds": [0, 1]})
+    for name, lr in (("a", 1e-3), ("b", 1e-4)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**table, "learning_rate": lr}))
+    jobs = batch.plan_jobs(batch.expand_paths([folder]))
+    assert [j.run_name for j in jobs] == ["a-k4-seed0", "a-k40-seed0", "a-k4-seed1",
+                                          "a-k40-seed1", "b-k4-seed0", "b-k40-seed0",
+                                          "b-k4-seed1", "b-k40-seed1"]
+    assert len(batch.baseline_groups(jobs)) == 4  # one per point, shared by the two LLMs
+    assert batch.curve_tags(jobs) == {contract.TAG_CURVE: "sizes 4,all; seeds 0,1"}
+    assert cli.main(["batch", str(folder), "--dry-run"]) == 0
+    assert "curve: curve.ipynb over the batch's runs" in capsys.readouterr().out
+    (folder / "plain.yaml").write_text(yaml.safe_dump({"dataset": table["dataset"]}))
+    with pytest.raises(ParamsError, match="plain.yaml: a plain params file in a batch of "
+                       "learning curves"):
+        batch.curve_tags(batch.plan_jobs(batch.expand_paths([folder])))
+    (folder / "plain.yaml").write_text(yaml.safe_dump(
+        {**table, "dataset": {**table["dataset"], "test_size": 0.3}}))
+    with pytest.raises(ParamsError, match="differ in their dataset or baselines sections"):
+        batch.curve_tags(batch.plan_jobs(batch.expand_paths([folder])))
+
+
 # ---------------------------------------------------------------- the analysis, pure
 
 
@@ -191,6 +220,22 @@ def test_the_sentence_without_a_crossover_and_with_one_from_the_start():
     passing = analysis.size_tests(_curve({8: (0, 15), 64: (4, 4)}))
     assert analysis.crossover_sentence(passing, "llm").startswith(
         "no lasting crossover at these sizes: the best baseline is better at k = 8 only")
+
+
+def test_two_llms_are_tested_each_in_its_own_holm_family():
+    points = _curve({8: (12, 0), 64: (0, 14)})
+    weak = np.arange(60) < 16  # right on 16 rows only: random forest is right on 30 and more
+    for k in (8, 64):
+        points += _points("llm2", contract.KIND_LLM, k, {0: weak, 1: weak})
+    tests = analysis.size_tests(points)
+    assert tests["llm"].tolist() == ["llm", "llm", "llm2", "llm2"]
+    for name in ("llm", "llm2"):
+        family = tests[tests["llm"] == name]
+        assert family["p_holm"].tolist() == pytest.approx(stats.holm(family["p"].tolist()))
+    assert analysis.crossover_sentence(tests, "llm2").startswith(
+        "random_forest is better than llm2 at every size from k = 8")
+    assert analysis.crossover_sentence(tests, "llm").startswith(
+        "llm is not distinguishable from or better than random_forest up to k = 8; from k = 64")
 
 
 def test_summary_and_figure_of_a_synthetic_curve(tmp_path):

@@ -60,16 +60,20 @@ class Curve:
     n_train: int = 0  # rows of the whole training split (k = all)
     parent_run_id: str = ""
     table: pd.DataFrame | None = None  # summary(): per model and k
-    tests: pd.DataFrame | None = None  # size_tests(): per k
+    tests: pd.DataFrame | None = None  # size_tests(): per LLM and k
     sentence: str = ""
     out_dir: Path | None = None
     figures: list[Path] = field(default_factory=list)
     markdown: str = ""
 
     @property
+    def llms(self) -> list[str]:
+        """The LLMs of the curve (one per params file of a batch of curves)."""
+        return sorted({p.model for p in self.points if p.kind == contract.KIND_LLM})
+
+    @property
     def llm(self) -> str:
-        names = sorted({p.model for p in self.points if p.kind == contract.KIND_LLM})
-        return names[0] if names else "the LLM"
+        return self.llms[0] if len(self.llms) == 1 else "the LLMs"
 
 
 # ---------------------------------------------------------------- MLflow -> points
@@ -193,34 +197,40 @@ def _correct(p: Point) -> pd.Series:
 
 
 def size_tests(points: list[Point], alpha: float = stats.ALPHA) -> pd.DataFrame:
-    """Per k: the LLM against the best baseline on the pooled test predictions of the seeds
-    both ran (exact McNemar), Holm-adjusted across the sizes; `outcome` is LLM, TIE or
-    BASELINE (significantly better, on the adjusted p)."""
+    """Per LLM and k: the LLM against the best baseline on the pooled test predictions of the
+    seeds both ran (exact McNemar), Holm-adjusted across the sizes (one family per LLM);
+    `outcome` is LLM, TIE or BASELINE (significantly better, on the adjusted p)."""
     best = best_baselines(points)
     by_key = {(p.kind, p.model, p.rows, p.seed): p for p in points if p.predictions is not None}
-    rows = []
-    for k, baseline in best.items():
-        llm_a, base_b, seeds = [], [], []
-        for (kind, _model, rows_k, seed), p in sorted(by_key.items(), key=lambda x: x[0][3]):
-            if kind != contract.KIND_LLM or rows_k != k:
+    llms = sorted({p.model for p in points if p.kind == contract.KIND_LLM})
+    columns = ["llm", "rows", "baseline", "seeds", "n", "llm_accuracy", "baseline_accuracy",
+               "llm_only", "baseline_only", "p"]
+    frames = []
+    for llm in llms:
+        rows = []
+        for k, baseline in best.items():
+            llm_a, base_b, seeds = [], [], []
+            for (kind, model, rows_k, seed), p in sorted(by_key.items(), key=lambda x: x[0][3]):
+                if kind != contract.KIND_LLM or model != llm or rows_k != k:
+                    continue
+                other = by_key.get((contract.KIND_BASELINE, baseline, k, seed))
+                if other is None:
+                    continue
+                a, b = _correct(p), _correct(other)
+                common = a.index.intersection(b.index)
+                llm_a.append(a.loc[common].to_numpy())
+                base_b.append(b.loc[common].to_numpy())
+                seeds.append(seed)
+            if not seeds:
                 continue
-            other = by_key.get((contract.KIND_BASELINE, baseline, k, seed))
-            if other is None:
-                continue
-            a, b = _correct(p), _correct(other)
-            common = a.index.intersection(b.index)
-            llm_a.append(a.loc[common].to_numpy())
-            base_b.append(b.loc[common].to_numpy())
-            seeds.append(seed)
-        if not seeds:
-            continue
-        t = stats.mcnemar(np.concatenate(llm_a), np.concatenate(base_b))
-        rows.append({"rows": k, "baseline": baseline, "seeds": len(seeds), "n": t.n,
-                     "llm_accuracy": t.acc_a, "baseline_accuracy": t.acc_b,
-                     "llm_only": t.a_only, "baseline_only": t.b_only, "p": t.p})
-    out = pd.DataFrame(rows, columns=["rows", "baseline", "seeds", "n", "llm_accuracy",
-                                      "baseline_accuracy", "llm_only", "baseline_only", "p"])
-    out["p_holm"] = stats.holm(out["p"].tolist()) if len(out) else []
+            t = stats.mcnemar(np.concatenate(llm_a), np.concatenate(base_b))
+            rows.append([llm, k, baseline, len(seeds), t.n, t.acc_a, t.acc_b, t.a_only,
+                         t.b_only, t.p])
+        frame = pd.DataFrame(rows, columns=columns)
+        frame["p_holm"] = stats.holm(frame["p"].tolist()) if len(frame) else []
+        frames.append(frame)
+    out = (pd.concat(frames, ignore_index=True) if frames
+           else pd.DataFrame(columns=[*columns, "p_holm"]))
     out["outcome"] = [
         TIE if p >= alpha else (LLM if a > b else BASELINE)
         for p, a, b in zip(out["p_holm"], out["llm_only"], out["baseline_only"], strict=True)]
@@ -234,6 +244,8 @@ def _k(rows: int, n_train: int) -> str:
 def crossover_sentence(tests: pd.DataFrame, llm: str = "the LLM", n_train: int = 0) -> str:
     """One sentence: up to which k the LLM holds its own against the best baseline, and from
     which k (to the largest) the baseline is better, with the Holm-adjusted p there."""
+    if tests is not None and "llm" in tests and llm in set(tests["llm"]):
+        tests = tests[tests["llm"] == llm]
     if tests is None or tests.empty:
         return f"no size has both {llm} and a baseline finished: nothing to compare yet."
     t = tests.sort_values("rows", ignore_index=True)
@@ -325,7 +337,8 @@ def analyse(c: Curve) -> Curve:
     """Fill in the table, the tests and the sentence of `c` (nothing written)."""
     c.table = summary(c.points)
     c.tests = size_tests(c.points)
-    c.sentence = crossover_sentence(c.tests, c.llm, c.n_train)
+    c.sentence = " ".join(crossover_sentence(c.tests, llm, c.n_train)
+                          for llm in c.llms or ["the LLM"])
     return c
 
 
@@ -342,13 +355,14 @@ def markdown(c: Curve) -> str:
         lines.append(f"| {r.model} | {_k(r.rows, c.n_train).removeprefix('k = ')} | {r.seeds} "
                      f"| {stats.pct(r.accuracy)} ± {100 * r.accuracy_sd:.1f} | "
                      f"{r.roc_auc:.3f} ± {r.roc_auc_sd:.3f} | {r.fallback} |")
-    lines += ["", f"## {c.llm} against the best baseline at each k", "",
+    lines += ["", f"## {', '.join(c.llms)} against the best baseline at each k", "",
               "Exact McNemar on the test predictions of all seeds pooled (each seed's LLM "
               "against the same seed's baseline, same rows); p Holm-adjusted across sizes.", "",
-              "| k | best baseline | rows | LLM | baseline | discordant (LLM/baseline) | p | "
-              "Holm p | outcome |", "|---|---|---|---|---|---|---|---|---|"]
+              "| LLM | k | best baseline | rows | LLM | baseline | discordant (LLM/baseline) | p "
+              "| Holm p | outcome |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in c.tests.itertuples():
-        lines.append(f"| {_k(r.rows, c.n_train).removeprefix('k = ')} | {r.baseline} | {r.n} | "
+        lines.append(f"| {r.llm} | {_k(r.rows, c.n_train).removeprefix('k = ')} | "
+                     f"{r.baseline} | {r.n} | "
                      f"{stats.pct(r.llm_accuracy)} | {stats.pct(r.baseline_accuracy)} | "
                      f"{r.llm_only}/{r.baseline_only} | {_p(r.p)} | "
                      f"{_p(r.p_holm)} | {r.outcome} |")
@@ -384,7 +398,7 @@ def key_figures(c: Curve) -> dict[str, Any]:
     """The curve in a flat dict (the notebook's last cell): the sentence and each k's test."""
     out: dict[str, Any] = {"curve": c.curve_id, "sentence": c.sentence}
     for r in c.tests.itertuples():
-        out[f"k{r.rows}"] = (f"{c.llm} {stats.pct(r.llm_accuracy)} vs {r.baseline} "
-                             f"{stats.pct(r.baseline_accuracy)}, Holm p "
-                             f"{_p(r.p_holm)}")
+        key = f"k{r.rows}" if len(c.llms) == 1 else f"{r.llm} k{r.rows}"
+        out[key] = (f"{r.llm} {stats.pct(r.llm_accuracy)} vs {r.baseline} "
+                    f"{stats.pct(r.baseline_accuracy)}, Holm p {_p(r.p_holm)}")
     return out

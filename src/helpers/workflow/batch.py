@@ -31,6 +31,8 @@ from helpers.config import Params, ParamsError, load_params
 from helpers.workflow import executor, notebooks
 
 MODEL_NOTEBOOKS = ("train", "evaluate")
+# The analysis a batch of learning curves ends with, instead of compare.ipynb.
+CURVE_NOTEBOOK = "curve"
 # Every notebook the batch runs must declare these (see docs/ARCHITECTURE.md).
 NOTEBOOK_PARAMETERS = notebooks.PARAMETERS
 # Cause texts are cut to this in the terminal table (the full text is in MLflow and summary.json).
@@ -48,6 +50,7 @@ class Job:
     base: Params | None = None  # the file as loaded (before the seed): its baselines' params
     error: str = ""  # why the file cannot be used
     tags: dict[str, str] = field(default_factory=dict)  # more tags for its run (a curve's point)
+    point: Point | None = None  # the learning curve's point it is (curve.sizes)
 
 
 @dataclass
@@ -121,16 +124,125 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 
 def plan_jobs(files: list[Path], seeds: list[int] | None = None) -> list[Job]:
-    """A Job per file and seed; a file that does not load is a Job with its error."""
+    """A Job per file and seed (a file with curve.sizes: per point of its learning curve); a
+    file that does not load is a Job with its error."""
     jobs: list[Job] = []
     for file in files:
         try:
             params = load_params(file)
-        except ParamsError as e:
+            if params.curve.sizes:
+                jobs.extend(curve_points(file, params, seeds=seeds).jobs)
+                continue
+        except (ParamsError, data.DataError) as e:
             jobs.append(Job(file, file.stem, file.stem, error=str(e)))
             continue
         jobs.extend(_seed_jobs(file, params, seeds or params.seeds))
     return jobs
+
+
+# ---------------------------------------------------------------- learning curves
+
+ALL = "all"
+# A curve's sizes when neither --sizes nor curve.sizes gives them (TabLLM's, up to 256).
+DEFAULT_SIZES: tuple[int | str, ...] = (8, 16, 32, 64, 128, 256, ALL)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a learning curve: `rows` training rows drawn with `seed` (size: as asked)."""
+
+    size: int | str
+    rows: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"k{self.rows}-seed{self.seed}"
+
+
+@dataclass
+class CurvePoints:
+    """The points of one params file's learning curve, as Jobs, and what was changed on the
+    way (helpers.workflow.curve prints and runs them; a batch runs those of its files)."""
+
+    sizes: list[int | str]  # as asked, "all" last
+    seeds: list[int]
+    n_train: int  # rows of the whole training split
+    points: list[Point]
+    jobs: list[Job]
+    notes: list[str] = field(default_factory=list)
+
+
+def curve_points(file: Path, params: Params, sizes: list[int | str] | None = None,
+                 seeds: list[int] | None = None) -> CurvePoints:
+    """The points of the curve of `params`: sizes from `sizes`, else curve.sizes, else
+    DEFAULT_SIZES; seeds from `seeds`, else curve.seeds, else seeds, else seed. A size at or
+    above the training split's rows is "all" (said in the notes). Each point is a Job whose
+    params draw its rows (dataset.train_rows, nested per seed: helpers.data) and whose run is
+    tagged with them; the zero-shot model is scored at the first point only (k = 0)."""
+    if params.dataset.train_rows:
+        raise ParamsError(f"{file}: dataset.train_rows={params.dataset.train_rows} is set: a "
+                          "curve draws its own training rows; remove it (or set it to 0)")
+    asked = sizes or list(params.curve.sizes) or list(DEFAULT_SIZES)
+    seed_list = list(dict.fromkeys(seeds or params.curve.seeds or params.seeds
+                                   or [params.seed]))
+    whole = data.prepare(params.replace(**{"dataset.train_rows": 0}))
+    n_train = len(set(whole.split["train"]))  # distinct: oversampling comes after a draw
+    notes: list[str] = []
+    by_rows: dict[int, int | str] = {}
+    for size in asked:
+        rows = n_train if size == ALL else int(size)
+        if rows > n_train:
+            notes.append(f"k = {size} is more than the {n_train} training rows: it is k = all")
+            rows = n_train
+        by_rows.setdefault(rows, ALL if rows == n_train else size)
+    ordered = sorted(by_rows)
+    points = [Point(by_rows[r], r, s) for s in seed_list for r in ordered]
+    jobs = [_point_job(file, params, pt, zeroshot=i == 0) for i, pt in enumerate(points)]
+    return CurvePoints([by_rows[r] for r in ordered], seed_list, n_train, points, jobs, notes)
+
+
+def point_params(params: Params, point: Point, zeroshot: bool) -> Params:
+    """The resolved params of one point: its rows, its seed, its own adapter folder; zero-shot
+    scored at one point only (it does not depend on k). The curve's own keys are emptied so that
+    a point's params (and hash: --resume) do not depend on which other points the curve has."""
+    base = params.output_dir or f"runs/adapters/{params.name}"
+    return params.replace(**{
+        "seed": point.seed, "seeds": [], "curve": {"sizes": [], "seeds": []},
+        "dataset.train_rows": point.rows, "dataset.train_rows_seed": point.seed,
+        "output_dir": f"{base}-{point.label}", "eval_zeroshot": zeroshot and params.eval_zeroshot})
+
+
+def _point_job(file: Path, params: Params, point: Point, zeroshot: bool) -> Job:
+    p = point_params(params, point, zeroshot)
+    return Job(file, params.name, f"{params.name}-{point.label}", p, p,
+               tags={contract.TAG_TRAIN_ROWS: str(point.rows)}, point=point)
+
+
+def curve_tags(jobs: list[Job]) -> dict[str, str]:
+    """The parent run's tag of a batch of learning curves ({} for a plain batch). Its LLMs are
+    compared at each k with one set of baselines: every file must name the same table, split
+    and baselines, and a batch does not mix curves with plain runs."""
+    points = [j for j in jobs if j.point is not None]
+    if not points:
+        return {}
+    plain = sorted({str(j.file) for j in jobs if j.point is None})
+    if plain:
+        raise ParamsError(f"{plain[0]}: a plain params file in a batch of learning curves (files "
+                          "with curve.sizes): run it in a batch of its own, or give it "
+                          "curve.sizes too")
+    keys = {baselines_key(j.params.replace(**{"dataset.train_rows": 0,
+                                               "dataset.train_rows_seed": 0, "seed": 0}))
+            for j in points}
+    if len(keys) > 1:
+        raise ParamsError("the learning curves of a batch compare their LLMs at each k on one "
+                          "table: these files differ in their dataset or baselines sections "
+                          f"({', '.join(sorted({str(j.file) for j in points}))}); run them as "
+                          "separate batches")
+    sizes = ",".join(str(s) for s in dict.fromkeys(
+        j.point.size for j in sorted(points, key=lambda j: j.point.rows)))
+    seeds = ",".join(str(s) for s in dict.fromkeys(j.point.seed for j in points))
+    return {contract.TAG_CURVE: f"sizes {sizes}; seeds {seeds}"}
 
 
 def _seed_jobs(file: Path, params: Params, seeds: list[int]) -> list[Job]:
@@ -239,7 +351,8 @@ def _notebook_file(name: str) -> Path | None:
 
 
 def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
-                compare: bool, skips: dict[str, str] | None = None) -> str:
+                compare: bool, skips: dict[str, str] | None = None,
+                notebook: str = "compare") -> str:
     """The dry-run text: runs, notebooks, the baselines per split."""
     skips = skips or {}
     n_files = len({j.file for j in jobs})
@@ -257,11 +370,11 @@ def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
                  + (f"\n        the table cannot be read: {_short(g.error)}" if g.error else "")
                  for g in groups)
     if not compare:
-        lines.append("compare: skipped (--no-compare)")
+        lines.append(f"{notebook}: skipped (--no-compare)")
     else:
-        found = _notebook_file("compare")
-        lines.append("compare: compare.ipynb over the batch's runs" if found else
-                     "compare: notebooks/compare.ipynb not found, skipped")
+        found = _notebook_file(notebook)
+        lines.append(f"{notebook}: {notebook}.ipynb over the batch's runs" if found else
+                     f"{notebook}: notebooks/{notebook}.ipynb not found, skipped")
     return "\n".join(lines)
 
 
@@ -401,18 +514,22 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
+    # Files with curve.sizes: their points, then the curve's analysis instead of compare.
+    parent_tags = curve_tags(jobs)
+    notebook = CURVE_NOTEBOOK if parent_tags else "compare"
     if dry_run:
         skips = _resume_skips_readonly(jobs, experiment) if resume else {}
-        print(format_plan(jobs, groups, experiment, compare, skips))
+        print(format_plan(jobs, groups, experiment, compare, skips, notebook))
         return 0
-    _preflight()
+    _preflight(notebook)
     return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
-                     workers=workers, memcheck=memcheck)
+                     workers=workers, memcheck=memcheck, parent_tags=parent_tags,
+                     compare_notebook=notebook)
 
 
-def _preflight() -> None:
+def _preflight(compare_notebook: str = "compare") -> None:
     """Refuse to start a batch whose notebooks are missing or take other parameters."""
-    for name in (*MODEL_NOTEBOOKS, "baselines", "compare"):
+    for name in (*MODEL_NOTEBOOKS, "baselines", compare_notebook):
         path = _notebook_file(name)
         if path is None and name in MODEL_NOTEBOOKS:
             notebooks.notebook_path(name)  # raises FileNotFoundError with the path

@@ -21,23 +21,10 @@ from helpers import config, contract, tracking
 from helpers.config import Params, ParamsError, load_params
 from helpers.workflow import batch
 
-ALL = "all"
-# The sizes of a curve when neither --sizes nor curve.sizes gives them (TabLLM's, up to 256).
-DEFAULT_SIZES: tuple[int | str, ...] = (8, 16, 32, 64, 128, 256, ALL)
-NOTEBOOK = "curve"
-
-
-@dataclass(frozen=True)
-class Point:
-    """One point of the curve: `rows` training rows drawn with `seed` (size: as asked)."""
-
-    size: int | str
-    rows: int
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"k{self.rows}-seed{self.seed}"
+ALL = batch.ALL
+DEFAULT_SIZES = batch.DEFAULT_SIZES
+NOTEBOOK = batch.CURVE_NOTEBOOK
+Point = batch.Point
 
 
 @dataclass
@@ -53,14 +40,8 @@ class Plan:
     jobs: list[batch.Job]
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def rows(self) -> list[int]:
-        return sorted({p.rows for p in self.points})
-
     def parent_tags(self) -> dict[str, str]:
-        sizes = ",".join(str(s) for s in self.sizes)
-        seeds = ",".join(str(s) for s in self.seeds)
-        return {contract.TAG_CURVE: f"sizes {sizes}; seeds {seeds}"}
+        return batch.curve_tags(self.jobs)
 
 
 def parse_sizes(text: str | None) -> list[int | str] | None:
@@ -85,61 +66,14 @@ def parse_sizes(text: str | None) -> list[int | str] | None:
     return out
 
 
-def _n_train(params: Params) -> int:
-    """Rows of the whole training split (distinct rows: oversampling comes after a draw)."""
-    from helpers import data
-
-    whole = params.replace(**{"dataset.train_rows": 0})
-    return len(set(data.prepare(whole).split["train"]))
-
-
 def plan(path: str | Path, sizes: list[int | str] | None = None,
          seeds: list[int] | None = None) -> Plan:
-    """The points of the curve of the params file `path`: sizes from `sizes`, else curve.sizes,
-    else DEFAULT_SIZES; seeds from `seeds`, else curve.seeds, else seeds, else seed. A size at
-    or above the training split's rows is "all" (said in the notes)."""
+    """The points of the curve of the params file `path` (batch.curve_points: sizes from
+    `sizes`, else curve.sizes, else DEFAULT_SIZES; seeds likewise)."""
     file = Path(path).expanduser().resolve()
     params = load_params(file)
-    if params.dataset.train_rows:
-        raise ParamsError(f"{file}: dataset.train_rows={params.dataset.train_rows} is set: a "
-                          "curve draws its own training rows; remove it (or set it to 0)")
-    asked = sizes or list(params.curve.sizes) or list(DEFAULT_SIZES)
-    seed_list = list(dict.fromkeys(seeds or params.curve.seeds or params.seeds
-                                   or [params.seed]))
-    n_train = _n_train(params)
-    notes: list[str] = []
-    by_rows: dict[int, int | str] = {}
-    for size in asked:
-        rows = n_train if size == ALL else int(size)
-        if rows > n_train:
-            notes.append(f"k = {size} is more than the {n_train} training rows: it is k = all")
-            rows, size = n_train, ALL
-        if rows == n_train:
-            size = ALL
-        by_rows.setdefault(rows, size)
-    ordered = sorted(by_rows)
-    points = [Point(by_rows[r], r, s) for s in seed_list for r in ordered]
-    first = min(points, key=lambda p: (p.rows, seed_list.index(p.seed)))
-    jobs = [_job(file, params, p, zeroshot=p == first) for p in points]
-    return Plan(file, params, n_train, [by_rows[r] for r in ordered], seed_list, points, jobs,
-                notes)
-
-
-def point_params(params: Params, point: Point, zeroshot: bool) -> Params:
-    """The resolved params of one point: its rows, its seed, its own adapter folder; zero-shot
-    scored at one point only (it does not depend on k). The curve's own keys are emptied so that
-    a point's params (and hash: --resume) do not depend on which other points the curve has."""
-    base = params.output_dir or f"runs/adapters/{params.name}"
-    return params.replace(**{
-        "seed": point.seed, "seeds": [], "curve": {"sizes": [], "seeds": []},
-        "dataset.train_rows": point.rows, "dataset.train_rows_seed": point.seed,
-        "output_dir": f"{base}-{point.label}", "eval_zeroshot": zeroshot and params.eval_zeroshot})
-
-
-def _job(file: Path, params: Params, point: Point, zeroshot: bool) -> batch.Job:
-    p = point_params(params, point, zeroshot)
-    return batch.Job(file, params.name, f"{params.name}-{point.label}", p, p,
-                     tags={contract.TAG_TRAIN_ROWS: str(point.rows)})
+    c = batch.curve_points(file, params, sizes, seeds)
+    return Plan(file, params, c.n_train, c.sizes, c.seeds, c.points, c.jobs, c.notes)
 
 
 # ---------------------------------------------------------------- the time estimate
@@ -248,11 +182,7 @@ def run(path: str | Path, sizes: str | None = None, seeds: str | None = None,
     print(estimate(p, timing(p.params.experiment, p.params.model_id), slots), flush=True)
     if dry_run:
         return 0
-    batch._preflight()
-    notebook_parameters = dict.fromkeys(batch.NOTEBOOK_PARAMETERS)
-    from helpers.workflow import notebooks
-
-    notebooks.check_parameters(notebooks.notebook_path(NOTEBOOK), notebook_parameters)
+    batch._preflight(NOTEBOOK)
     groups = batch.baseline_groups(p.jobs)
     code = batch.run_batch(p.jobs, groups, p.params.experiment, resume=resume, compare=True,
                            cluster=cluster, workers=workers, parent_tags=p.parent_tags(),
