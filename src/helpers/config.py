@@ -121,7 +121,8 @@ class BaselineSpec:
 
 @dataclass(frozen=True)
 class CurveSpec:
-    # Training-set sizes of `tablora curve`: row counts and/or "all" (its --sizes wins).
+    # Training-set sizes of `tablora curve`: row counts and/or "all" (its --sizes wins). Set,
+    # they make the file a learning curve for `tablora batch` too (its points, then curve.ipynb).
     sizes: list[int | str] = field(default_factory=list)
     # The curve's seeds: each draws its own nested rows and trains its own adapters (its
     # --seeds wins; empty = the top-level seeds, else seed).

@@ -1211,7 +1211,7 @@ class Summary:
                          f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
                          f"{o.run_id or '-'}" + (f"  {o.worker or '-'}" if self.workers else ""))
         if self.compare is not None:
-            lines.append(f"  compare: {self.compare.status} in "
+            lines.append(f"  {self.compare.label}: {self.compare.status} in "
                          f"{_duration(self.compare.total_seconds)}")
         if self.failed:
             lines.append(f"failures ({len(self.failed)}):")
