@@ -226,7 +226,7 @@ def curve_tags(jobs: list[Job]) -> dict[str, str]:
     points = [j for j in jobs if j.point is not None]
     if not points:
         return {}
-    plain = sorted({str(j.file) for j in jobs if j.point is None})
+    plain = sorted({str(j.file) for j in jobs if j.point is None and j.params is not None})
     if plain:
         raise ParamsError(f"{plain[0]}: a plain params file in a batch of learning curves (files "
                           "with curve.sizes): run it in a batch of its own, or give it "
