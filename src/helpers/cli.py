@@ -164,12 +164,12 @@ def cmd_recommend(a: argparse.Namespace) -> int:
 
 def cmd_params(a: argparse.Namespace) -> int:
     """The params keys, from helpers.config's schema and its comments."""
-    from helpers.config import key_docs
+    from helpers.config import ParamsError, key_docs
 
     docs = [d for d in key_docs() if not a.words or any(w in d.key for w in a.words)]
     if not docs:
-        raise ValueError(f"no params key contains {', '.join(map(repr, a.words))}: "
-                         "`tablora params` lists them all")
+        raise ParamsError(f"no params key contains {', '.join(map(repr, a.words))}: "
+                          "`tablora params` lists them all")
     print({"text": _params_text, "markdown": _params_markdown, "yaml": _params_yaml}[a.format](
         docs))
     return 0

@@ -651,8 +651,9 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         else:
             ex.submit(baselines_task, BaselinesTask(ref, label, group, *splits[group.key]),
                       label=label)
-    # A model's split is its baselines group's: groups are named by split hash, not by
-    # baselines_key (a KeyError for every batch whose table could be read, before this).
+    # A model's split is its baselines group's, found by the same key that grouped them (the
+    # group's name is its split hash). Not by model name: a curve's points share one name and
+    # each has a split of its own.
     group_of = {baselines_key(g.params): g.key for g in groups}
     labels = _task_labels(jobs)
     for i, (label, job) in enumerate(zip(labels, jobs, strict=True), 1):
