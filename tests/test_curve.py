@@ -205,8 +205,8 @@ def test_the_sentence_finds_a_known_crossover():
     assert tests["p_holm"].tolist() == pytest.approx(stats.holm(tests["p"].tolist()))
     sentence = analysis.crossover_sentence(tests, "llm", n_train=128)
     assert sentence == ("llm is not distinguishable from or better than random_forest up to "
-                        "k = 32; from k = 64 random_forest is better (p<0.001, Holm-adjusted "
-                        "across sizes) (llm is better at k = 8).")
+                        "k = 32; from k = 64 random_forest is better (Holm-adjusted p<0.001 "
+                        "at each of these sizes) (llm is better at k = 8).")
 
 
 def test_the_sentence_without_a_crossover_and_with_one_from_the_start():
@@ -215,8 +215,16 @@ def test_the_sentence_without_a_crossover_and_with_one_from_the_start():
         "llm is not distinguishable from or better than random_forest at every size up to "
         "k = 64: no crossover at these sizes.")
     always = analysis.size_tests(_curve({8: (0, 15), 64: (0, 20)}))
-    assert analysis.crossover_sentence(always, "llm").startswith(
-        "random_forest is better than llm at every size from k = 8 (p<0.001")
+    assert analysis.crossover_sentence(always, "llm") == (
+        "random_forest is better than llm at every size from k = 8 (Holm-adjusted p<0.001 at "
+        "each of these sizes).")
+    late = analysis.size_tests(_curve({8: (2, 2), 64: (2, 9)}))
+    assert late["outcome"].tolist() == ["tie", "baseline"]
+    p = stats.fmt_p(late["p_holm"].iloc[1], "p")
+    assert 0.001 < late["p_holm"].iloc[1] < 0.05
+    assert analysis.crossover_sentence(late, "llm", n_train=64) == (
+        "llm is not distinguishable from or better than random_forest up to k = 8; from "
+        f"k = all (64) random_forest is better ({p}, Holm-adjusted across sizes).")
     passing = analysis.size_tests(_curve({8: (0, 15), 64: (4, 4)}))
     assert analysis.crossover_sentence(passing, "llm").startswith(
         "no lasting crossover at these sizes: the best baseline is better at k = 8 only")

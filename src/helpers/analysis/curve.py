@@ -266,14 +266,19 @@ def crossover_sentence(tests: pd.DataFrame, llm: str = "the LLM", n_train: int =
                     f"{_names(t['baseline'].iloc[-1:])} at {sizes[-1]}.")
         return (f"{llm} is not distinguishable from or better than {_names(t['baseline'])} at "
                 f"every size up to {sizes[-1]}: no crossover at these sizes{note}.")
-    at = t.loc[start]
-    p_text = stats.fmt_p(float(at["p_holm"]), "p")
+    # The weakest evidence over the sizes the claim covers.
+    worst = float(t["p_holm"][start:].max())
+    if start == len(t) - 1:
+        p_text = f"{stats.fmt_p(worst, 'p')}, Holm-adjusted across sizes"
+    else:
+        p_text = "Holm-adjusted p" + ("<0.001" if worst < 0.001 else f"<={worst:.2g}") + (
+            " at each of these sizes")
+    names = _names(t["baseline"][start:])
     if start == 0:
-        return (f"{at['baseline']} is better than {llm} at every size from {sizes[0]} "
-                f"({p_text}, Holm-adjusted across sizes).")
+        return f"{names} is better than {llm} at every size from {sizes[0]} ({p_text})."
     return (f"{llm} is not distinguishable from or better than "
             f"{_names(t['baseline'][:start])} up to {sizes[start - 1]}; from {sizes[start]} "
-            f"{at['baseline']} is better ({p_text}, Holm-adjusted across sizes){note}.")
+            f"{names} is better ({p_text}){note}.")
 
 
 def _list(items: list[str]) -> str:
