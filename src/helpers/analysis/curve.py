@@ -115,7 +115,8 @@ def load(experiment: str, curve_id: str) -> Curve:
     runs = _all_runs(client, experiment)
     parent = find_parent(runs, curve_id)
     batch_id = parent.data.tags.get(contract.TAG_BATCH_ID, curve_id)
-    reused = _reused_run_ids(client, parent)
+    with _quiet_downloads():
+        reused = _reused_run_ids(client, parent)
     mine = [r for r in runs if (r.data.tags.get(contract.TAG_BATCH_ID) == batch_id
                                 or r.info.run_id in reused)
             and r.data.tags.get(contract.TAG_KIND) in contract.MODEL_KINDS
@@ -306,7 +307,7 @@ def figure(table: pd.DataFrame, zeroshot: Point | None = None, n_train: int = 0,
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(11, 5), layout="constrained")
     axes = fig.subplots(1, 2)
     models = list(dict.fromkeys(table.sort_values("kind", key=lambda s: s != contract.KIND_LLM)
                                 ["model"]))
@@ -334,7 +335,9 @@ def figure(table: pd.DataFrame, zeroshot: Point | None = None, n_train: int = 0,
         ax.set(xlabel="labelled training rows k (log scale)", ylabel=f"test {name}",
                title=f"{name}: mean of the seeds, their range, bootstrap band")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # Below both panels: inside, the legend hid the lines it names.
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     return fig
 
 
