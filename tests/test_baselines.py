@@ -220,3 +220,25 @@ def test_notebook_runs_with_papermill(mlflow_store, tmp_path):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) == 2  # forest importances, LASSO coefficients
+
+
+def test_a_curve_point_fits_on_its_k_rows_and_says_when_cv_cannot_run(tmp_path, monkeypatch):
+    """dataset.train_rows (a learning curve's point): the baselines learn from those k rows
+    only, not train + valid; too few rows of a class for CV folds -> the model's defaults and a
+    fixed threshold, said in the result (logged as a tag)."""
+    from helpers import config
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    params = load_params(DEMO_PARAMS, {"dataset.train_rows": 3})
+    prepared = data.prepare(params)
+    X, y = baselines.training_data(prepared)
+    assert list(X.index) == prepared.split["train"] and len(y) == 3 and y.sum() == 1
+    with pytest.warns(UserWarning, match="random_forest: fixed settings"):
+        result = baselines.fit_baseline(prepared, "random_forest")
+    assert result.fallback == ("fixed settings (default hyperparameters, threshold fixed at "
+                               "0.5): stratified CV needs 2 rows of each class and the 3 "
+                               "training rows hold 1 positive / 2 negative")
+    assert result.chosen == {} and result.threshold_source == contract.THRESHOLD_FIXED
+    assert baselines.fallback_note("majority", y, params) == ""  # a floor tunes nothing
+    roomy = data.prepare(params.replace(**{"dataset.train_rows": 40}))
+    assert baselines.fit_baseline(roomy, "lasso").fallback == ""

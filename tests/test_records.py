@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import contract
 from helpers.analysis import records
 from helpers.analysis.records import ReportError, RunRecord
 
@@ -81,3 +82,21 @@ def test_memchecks_latest_finished_per_model_table_and_text():
                                                 "flagged": 0.0}}
     assert got[("m", "file")].source == "t.csv" and got[("m", "file")].flagged == []
     assert records.load_memchecks([memcheck_run("x", 1, row_exact=8)])[0].flagged == ["row"]
+
+
+def test_learning_curve_points_stay_out_of_a_plain_comparison(mlflow_store):
+    """A curve's point learned from k rows: the latest run of its model, but not its result."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("curves")
+    ids = []
+    for extra in ({}, {contract.TAG_TRAIN_ROWS: "8", contract.TAG_BATCH_ID: "c1"}):
+        run = client.create_run(exp, tags={contract.TAG_KIND: contract.KIND_LLM,
+                                           contract.TAG_MODEL_NAME: "m", **extra})
+        client.log_metric(run.info.run_id, "test_accuracy", 0.9)
+        client.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    usable, skipped = records._usable(client.search_runs([exp]))
+    assert [r.info.run_id for r in usable] == ids[:1]
+    assert skipped == ["1 run(s) of learning curve c1: see `tablora compare --curve c1`"]

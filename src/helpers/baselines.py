@@ -131,13 +131,19 @@ class BaselineResult:
     threshold: float = 0.5
     threshold_source: str = contract.THRESHOLD_FIXED  # contract.THRESHOLD_SOURCES
     run_id: str = ""
+    # Set when CV could not run on the training rows (a learning curve's few rows): what was
+    # used instead (fallback_note), logged as the run's tag contract.TAG_FALLBACK.
+    fallback: str = ""
 
 
 # ---------------------------------------------------------------------------- fitting
 
 def training_data(prepared: Any) -> tuple[pd.DataFrame, np.ndarray]:
-    """Train + valid rows (features, 0/1 labels)."""
-    parts = [s for s in ("train", "valid") if len(prepared.split.get(s, []))]
+    """Train + valid rows (features, 0/1 labels). On a learning curve's point
+    (dataset.train_rows) the training rows only: k counts every row a model learns from, and
+    the LLM learns from those k alone (valid only stops its training and sets its threshold)."""
+    parts = ("train",) if prepared.params.dataset.train_rows else ("train", "valid")
+    parts = [s for s in parts if len(prepared.split.get(s, []))]
     X = pd.concat([prepared.X(s) for s in parts])
     y = np.concatenate([prepared.y(s) for s in parts])
     return X, y
@@ -147,6 +153,20 @@ def _cv(y: np.ndarray, folds: int, seed: int) -> StratifiedKFold | None:
     """Stratified folds, fewer when the minority class is too small (None: no CV possible)."""
     folds = min(folds, int(np.bincount(y, minlength=2).min()))
     return StratifiedKFold(folds, shuffle=True, random_state=seed) if folds >= 2 else None
+
+
+def fallback_note(name: str, y: np.ndarray, params: Params) -> str:
+    """Why this baseline cannot be tuned as asked on these rows (too few of a class for CV
+    folds), in words for the run's tag; "" when it can."""
+    counts = np.bincount(np.asarray(y, dtype=int), minlength=2)
+    if (params.baselines.mode != "cv" or name in contract.FLOORS
+            or _cv(y, params.baselines.cv_folds, params.seed) is not None):
+        return ""
+    what = "default hyperparameters" if BASELINES[name].grid else "no hyperparameters to tune"
+    threshold = (f", threshold fixed at {params.threshold:g}"
+                 if params.threshold_mode == "tune" else "")
+    return (f"fixed settings ({what}{threshold}): stratified CV needs 2 rows of each class "
+            f"and the {len(y)} training rows hold {counts[1]} positive / {counts[0]} negative")
 
 
 def _positive_proba(model: Pipeline, X: pd.DataFrame) -> np.ndarray:
@@ -220,8 +240,13 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
     y_pred = metrics.predict(p_yes, threshold)
     summary = metrics.summary(y_test, y_pred, p_yes, prefix="test_",
                               n_bootstrap=params.n_bootstrap, seed=params.seed)
+    fallback = fallback_note(name, y, params)
+    if fallback:
+        import warnings
+
+        warnings.warn(f"{name}: {fallback}", stacklevel=2)
     return BaselineResult(name, model, chosen, cv_score, list(prepared.split["test"]), y_test,
-                          p_yes, y_pred, summary, seconds, threshold, source)
+                          p_yes, y_pred, summary, seconds, threshold, source, fallback=fallback)
 
 
 def fit_all(prepared: Any, params: Params | None = None) -> list[BaselineResult]:
@@ -449,6 +474,8 @@ def _log_result(params: Params, result: BaselineResult, prepared: Any) -> None:
     extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: result.threshold,
              contract.TRAIN_SECONDS: result.fit_seconds}
     mlflow.set_tag(contract.THRESHOLD_SOURCE_TAGS[contract.PREFIX_TEST], result.threshold_source)
+    if result.fallback:
+        mlflow.set_tag(contract.TAG_FALLBACK, result.fallback[:500])
     if result.cv_score is not None:
         extra["cv_roc_auc"] = result.cv_score
     mlflow.log_metrics(extra)

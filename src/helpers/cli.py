@@ -99,6 +99,13 @@ def cmd_batch(a: argparse.Namespace) -> int:
                      memcheck=a.memcheck)
 
 
+def cmd_curve(a: argparse.Namespace) -> int:
+    from helpers.workflow import curve
+
+    return curve.run(a.params, sizes=a.sizes, seeds=a.seeds, resume=a.resume,
+                     dry_run=a.dry_run, cluster=a.cluster or "", workers=a.workers or 0)
+
+
 def cmd_server(a: argparse.Namespace) -> int:
     from helpers.workflow import server
 
@@ -110,6 +117,13 @@ def cmd_server(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from helpers.analysis import compare
 
+    if a.curve:
+        from helpers.analysis import curve
+
+        c = curve.run(a.experiment, a.curve, a.out)
+        print(c.markdown)
+        print(f"Curve report and figure: {c.out_dir}")
+        return 0
     c = compare.run(a.experiment, a.batch, a.against, a.out)
     print(c.markdown)
     print(f"Report and figures: {c.out_dir}")
@@ -365,6 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
                        "LocalCluster)")
     p.set_defaults(func=cmd_batch)
 
+    p = command("curve", "a learning curve: the LLM and the baselines trained on k rows of the "
+                "training split, for each size k and seed, then the crossover", (
+                    "tablora curve params/demo/smollm2-135m.yaml --sizes 8,32,128,all "
+                    "--seeds 0,1",
+                    "tablora curve my.yaml --dry-run      # the points and a time estimate",
+                    "tablora curve my.yaml --resume       # after a crash or Ctrl-C",
+                    "tablora compare --curve 20261130-180000-ab12   # its report again"))
+    p.add_argument("params", type=Path, help="one params file (its curve.sizes and curve.seeds "
+                   "are the defaults of --sizes and --seeds)")
+    p.add_argument("--sizes", help="comma-separated training-set sizes, row counts and/or "
+                   "'all', e.g. 8,32,128,all (default: the file's curve.sizes, else "
+                   "8,16,32,64,128,256,all)")
+    p.add_argument("--seeds", help="comma-separated seeds, each its own nested draw of rows, "
+                   "e.g. 0,1,2 (default: the file's curve.seeds, else its seeds, else its seed)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted curve: finished points are kept, an "
+                   "interrupted one continues from its checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the points and the time estimate and exit")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="tcp://HOST:8786",
+                       help="run the points on this Dask scheduler's workers (as in `tablora "
+                       "batch`)")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run the points on N worker processes of this machine")
+    p.set_defaults(func=cmd_curve)
+
     p = command("server", "a shared MLflow tracking server over PostgreSQL, artifacts proxied "
                 "(for batches on several machines)", (
                     "tablora server",
@@ -393,8 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="only the runs of this batch id (default: all, the latest "
                    "run per model)")
     p.add_argument("--against", help="an earlier batch id or experiment to compare with")
+    p.add_argument("--curve", metavar="ID", help="the learning curve of this batch id (printed "
+                   "by `tablora curve`): its figure, tests and crossover sentence")
     p.add_argument("--out", type=Path, help="folder for REPORT.md, REPORT.html and the figures "
-                   "(default: runs/compare/<batch or experiment>)")
+                   "(default: runs/compare/<batch or experiment>; a curve: runs/curve/<id>)")
     p.set_defaults(func=cmd_compare)
 
     p = command("memcheck", "has the model seen this table? memorization tests (header, row, "

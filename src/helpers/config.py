@@ -66,6 +66,12 @@ class DatasetSpec:
     split_seed: int = 42
     # "none", or "oversample" the minority class of the training split only.
     balance: Literal["none", "oversample"] = "none"
+    # Train on only this many rows of the training split (0 = all of it), drawn stratified; the
+    # validation and test rows stay the same. One point of a learning curve (`tablora curve`).
+    train_rows: int = 0
+    # Which draw of train_rows rows: the rows drawn for a smaller train_rows are among those for
+    # a larger one at the same train_rows_seed (nested), so a curve adds rows, never swaps them.
+    train_rows_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,16 @@ class BaselineSpec:
     cv_folds: int = 5
     # {model name: {hyperparameter: value}} for mode "fixed".
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CurveSpec:
+    # Training-set sizes of `tablora curve`: row counts and/or "all" (its --sizes wins). Set,
+    # they make the file a learning curve for `tablora batch` too (its points, then curve.ipynb).
+    sizes: list[int | str] = field(default_factory=list)
+    # The curve's seeds: each draws its own nested rows and trains its own adapters (its
+    # --seeds wins; empty = the top-level seeds, else seed).
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -208,6 +224,8 @@ class Params:
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     prompt: PromptSpec = field(default_factory=PromptSpec)
     baselines: BaselineSpec = field(default_factory=BaselineSpec)
+    # Learning curves (`tablora curve`): which training-set sizes, at which seeds.
+    curve: CurveSpec = field(default_factory=CurveSpec)
 
     # Where the params came from (not a hyperparameter; not part of the hash).
     source_file: str = field(default="", compare=False)
@@ -282,6 +300,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "dataset.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.valid_size": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "dataset.split_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "dataset.train_rows": (lambda v: v == 0 or v >= 2,
+                           "an integer >= 2 (or 0: the whole training split)"),
+    "dataset.train_rows_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "curve.sizes": (lambda v: all(x == "all" or (isinstance(x, int) and x >= 2) for x in v),
+                    'a list of row counts >= 2 and/or "all", e.g. [8, 32, 128, all]'),
     "prompt.digits": (lambda v: 1 <= v <= 12, "an integer from 1 to 12"),
     "baselines.cv_folds": (lambda v: v >= 2, "an integer >= 2"),
 }
@@ -391,7 +414,7 @@ def _typed(raw: str, tp: Any) -> Any:
         return raw
 
 
-_SECTIONS = {"dataset", "prompt", "baselines"}
+_SECTIONS = {"dataset", "prompt", "baselines", "curve"}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

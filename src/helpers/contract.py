@@ -52,6 +52,15 @@ TAG_STOPPED_EARLY = "tablora.stopped_early"
 # "true" when training ended by its budget while validation loss was still falling.
 TAG_STILL_IMPROVING = "tablora.still_improving"
 
+# A baseline fitted with fixed settings because CV could not run on its rows (why, in words).
+TAG_FALLBACK = "tablora.fallback"
+# Learning curves (`tablora curve`): the parent run carries TAG_CURVE (its sizes, "8,32,all"),
+# every point's runs (the LLM's and the baselines') TAG_TRAIN_ROWS, the rows they learned from.
+TAG_CURVE = "tablora.curve"
+TAG_TRAIN_ROWS = "tablora.train_rows"
+# The curve's analysis, logged to its parent run (curve.md, curve.json, the figures).
+ARTIFACT_CURVE = "curve"
+
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run

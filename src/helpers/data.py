@@ -400,6 +400,74 @@ def _oversample(train: list, y_train: np.ndarray, seed: int) -> list:
     return list(train) + [pool[i] for i in extra]
 
 
+# ---------------------------------------------------------------------------------------------
+# Fewer training rows (learning curves: dataset.train_rows)
+
+
+def subset_counts(k: int, n_pos: int, n_neg: int) -> tuple[int, int]:
+    """(positives, negatives) among k rows drawn from n_pos + n_neg: the class shares of the
+    training split, at least one row of each class. Each count grows by 0 or 1 when k grows by
+    1, which is what lets the draws of one seed nest."""
+    lo, hi = max(1, k - n_neg), min(k - 1, n_pos)
+    pos = min(max(round(k * n_pos / (n_pos + n_neg)), lo), hi)
+    return pos, k - pos
+
+
+def draw_train_rows(train_ids: list, y_train: np.ndarray, k: int, seed: int) -> list:
+    """k of `train_ids`, stratified; nested: for one seed, the rows of a smaller k are among
+    those of a larger one (each class is shuffled once per seed and its first rows taken).
+    Returned in the order of `train_ids`."""
+    y_train = np.asarray(y_train, dtype=int)
+    n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
+    if not 2 <= k <= len(train_ids) or min(n_pos, n_neg) < 1:
+        raise ValueError(f"cannot draw {k} rows stratified from {len(train_ids)} "
+                         f"({n_pos} positive / {n_neg} negative)")
+    want = dict(zip((1, 0), subset_counts(k, n_pos, n_neg), strict=True))
+    rng = np.random.default_rng([seed, 17])  # 17: apart from every other use of the seed
+    keep: set[int] = set()
+    for label in (1, 0):
+        positions = np.flatnonzero(y_train == label)
+        keep.update(rng.permutation(positions)[:want[label]].tolist())
+    return [train_ids[i] for i in sorted(keep)]
+
+
+def subset_hash(base_hash: str, params: Params) -> str:
+    """The split hash of `params`' subset of the split `base_hash` (the same hash when
+    dataset.train_rows is 0: the whole training split)."""
+    spec = params.dataset
+    if not spec.train_rows:
+        return base_hash
+    blob = json.dumps({"split": base_hash, "train_rows": spec.train_rows,
+                       "train_rows_seed": spec.train_rows_seed, "format": SPLIT_FORMAT})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _train_subset(table: pd.DataFrame, split: dict[str, list], base_hash: str, params: Params,
+                  origin: str, target: str, positive: Any) -> tuple[dict[str, list], str, Path]:
+    """The split with dataset.train_rows training rows (its own hash and saved file); the
+    validation and test rows are those of the whole split."""
+    spec = params.dataset
+    shash = subset_hash(base_hash, params)
+    path = config.CACHE_DIR / "splits" / shash / "split.json"
+    saved = _load_split(path, table)
+    if saved is not None:
+        return saved, shash, path
+    train = list(dict.fromkeys(split["train"]))  # distinct rows: oversampling comes after
+    if spec.train_rows > len(train):
+        raise DataError(f"{origin}: dataset.train_rows={spec.train_rows} but the training split "
+                        f"holds {len(train)} rows: use at most {len(train)}, or 0 for all of "
+                        f"them. Fix dataset.train_rows in {params.source_file or 'the params'}.")
+    y_train = (table.loc[train, target] == positive).to_numpy(dtype=int)
+    rows = draw_train_rows(train, y_train, spec.train_rows, spec.train_rows_seed)
+    if spec.balance == "oversample":
+        y_rows = (table.loc[rows, target] == positive).to_numpy(dtype=int)
+        rows = _oversample(rows, y_rows, spec.split_seed)
+    subset = {**split, "train": rows}
+    _save_split(path, subset, shash, params, origin, target, positive,
+                parent=base_hash)
+    return subset, shash, path
+
+
 def _jsonable(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
@@ -848,6 +916,10 @@ def prepare(params: Params) -> Prepared:
             split["train"] = _oversample(split["train"], y_train.astype(int),
                                          params.dataset.split_seed)
         _save_split(split_file, split, shash, params, origin, target, positive)
+    if params.dataset.train_rows:
+        split, shash, split_file = _train_subset(table, split, shash, params, origin, target,
+                                                 positive)
+        split_dir = split_file.parent
 
     slim = table[[*features, target]]
     duplicates = _duplicates(slim, [*features, target], split)
@@ -874,7 +946,8 @@ def table_split_hash(params: Params) -> str:
     origin = describe_source(params)
     table = _with_row_ids(load_source(params), origin)
     target = resolve_target(table, params, origin)
-    return split_hash(table, params, target, _check_target(table, params, target, origin))
+    base = split_hash(table, params, target, _check_target(table, params, target, origin))
+    return subset_hash(base, params)
 
 
 def install_split(split_json: str, shash: str) -> Path:
@@ -890,12 +963,15 @@ def install_split(split_json: str, shash: str) -> Path:
 
 
 def _save_split(path: Path, split: dict[str, list], shash: str, params: Params,
-                origin: str, target: str, positive: Any) -> None:
+                origin: str, target: str, positive: Any, parent: str = "") -> None:
     spec = params.dataset
     doc = {"split_hash": shash, "source": origin, "target": target,
            "positive_label": _jsonable(positive), "test_size": spec.test_size,
-           "valid_size": spec.valid_size, "split_seed": spec.split_seed, "balance": spec.balance,
-           "split": {name: [_jsonable(i) for i in ids] for name, ids in split.items()}}
+           "valid_size": spec.valid_size, "split_seed": spec.split_seed, "balance": spec.balance}
+    if parent:  # a subset of the training split (dataset.train_rows) of the split `parent`
+        doc.update(parent_split_hash=parent, train_rows=spec.train_rows,
+                   train_rows_seed=spec.train_rows_seed)
+    doc["split"] = {name: [_jsonable(i) for i in ids] for name, ids in split.items()}
     _atomic_write(path, json.dumps(doc, indent=1) + "\n")
 
 

@@ -304,10 +304,15 @@ def _batch_ids(runs: Sequence[Any]) -> list[str]:
 def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
     """Model runs (kind llm/baseline) that finished with test metrics; the rest named, with why."""
     usable, skipped = [], []
+    curves: dict[str, int] = {}
     for run in runs:
         tags, info = run.data.tags, run.info
         if tags.get(contract.TAG_KIND) not in contract.MODEL_KINDS:
             continue  # batch parents, reports, foreign runs: not models
+        if contract.TAG_TRAIN_ROWS in tags:  # trained on k rows: a learning curve's point
+            batch = tags.get(contract.TAG_BATCH_ID, "?")
+            curves[batch] = curves.get(batch, 0) + 1
+            continue
         name = info.run_name or info.run_id[:8]
         if info.status != "FINISHED":
             err = tags.get(contract.TAG_ERROR, "")
@@ -316,6 +321,8 @@ def _usable(runs: Iterable[Any]) -> tuple[list[Any], list[str]]:
             skipped.append(f"{name}: no test metrics (not evaluated)")
         else:
             usable.append(run)
+    skipped += [f"{n} run(s) of learning curve {batch}: see `tablora compare --curve {batch}`"
+                for batch, n in curves.items()]
     return usable, skipped
 
 

@@ -31,6 +31,8 @@ from helpers.config import Params, ParamsError, load_params
 from helpers.workflow import executor, notebooks
 
 MODEL_NOTEBOOKS = ("train", "evaluate")
+# The analysis a batch of learning curves ends with, instead of compare.ipynb.
+CURVE_NOTEBOOK = "curve"
 # Every notebook the batch runs must declare these (see docs/ARCHITECTURE.md).
 NOTEBOOK_PARAMETERS = notebooks.PARAMETERS
 # Cause texts are cut to this in the terminal table (the full text is in MLflow and summary.json).
@@ -47,6 +49,8 @@ class Job:
     params: Params | None = None  # resolved: the file, its _defaults.yaml, the seed
     base: Params | None = None  # the file as loaded (before the seed): its baselines' params
     error: str = ""  # why the file cannot be used
+    tags: dict[str, str] = field(default_factory=dict)  # more tags for its run (a curve's point)
+    point: Point | None = None  # the learning curve's point it is (curve.sizes)
 
 
 @dataclass
@@ -76,6 +80,8 @@ class BaselineGroup:
     models: list[str]
     split_hash: str = ""
     error: str = ""  # why the table could not be read (the split hash is then unknown)
+    # More tags for its runs: those of its first model's Job (a curve's point).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- planning (no MLflow, no kernels)
@@ -118,16 +124,125 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 
 def plan_jobs(files: list[Path], seeds: list[int] | None = None) -> list[Job]:
-    """A Job per file and seed; a file that does not load is a Job with its error."""
+    """A Job per file and seed (a file with curve.sizes: per point of its learning curve); a
+    file that does not load is a Job with its error."""
     jobs: list[Job] = []
     for file in files:
         try:
             params = load_params(file)
-        except ParamsError as e:
+            if params.curve.sizes:
+                jobs.extend(curve_points(file, params, seeds=seeds).jobs)
+                continue
+        except (ParamsError, data.DataError) as e:
             jobs.append(Job(file, file.stem, file.stem, error=str(e)))
             continue
         jobs.extend(_seed_jobs(file, params, seeds or params.seeds))
     return jobs
+
+
+# ---------------------------------------------------------------- learning curves
+
+ALL = "all"
+# A curve's sizes when neither --sizes nor curve.sizes gives them (TabLLM's, up to 256).
+DEFAULT_SIZES: tuple[int | str, ...] = (8, 16, 32, 64, 128, 256, ALL)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a learning curve: `rows` training rows drawn with `seed` (size: as asked)."""
+
+    size: int | str
+    rows: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"k{self.rows}-seed{self.seed}"
+
+
+@dataclass
+class CurvePoints:
+    """The points of one params file's learning curve, as Jobs, and what was changed on the
+    way (helpers.workflow.curve prints and runs them; a batch runs those of its files)."""
+
+    sizes: list[int | str]  # as asked, "all" last
+    seeds: list[int]
+    n_train: int  # rows of the whole training split
+    points: list[Point]
+    jobs: list[Job]
+    notes: list[str] = field(default_factory=list)
+
+
+def curve_points(file: Path, params: Params, sizes: list[int | str] | None = None,
+                 seeds: list[int] | None = None) -> CurvePoints:
+    """The points of the curve of `params`: sizes from `sizes`, else curve.sizes, else
+    DEFAULT_SIZES; seeds from `seeds`, else curve.seeds, else seeds, else seed. A size at or
+    above the training split's rows is "all" (said in the notes). Each point is a Job whose
+    params draw its rows (dataset.train_rows, nested per seed: helpers.data) and whose run is
+    tagged with them; the zero-shot model is scored at the first point only (k = 0)."""
+    if params.dataset.train_rows:
+        raise ParamsError(f"{file}: dataset.train_rows={params.dataset.train_rows} is set: a "
+                          "curve draws its own training rows; remove it (or set it to 0)")
+    asked = sizes or list(params.curve.sizes) or list(DEFAULT_SIZES)
+    seed_list = list(dict.fromkeys(seeds or params.curve.seeds or params.seeds
+                                   or [params.seed]))
+    whole = data.prepare(params.replace(**{"dataset.train_rows": 0}))
+    n_train = len(set(whole.split["train"]))  # distinct: oversampling comes after a draw
+    notes: list[str] = []
+    by_rows: dict[int, int | str] = {}
+    for size in asked:
+        rows = n_train if size == ALL else int(size)
+        if rows > n_train:
+            notes.append(f"k = {size} is more than the {n_train} training rows: it is k = all")
+            rows = n_train
+        by_rows.setdefault(rows, ALL if rows == n_train else size)
+    ordered = sorted(by_rows)
+    points = [Point(by_rows[r], r, s) for s in seed_list for r in ordered]
+    jobs = [_point_job(file, params, pt, zeroshot=i == 0) for i, pt in enumerate(points)]
+    return CurvePoints([by_rows[r] for r in ordered], seed_list, n_train, points, jobs, notes)
+
+
+def point_params(params: Params, point: Point, zeroshot: bool) -> Params:
+    """The resolved params of one point: its rows, its seed, its own adapter folder; zero-shot
+    scored at one point only (it does not depend on k). The curve's own keys are emptied so that
+    a point's params (and hash: --resume) do not depend on which other points the curve has."""
+    base = params.output_dir or f"runs/adapters/{params.name}"
+    return params.replace(**{
+        "seed": point.seed, "seeds": [], "curve": {"sizes": [], "seeds": []},
+        "dataset.train_rows": point.rows, "dataset.train_rows_seed": point.seed,
+        "output_dir": f"{base}-{point.label}", "eval_zeroshot": zeroshot and params.eval_zeroshot})
+
+
+def _point_job(file: Path, params: Params, point: Point, zeroshot: bool) -> Job:
+    p = point_params(params, point, zeroshot)
+    return Job(file, params.name, f"{params.name}-{point.label}", p, p,
+               tags={contract.TAG_TRAIN_ROWS: str(point.rows)}, point=point)
+
+
+def curve_tags(jobs: list[Job]) -> dict[str, str]:
+    """The parent run's tag of a batch of learning curves ({} for a plain batch). Its LLMs are
+    compared at each k with one set of baselines: every file must name the same table, split
+    and baselines, and a batch does not mix curves with plain runs."""
+    points = [j for j in jobs if j.point is not None]
+    if not points:
+        return {}
+    plain = sorted({str(j.file) for j in jobs if j.point is None and j.params is not None})
+    if plain:
+        raise ParamsError(f"{plain[0]}: a plain params file in a batch of learning curves (files "
+                          "with curve.sizes): run it in a batch of its own, or give it "
+                          "curve.sizes too")
+    keys = {baselines_key(j.params.replace(**{"dataset.train_rows": 0,
+                                               "dataset.train_rows_seed": 0, "seed": 0}))
+            for j in points}
+    if len(keys) > 1:
+        raise ParamsError("the learning curves of a batch compare their LLMs at each k on one "
+                          "table: these files differ in their dataset or baselines sections "
+                          f"({', '.join(sorted({str(j.file) for j in points}))}); run them as "
+                          "separate batches")
+    sizes = ",".join(str(s) for s in dict.fromkeys(
+        j.point.size for j in sorted(points, key=lambda j: j.point.rows)))
+    seeds = ",".join(str(s) for s in dict.fromkeys(j.point.seed for j in points))
+    return {contract.TAG_CURVE: f"sizes {sizes}; seeds {seeds}"}
 
 
 def _seed_jobs(file: Path, params: Params, seeds: list[int]) -> list[Job]:
@@ -186,7 +301,8 @@ def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
             same = sum(g.split_hash == split for g in groups.values())
             key = split if not same else f"{split}-{same + 1}"
             groups[config_key] = BaselineGroup(key, job.file, job.base or job.params, [],
-                                               split_hash=split, error=error)
+                                               split_hash=split, error=error,
+                                               tags=dict(job.tags))
         if job.name not in groups[config_key].models:
             groups[config_key].models.append(job.name)
     return list(groups.values())
@@ -235,7 +351,8 @@ def _notebook_file(name: str) -> Path | None:
 
 
 def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
-                compare: bool, skips: dict[str, str] | None = None) -> str:
+                compare: bool, skips: dict[str, str] | None = None,
+                notebook: str = "compare") -> str:
     """The dry-run text: runs, notebooks, the baselines per split."""
     skips = skips or {}
     n_files = len({j.file for j in jobs})
@@ -253,11 +370,11 @@ def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
                  + (f"\n        the table cannot be read: {_short(g.error)}" if g.error else "")
                  for g in groups)
     if not compare:
-        lines.append("compare: skipped (--no-compare)")
+        lines.append(f"{notebook}: skipped (--no-compare)")
     else:
-        found = _notebook_file("compare")
-        lines.append("compare: compare.ipynb over the batch's runs" if found else
-                     "compare: notebooks/compare.ipynb not found, skipped")
+        found = _notebook_file(notebook)
+        lines.append(f"{notebook}: {notebook}.ipynb over the batch's runs" if found else
+                     f"{notebook}: notebooks/{notebook}.ipynb not found, skipped")
     return "\n".join(lines)
 
 
@@ -320,7 +437,7 @@ class Batch:
         if p is not None:
             tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
-        return tags
+        return {**tags, **job.tags}
 
     def ref(self, quiet: bool = False) -> BatchRef:
         return BatchRef(self.batch_id, self.experiment_id, self.parent_id,
@@ -397,18 +514,22 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
+    # Files with curve.sizes: their points, then the curve's analysis instead of compare.
+    parent_tags = curve_tags(jobs)
+    notebook = CURVE_NOTEBOOK if parent_tags else "compare"
     if dry_run:
         skips = _resume_skips_readonly(jobs, experiment) if resume else {}
-        print(format_plan(jobs, groups, experiment, compare, skips))
+        print(format_plan(jobs, groups, experiment, compare, skips, notebook))
         return 0
-    _preflight()
+    _preflight(notebook)
     return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
-                     workers=workers, memcheck=memcheck)
+                     workers=workers, memcheck=memcheck, parent_tags=parent_tags,
+                     compare_notebook=notebook)
 
 
-def _preflight() -> None:
+def _preflight(compare_notebook: str = "compare") -> None:
     """Refuse to start a batch whose notebooks are missing or take other parameters."""
-    for name in (*MODEL_NOTEBOOKS, "baselines", "compare"):
+    for name in (*MODEL_NOTEBOOKS, "baselines", compare_notebook):
         path = _notebook_file(name)
         if path is None and name in MODEL_NOTEBOOKS:
             notebooks.notebook_path(name)  # raises FileNotFoundError with the path
@@ -418,7 +539,11 @@ def _preflight() -> None:
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
               resume: bool = False, compare: bool = True, cluster: str = "",
-              workers: int = 0, memcheck: bool = False) -> int:
+              workers: int = 0, memcheck: bool = False,
+              parent_tags: dict[str, str] | None = None,
+              compare_notebook: str = "compare") -> int:
+    """parent_tags: more tags for the parent run (a curve's); compare_notebook: the notebook
+    run over the batch's runs at the end (a curve's: "curve")."""
     import mlflow
 
     t0 = time.perf_counter()
@@ -436,7 +561,7 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         # Runs left RUNNING by a process killed outright (SIGKILL, a crash, a reboot) end KILLED.
         for rid in tracking.mark_stale_runs(exp_id):
             print(f"run {rid}: its process is gone: marked KILLED", flush=True)
-        batch = _open_batch(client, exp_id, plan_hash(jobs), resume)
+        batch = _open_batch(client, exp_id, plan_hash(jobs), resume, parent_tags or {})
         print(f"batch {batch.batch_id}: {len(jobs)} model run(s), experiment {experiment!r}; "
               f"executed notebooks in {batch.out_dir}", flush=True)
         compare_outcome: Outcome | None = None
@@ -447,7 +572,7 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
                 outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
                                                          resume)
                 if compare:
-                    compare_outcome = _run_compare(batch, jobs)
+                    compare_outcome = _run_compare(batch, jobs, compare_notebook)
         except KeyboardInterrupt:
             ex.close()  # a LocalCluster's workers stop; a remote cluster's tasks are cancelled
             _reap(batch, why="the batch was interrupted while it ran on {worker}")
@@ -461,9 +586,9 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
     print()
     print(summary.text())
     if compare_outcome is not None and compare_outcome.status == "ok":
-        table = results_table(batch.out_dir / "compare.ipynb")
+        table = results_table(batch.out_dir / f"{compare_notebook}.ipynb")
         if table:
-            print("\nResults (from compare.ipynb):\n" + table)
+            print(f"\nResults (from {compare_notebook}.ipynb):\n" + table)
     print(f"\nBrowse the runs:    make ui   then {tracking.ui_url(exp_id)}"
           f"\nOpen the notebooks: make lab  (this batch's executed copies, as .ipynb and .html: "
           f"{batch.out_dir})")
@@ -526,6 +651,10 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         else:
             ex.submit(baselines_task, BaselinesTask(ref, label, group, *splits[group.key]),
                       label=label)
+    # A model's split is its baselines group's, found by the same key that grouped them (the
+    # group's name is its split hash). Not by model name: a curve's points share one name and
+    # each has a split of its own.
+    group_of = {baselines_key(g.params): g.key for g in groups}
     labels = _task_labels(jobs)
     for i, (label, job) in enumerate(zip(labels, jobs, strict=True), 1):
         counter = f"[{i}/{len(jobs)}]"
@@ -533,9 +662,9 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         if settled is not None:
             results[label] = settled
             continue
-        group = next(g for g in groups if job.name in g.models)  # its baselines' split
+        split = splits[group_of[baselines_key(job.params)]]
         task = ModelTask(ref, label, counter, job.run_name, job.params, batch.model_tags(job),
-                         *splits[group.key], *_continued(batch, job, counter, resume))
+                         *split, *_continued(batch, job, counter, resume))
         ex.submit(model_task, task, label=label)
     total = len(jobs) + len(groups)
     for event in ex.events():
@@ -600,7 +729,8 @@ def _reap(batch: Batch, task: str = "", keep: str = "", why: str = "") -> list[A
     return reaped
 
 
-def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
+def _open_batch(client: Any, exp_id: str, plan: str, resume: bool,
+                parent_tags: dict[str, str] | None = None) -> Batch:
     """The parent run: a new one, or with --resume the latest batch that ran the same plan, so
     that the finished runs it skips and the new ones end up in one batch for the comparison."""
     previous = _previous_batch(client, exp_id, plan) if resume else None
@@ -618,7 +748,7 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
             contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
             contract.TAG_PLAN_HASH: plan, **_owner_tags(),
-            **tracking.run_identity(BATCH_SOURCE)})
+            **tracking.run_identity(BATCH_SOURCE), **(parent_tags or {})})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -904,7 +1034,7 @@ def baselines_task(task: BaselinesTask) -> Outcome:
     batch, group = task.batch.open(), task.group
     outcome = Outcome(f"baselines {group.key}", worker=executor.where())
     run_tags = {contract.TAG_TASK: task.task, contract.TAG_WORKER: outcome.worker,
-                contract.TAG_BASELINES_KEY: group.key}
+                contract.TAG_BASELINES_KEY: group.key, **group.tags}
     output = batch.out_dir / "baselines" / f"baselines-{group.key}.ipynb"
     with _task_env(batch, task.batch.quiet, run_tags, output.with_suffix(".log"),
                    batch.parent_id):
@@ -994,26 +1124,26 @@ def _run_memchecks(jobs: list[Job]) -> None:
             print(f"memcheck: {model_id} on {source}: FAILED: {_short(str(e))}", flush=True)
 
 
-def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
-    path = _notebook_file("compare")
+def _run_compare(batch: Batch, jobs: list[Job], notebook: str = "compare") -> Outcome | None:
+    path = _notebook_file(notebook)
     first = next((j for j in jobs if j.params is not None), None)
     if path is None or first is None:
-        why = "notebooks/compare.ipynb not found" if path is None else "no model to compare"
-        print(f"compare: skipped ({why})", flush=True)
+        why = f"notebooks/{notebook}.ipynb not found" if path is None else "no model to compare"
+        print(f"{notebook}: skipped ({why})", flush=True)
         return None
-    outcome = Outcome("compare")
-    print("compare ...", flush=True)
-    output = batch.out_dir / "compare.ipynb"
+    outcome = Outcome(notebook)
+    print(f"{notebook} ...", flush=True)
+    output = batch.out_dir / f"{notebook}.ipynb"
     extra = _declared(path, batch_id=batch.batch_id, experiment=first.params.experiment,
-                      out_dir=str(batch.out_dir / "compare"))
-    error = _execute(batch, outcome, "compare", first.params, "", output, **extra)
+                      out_dir=str(batch.out_dir / notebook))
+    error = _execute(batch, outcome, notebook, first.params, "", output, **extra)
     _log_notebook(batch, batch.parent_id, output)
     if error is None:
         outcome.status = "ok"
     else:
         exc, cell = describe_error(error)
         outcome.status, outcome.cause = "failed", f"{exc} (cell: `{cell}`)" if cell else exc
-    print(f"compare ... {outcome.total_seconds:.0f}s {outcome.status}", flush=True)
+    print(f"{notebook} ... {outcome.total_seconds:.0f}s {outcome.status}", flush=True)
     return outcome
 
 
@@ -1082,7 +1212,7 @@ class Summary:
                          f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
                          f"{o.run_id or '-'}" + (f"  {o.worker or '-'}" if self.workers else ""))
         if self.compare is not None:
-            lines.append(f"  compare: {self.compare.status} in "
+            lines.append(f"  {self.compare.label}: {self.compare.status} in "
                          f"{_duration(self.compare.total_seconds)}")
         if self.failed:
             lines.append(f"failures ({len(self.failed)}):")
