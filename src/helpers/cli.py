@@ -209,8 +209,8 @@ def _params_text(docs: list[Any]) -> str:
 
     out = []
     for d in docs:
-        out.append(f"{d.key}  ({d.type.replace('a list of a', 'a list of')}; default "
-                   f"{_show(d.default)})")
+        kind = re.sub(r"a list of an? (\w+)", r"a list of \1s", d.type)  # of integers
+        out.append(f"{d.key}  ({kind}; default {_show(d.default)})")
         text = d.doc + (f" Allowed: {d.allowed}." if d.allowed else "")
         out.extend(textwrap.wrap(text, 92, initial_indent="    ", subsequent_indent="    "))
     out.append("\nSet them in a params YAML (sections nested: `dataset:` then `  target: y`), or "
