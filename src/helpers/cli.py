@@ -104,6 +104,17 @@ def cmd_batch(a: argparse.Namespace) -> int:
                      compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0)
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from helpers.workflow import tune
+
+    result = tune.run(a.params, a.trials, timeout=a.timeout, out=a.out, storage=a.storage or "",
+                      study=a.study or "", overrides=_overrides(a.overrides),
+                      cluster=a.cluster or "", workers=a.workers or 0)
+    print()
+    print(result.text())
+    return result.exit_code
+
+
 def cmd_server(a: argparse.Namespace) -> int:
     from helpers.workflow import server
 
@@ -187,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the models on N worker processes of this machine (a Dask "
                        "LocalCluster)")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("tune", help="search the `tune:` section of a params file with Optuna "
+                       "(TPE, pruning on validation loss); the best trial's params as a file")
+    _add_params(p)
+    p.add_argument("--trials", type=int, required=True, help="trials this command runs")
+    p.add_argument("--timeout", help="start no trial after this long: seconds, or 90m, 2h")
+    p.add_argument("--out", type=Path, help="folder for the best params file, the trials table "
+                   "and the figures (default runs/tune/<study>)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by every command of "
+                   "the study (default sqlite:///runs/tune/optuna.db; several machines: "
+                   "postgresql+psycopg://user:pass@host:5432/optuna)")
+    p.add_argument("--study", help="the study's name (default <params name>-<hash of the params "
+                   "and the search>: the same command joins the same study)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="tcp://HOST:8786",
+                       help="run the trials on this Dask scheduler's workers")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run the trials on N worker processes of this machine")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("server", help="a shared MLflow tracking server over PostgreSQL, "
                        "artifacts proxied (for batches on several machines)")

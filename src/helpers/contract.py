@@ -25,6 +25,10 @@ KIND_LLM = "llm"  # one params file at one seed: training + zero-shot and fine-t
 KIND_BASELINE = "baseline"  # one classical model on one split
 KIND_BATCH = "batch"  # the parent run of `tablora batch`
 KIND_REPORT = "report"  # a comparison logged outside a batch
+KIND_TUNE = "tune"  # the parent run of a `tablora tune` study
+# One trial of a study: trained and scored on validation rows; not a model of the comparison
+# (picking the best of them by test scores would select on the test split).
+KIND_TRIAL = "trial"
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
 # The baselines that know nothing about the rows (helpers.baselines): every other model is
 # tested against the better of them, and one not significantly better is "no better than the
@@ -51,6 +55,11 @@ TAG_STOPPED_EARLY = "tablora.stopped_early"
 # "true" when training ended by its budget while validation loss was still falling.
 TAG_STILL_IMPROVING = "tablora.still_improving"
 
+TAG_STUDY = "tablora.study"  # the Optuna study a tune or trial run belongs to
+TAG_TRIAL = "tablora.trial"  # the trial's number in its study
+TAG_TRIAL_STATE = "tablora.trial_state"  # COMPLETE, PRUNED or FAIL (Optuna's TrialState)
+TAG_BEST_TRIAL = "tablora.best_trial"  # on a tune run: the best trial's number and run id
+
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
@@ -75,6 +84,10 @@ TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"
 TRAIN_SECONDS = "train_seconds"
 TRAIN_STEPS = "train_steps"  # the training budget in steps (num_epochs resolved)
+# A trial's score on the validation rows (tune.objective: val_loss or valid_<metric>), and on
+# a tune run the best trial's, with the counts of trials by state.
+OBJECTIVE = "objective"
+BEST_OBJECTIVE = "best_objective"
 
 
 def metric(prefix: str, name: str) -> str:
@@ -90,6 +103,7 @@ ARTIFACT_DATA = "data"  # the split file
 ARTIFACT_ADAPTERS = "adapters"  # the best adapter (lowest validation loss)
 ARTIFACT_ADAPTERS_LAST = "adapters_last"  # the adapter after the last step
 ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or report run
+ARTIFACT_STUDY = "study"  # on a tune run: the best params file and the trials table
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
@@ -136,5 +150,6 @@ USER_ERRORS = (
     "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
+    "TuneError",  # helpers.workflow.tune: a study that cannot run or produced no trial
     "FileNotFoundError",  # a path given on the command line
 )

@@ -333,9 +333,10 @@ def _batch_tags() -> dict[str, str]:
     return tags
 
 
-def log_dataset(prepared: Any) -> None:
+def log_dataset(prepared: Any, splits: tuple[str, ...] = SPLITS) -> None:
     """Into the active run: the split hash tag, each split as a dataset input, class counts, the
-    split file (`prepared`: a helpers.data.Prepared)."""
+    split file (`prepared`: a helpers.data.Prepared). `splits`: the ones a run looked at (a
+    search's trial: train and valid, never test)."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -346,7 +347,7 @@ def log_dataset(prepared: Any) -> None:
                                      TAG_SPLIT_HASH: prepared.split_hash})
     name = Path(prepared.source.split(":", 1)[-1]).stem
     metrics: dict[str, float] = {"data_duplicates_train_test": prepared.duplicates["count"]}
-    for split in SPLITS:
+    for split in splits:
         if not prepared.split[split]:
             continue
         frame = prepared.table.loc[prepared.split[split]].reset_index()
