@@ -244,3 +244,15 @@ def test_two_processes_share_one_study_without_losing_a_trial(home, tiny_model_d
     assert len(parents) == 1 and len(runs) == 4
     assert {r.data.tags[contract.TAG_PARENT] for r in runs} == {parents[0].info.run_id}
     assert sorted(int(r.data.tags[contract.TAG_TRIAL]) for r in runs) == [0, 1, 2, 3]
+
+    # notebooks/tune.ipynb looks at the study: its last cell names the best trial.
+    import nbformat
+
+    from helpers.workflow import notebooks
+
+    res = notebooks.execute("tune", params, output=home / "nb" / "tune.ipynb", attach=False,
+                            storage=storage, study_name=study.study_name,
+                            figures_dir=str(home / "nb" / "figures"))
+    last = nbformat.read(str(res.output), as_version=4).cells[-1]
+    assert f"'best_trial': {study.best_trial.number}" in last.outputs[0]["data"]["text/plain"]
+    assert (home / "nb" / "figures" / "optimization_history.png").is_file()
