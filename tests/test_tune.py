@@ -256,3 +256,39 @@ def test_two_processes_share_one_study_without_losing_a_trial(home, tiny_model_d
     last = nbformat.read(str(res.output), as_version=4).cells[-1]
     assert f"'best_trial': {study.best_trial.number}" in last.outputs[0]["data"]["text/plain"]
     assert (home / "nb" / "figures" / "optimization_history.png").is_file()
+
+
+def test_a_trial_after_the_timeout_does_not_start(tmp_path):
+    params, spec = load_tune(_toy(tmp_path, tmp_path / "no-model"))
+    task = tune.TrialTask("sqlite:///nowhere.db", "s", spec, params, "", "", str(tmp_path), "",
+                          "", deadline=1.0)
+    assert tune.trial_task(task).state == "SKIPPED"  # before any storage or model is touched
+
+
+@pytest.mark.integration
+def test_trials_run_as_tasks_on_workers_into_a_postgresql_study(tracking_server, tiny_model_dir,
+                                                                tmp_path, monkeypatch):
+    """--workers 2: each trial a Dask task; the study in PostgreSQL (as on several machines),
+    the runs on the tracking server."""
+    import mlflow
+
+    tracking_server.pg.create_database("optuna_tune_test")
+    storage = tracking_server.pg.url("optuna_tune_test")
+    for key, value in (("MLFLOW_TRACKING_URI", tracking_server.uri),
+                       ("TABLORA_RUNS", str(tmp_path / "runs")),
+                       ("TABLORA_CACHE", str(tmp_path / "cache"))):
+        monkeypatch.setenv(key, value)  # the workers inherit them
+    monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    mlflow.set_tracking_uri(tracking_server.uri)
+    path = _toy(tmp_path, tiny_model_dir)
+    result = tune.run(path, trials=2, storage=storage, workers=2)
+    assert result.exit_code == 0, result.text()
+    study = optuna.load_study(study_name=result.study_name, storage=storage)
+    assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+    client = mlflow.MlflowClient(tracking_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("tune-test").experiment_id],
+                              f"tags.`{contract.TAG_PARENT}` = '{result.parent_id}'")
+    assert len(runs) == 2
+    assert all(r.data.tags[contract.TAG_WORKER].startswith("tcp://") for r in runs)
+    assert "***" in tune.shown_url(storage) and tracking_server.pg.password not in result.text()

@@ -578,10 +578,11 @@ def finish(url: str, name: str, spec: TuneSpec, params: Params, parent_id: str,
                    "run_id": run_id}
     client.set_tag(parent_id, contract.TAG_BEST_TRIAL, f"{best.number} {run_id}")
     client.log_metric(parent_id, contract.BEST_OBJECTIVE, best.value)
-    logged = client.get_run(parent_id).data.params
-    for key, value in best.params.items():
-        if f"best.{key}" not in logged:  # MLflow refuses to change a param: a joined study's
-            client.log_param(parent_id, f"best.{key}", value)  # best may have moved since
+    # A dict artifact, not MLflow params: another command of the study may move the best later
+    # (a param cannot change).
+    client.log_dict(parent_id, {"trial": best.number, "value": best.value,
+                                "params": best.params, "run_id": run_id},
+                    f"{contract.ARTIFACT_STUDY}/best.json")
     result.best_file = write_best_params(params, best.params, out_dir, name, best.number,
                                          spec, best.value)
     client.log_artifact(parent_id, str(result.best_file), contract.ARTIFACT_STUDY)
