@@ -223,6 +223,7 @@ def trial_task(task: TrialTask) -> TrialOutcome:
 
     if task.deadline and time.time() >= task.deadline:
         return TrialOutcome(-1, "SKIPPED", cause="--timeout reached before it started")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line a trial: the driver's
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or task.tracking_uri
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
@@ -411,6 +412,9 @@ def run(path: str | Path, trials: int, timeout: str | float | None = None,
     client = mlflow.MlflowClient()
     for rid in tracking.mark_stale_runs(exp_id):
         print(f"run {rid}: its process is gone: marked KILLED", flush=True)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line a trial: ours
     the_study, created = open_study(open_storage(url), name, spec)
     parent_id = _parent_run(client, exp_id, the_study, created, params, spec, url)
     print(f"study {name} ({'new' if created else 'joined'}; {shown_url(url)}): {trials} "
@@ -593,7 +597,7 @@ def finish(url: str, name: str, spec: TuneSpec, params: Params, parent_id: str,
         result.test_note = f"test scoring of the best trial failed: {type(e).__name__}: {e}"
     for key, value in result.test_metrics.items():
         client.log_metric(parent_id, f"best_{key}", value)
-    result.figures = write_figures(study, out_dir / "figures")
+    result.figures = write_figures(study, out_dir / "figures", spec.direction)
     for fig in result.figures:
         client.log_artifact(parent_id, str(fig), contract.ARTIFACT_FIGURES)
     if len(result.figures) < 3:
@@ -632,6 +636,7 @@ def write_best_params(base: Params, values: dict[str, Any], out_dir: Path, study
     of `tablora recommend`: a comment header, then the keys that differ from tablora's defaults.
     Checked with the real loader before it is put in place."""
     import tempfile
+    import textwrap
 
     import yaml
 
@@ -656,7 +661,10 @@ def write_best_params(base: Params, values: dict[str, Any], out_dir: Path, study
               "not used to choose it.",
               f"Searched params: {_values(values)}; the rest from {base.source_file}.",
               f"Run it against the baselines: tablora batch {out_dir}/{best.name}.yaml"]
-    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(
+    wrapped = [w for line in header
+               for w in textwrap.wrap(line, 97, subsequent_indent="    ", break_long_words=False,
+                                      break_on_hyphens=False)]
+    text = "".join(f"# {line}\n" for line in wrapped) + yaml.safe_dump(
         config.unflatten(body), sort_keys=False, default_flow_style=False, allow_unicode=True,
         width=99)
     with tempfile.TemporaryDirectory(prefix="tablora-tune-") as tmp:
@@ -673,7 +681,7 @@ def _params_dir(params: Params) -> Path | None:
     return Path(params.source_file).parent if params.source_file else None
 
 
-def write_figures(study: Any, folder: Path) -> list[Path]:
+def write_figures(study: Any, folder: Path, direction: str = "minimize") -> list[Path]:
     """Optimisation history, intermediate values (what the pruner saw) and param importances,
     as PNG files (importances need two or more finished trials that differ)."""
     import matplotlib
@@ -694,7 +702,12 @@ def write_figures(study: Any, folder: Path) -> list[Path]:
                 ax = plot(study)
             except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
                 continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        first = ax.flat[0] if hasattr(ax, "flat") else ax
+        if name == "intermediate_values":
+            first.set_xlabel("evaluation")
+            first.set_ylabel("validation loss" + (" (negated: the study maximizes)"
+                                                  if direction == "maximize" else ""))
+        fig = first.figure
         fig.set_size_inches(8, 5)
         fig.tight_layout()
         path = folder / f"{name}.png"
