@@ -64,14 +64,27 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/demo.py
 	$(PY) bench/batch_scale.py
 
-ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port 5000
+# Both servers listen on loopback only. `make ui` prints the page to open first: MLflow 3 opens
+# an experiment in its GenAI view unless the URL asks for model training. One worker serves one
+# person's local UI (MLflow's default starts four server processes).
+UI_PORT ?= 5000
+ui: setup  ## MLflow UI on 127.0.0.1:5000 over the project's store (prints the page to open)
+	@$(PY) -c 'from helpers import tracking; print(*tracking.ui_lines("http://127.0.0.1:$(UI_PORT)"), sep="\n")'
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 server: setup  ## shared MLflow server on 127.0.0.1:5000: PostgreSQL store, proxied artifacts (.cache/server)
 	$(VENV)/bin/tablora server
 
-lab: setup  ## JupyterLab on 127.0.0.1:8888 with the notebooks
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks/
+# JupyterLab over the project (notebooks/, and runs/ with the executed copies and reports),
+# opened on notebooks/. Jupyter's token stays on (a fresh one per start, in the URL it prints;
+# JUPYTER_TOKEN=... fixes it): loopback is shared by every user and container of the machine.
+# Root is normal in containers and CI, and Jupyter refuses it without --allow-root.
+LAB_PORT ?= 8888
+LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+LAB_CMD = $(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port $(LAB_PORT) \
+	--ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ROOT)
+lab: setup  ## JupyterLab on 127.0.0.1:8888 over the project, opened on notebooks/
+	$(LAB_CMD)
 
 clean:  ## remove caches and local runs (keeps .venv)
 	rm -rf .cache runs mlflow.db mlruns/*/ .pytest_cache

@@ -178,7 +178,12 @@ def test_run_all_writes_one_run_per_baseline_on_the_llm_split(demo, mlflow_store
         assert pred["row_id"].tolist() == list(demo.split["test"])  # the LLM runs' test rows
         assert pred["label"].tolist() == demo.y("test").tolist()
         artifacts = {a.path for a in client.list_artifacts(r.run_id)}
-        assert {"predictions", "figures"} <= artifacts
+        assert {"predictions", "figures", "data"} <= artifacts
+        # Like the LLM runs: the data as dataset inputs, a Source, a user, a description.
+        assert sorted(i.tags[0].value for i in run.inputs.dataset_inputs) == [
+            "test", "train", "valid"]
+        assert tags[contract.TAG_USER] and tags[contract.TAG_SOURCE_NAME]
+        assert tags[contract.TAG_NOTE].startswith("Test accuracy ")
         for k, v in r.chosen.items():
             assert run.data.params[f"model.{k}"] == str(v)
         assert m["threshold"] == r.threshold

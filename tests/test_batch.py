@@ -244,7 +244,51 @@ def test_runs_nest_under_the_batch_and_carry_both_notebooks(two_batches):
     import mlflow
 
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(good.info.run_id, "notebooks")}
-    assert logged == {"notebooks/train.ipynb", "notebooks/evaluate.ipynb"}
+    # Each with its HTML: what MLflow's artifact view displays.
+    assert logged == {"notebooks/train.ipynb", "notebooks/evaluate.ipynb",
+                      "notebooks/train.html", "notebooks/evaluate.html"}
+    assert (folder / "good-seed1" / "train.html").is_file()
+
+
+def test_every_run_has_source_user_and_description(two_batches):
+    """Regression: Source was empty on LLM runs, Created by on LLM and batch runs, Description
+    everywhere."""
+    import getpass
+
+    runs = two_batches["runs_first"]
+    for name, rs in runs.items():
+        tags = rs[0].data.tags
+        assert tags.get(contract.TAG_USER) == getpass.getuser(), name
+        assert tags.get(contract.TAG_SOURCE_NAME), name
+    nb_dir = two_batches["tmp"] / "notebooks"
+    assert runs["good-seed0"][0].data.tags[contract.TAG_SOURCE_NAME] == str(nb_dir / "train.ipynb")
+    assert runs["random_forest"][0].data.tags[contract.TAG_SOURCE_NAME] == str(
+        nb_dir / "baselines.ipynb")
+    (parent,) = [rs[0] for name, rs in runs.items() if name.startswith("batch-")]
+    assert parent.data.tags[contract.TAG_SOURCE_NAME] == batch.BATCH_SOURCE
+    assert parent.data.tags[contract.TAG_NOTE].startswith("batch ")
+    assert "2/5 models succeeded" in parent.data.tags[contract.TAG_NOTE]
+    assert runs["good-seed0"][0].data.tags[contract.TAG_NOTE] == "Test accuracy 90.0%"
+
+
+def test_dry_run_names_each_split_by_its_hash(tmp_path, capsys):
+    """Regression: the dry run labelled a split `ced92613` while MLflow tagged it `078b6a86...`:
+    the plan now shows the split hash the runs are tagged with."""
+    from helpers import data
+
+    params = write_params(tmp_path / "params")
+    (tmp_path / "params" / "other.yaml").write_text("dataset:\n  split_seed: 7\n")
+    (tmp_path / "params" / "fewer.yaml").write_text("dataset:\n  features: [mean radius]\n")
+    with isolated(tmp_path):
+        assert cli.main(["batch", str(params), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    good = config.load_params(params / "good.yaml")
+    other = config.load_params(params / "other.yaml")
+    assert f"  split {data.table_split_hash(good)}: builtin:breast_cancer" in out
+    assert f"  split {data.table_split_hash(other)}: builtin:breast_cancer" in out
+    # The same split with other baseline inputs (fewer features): its own group, same hash.
+    assert f"  split {data.table_split_hash(good)}-2: " in out
+    assert "baselines.ipynb once per distinct split (3)" in out
 
 
 def test_every_failure_is_a_failed_run_with_its_cause(two_batches):
@@ -273,6 +317,13 @@ def test_parent_run_carries_the_summary(two_batches):
     assert summary["n_models"] == 5 and summary["n_ok"] == 2
     nan = next(m for m in summary["models"] if m["name"] == "nan")
     assert nan["status"] == "failed" and "train" in nan["seconds"]
+    # The baselines split is named by its split hash, as the runs are tagged.
+    from helpers import data
+
+    (rf,) = runs["random_forest"]
+    split = data.table_split_hash(config.load_params(two_batches["tmp"] / "params" / "good.yaml"))
+    assert rf.data.tags[contract.TAG_BASELINES_KEY] == split
+    assert summary["baselines"][0]["name"] == f"baselines {split}"
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.txt", "summary.json", "notebooks"} <= names
 
@@ -436,3 +487,29 @@ def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_pa
     assert run.info.status == "FAILED" and run.data.tags[contract.TAG_TASK] == "m"
     assert run.data.tags[contract.TAG_ERROR].startswith("SplitMismatch: split hash")
     assert not (tmp_path / "runs" / b.batch_id / "m" / "train.ipynb").exists()  # nothing ran
+
+
+def test_memcheck_step_once_per_model_and_table(tmp_path, tiny_model_dir, mlflow_store,
+                                                capsys):
+    """`tablora batch --memcheck`: one check per (model, table) before training, reused by the
+    next batch; a check that fails is reported and the batch goes on."""
+    import mlflow
+
+    (tmp_path / "t.csv").write_text("a,b,c\n" + "".join(
+        f"{i},{i % 4}.5,{100 + 37 * i % 900}\n" for i in range(12)))
+    files = []
+    for name, source in (("one", "t.csv"), ("two", "t.csv"), ("gone", "missing.csv")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({"name": name, "model_id": str(tiny_model_dir),
+                                    "experiment": "mc", "dataset": {"source": source}}))
+        files.append(path)
+    jobs = batch.plan_jobs(files)
+    batch._run_memchecks(jobs)
+    out = capsys.readouterr().out
+    assert "missing.csv: FAILED" in out and out.count("at chance level") == 1
+    runs = mlflow.search_runs(experiment_names=["mc"], output_format="list")
+    assert [r.data.tags[contract.TAG_KIND] for r in runs] == [contract.KIND_MEMCHECK]
+    batch._run_memchecks(jobs[:1])
+    assert "reused" in capsys.readouterr().out
+    assert len(mlflow.search_runs(experiment_names=["mc"], output_format="list")) == 1
+    assert cli.build_parser().parse_args(["batch", "p", "--memcheck"]).memcheck

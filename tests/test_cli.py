@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for command in ("model", "prepare", "train", "evaluate", "baselines", "batch", "compare",
-                    "recommend", "server", "tune"):
+                    "recommend", "server", "memcheck", "tune"):
         assert command in out
 
 
@@ -111,3 +111,76 @@ def test_ctrl_c_prints_interrupted_and_kills_the_run(tmp_path, tiny_model_dir):
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
     assert run.info.status == "KILLED"
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_argument_has_help_and_its_default(capsys):
+    """Each option of each command says what it is; one with a default says which; each
+    command ends with examples."""
+    import argparse
+
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"tablora {name}: {action.dest} has no help text"
+        text = parser.format_help()
+        assert "examples:\n  tablora " in text, f"tablora {name}: no examples"
+        for action in parser._actions:
+            if (action.help and action.help != argparse.SUPPRESS and action.default
+                    not in (None, False, [], argparse.SUPPRESS) and not action.required
+                    and (action.option_strings or action.nargs == "?")):
+                assert f"(default: {action.default})" in " ".join(text.split()), (
+                    f"tablora {name}: the default of {action.dest} is not shown")
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tablora {version('tablora')}"
+
+
+def test_params_lists_every_key(capsys, tmp_path):
+    """`tablora params` is generated from config.py: every key with its default and meaning; its
+    YAML form is a params file that loads back to the defaults."""
+    from helpers import config
+
+    assert cli.main(["params"]) == 0
+    text = capsys.readouterr().out
+    for d in config.key_docs():
+        assert f"\n{d.key}  (" in "\n" + text, d.key
+    assert "steps_per_eval  (an integer; default 0)" in text
+    assert cli.main(["params", "val_batches", "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| `val_batches` | `-1` | ")
+    assert cli.main(["params", "--format", "yaml"]) == 0
+    (tmp_path / "all.yaml").write_text(capsys.readouterr().out)
+    loaded = config.load_params(tmp_path / "all.yaml")
+    assert loaded.to_dict() == config.Params(name=loaded.name).to_dict()
+    assert cli.main(["params", "no-such-key"]) == 2
+    assert "no params key contains 'no-such-key'" in capsys.readouterr().err
+
+
+def test_memcheck_prints_each_test_and_the_verdict(tmp_path, tiny_model_dir, mlflow_store,
+                                                  capsys):
+    (tmp_path / "t.csv").write_text("a,b,c\n" + "".join(
+        f"{i},{i % 4}.5,{100 + 37 * i % 900}\n" for i in range(12)))
+    params = tmp_path / "p.yaml"
+    params.write_text(f"model_id: {tiny_model_dir}\ndataset:\n  source: t.csv\n")
+    assert cli.main(["memcheck", str(params), "--rows", "3", "--prefix-rows", "4"]) == 0
+    out = capsys.readouterr().out
+    for test in ("header", "row", "feature", "first_token"):
+        assert f"  {test} " in out
+    assert "row          exact 0/3" in out and "held-out column 'c'" in out
+    assert "verdict: " in out and "shows no memorization" in out
+    assert cli.main(["memcheck", str(params), "--prefix-rows", "20"]) == 2
+    assert "--prefix-rows 11 or fewer" in capsys.readouterr().err

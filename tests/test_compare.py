@@ -160,6 +160,31 @@ def test_compare_batch_prints_tables_verdicts_and_writes_figures(store, tmp_path
     # Logged to the batch's parent run.
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(store["parent"], "comparison")}
     assert "comparison/metric_bars.png" in logged and "comparison/REPORT.md" in logged
+    assert "comparison/REPORT.html" in logged
+    # REPORT.html carries its figures (MLflow's artifact view and a browser show it as is).
+    page = (out / "REPORT.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 5 and "<table>" in page
+    assert "**" not in page and "](metric_bars.png)" not in page
+
+
+def test_runs_get_descriptions_and_the_figures_colours(store, tmp_path):
+    """Each model's run is described with its headline against the other arm, and tagged with
+    the colour the figures give it (MLflow's charts then match the figures)."""
+    from helpers.analysis import figures
+
+    c = compare.run("tablora", "b1", out=tmp_path)
+    client = mlflow.MlflowClient()
+    colors = figures.model_colors(c)
+    assert len(set(colors.values())) == len(colors) == 4
+    best = c.best_llm
+    note = client.get_run(best.run_id).data.tags[contract.TAG_NOTE]
+    assert note.startswith(f"**{best.cell('accuracy')}** test accuracy (zero-shot ")
+    assert f"best baseline random_forest {c.best_baseline.cell('accuracy', with_ci=False)}" in note
+    for r in c.llms + c.baselines:
+        for rid in r.run_ids or [r.run_id]:
+            assert client.get_run(rid).data.tags[contract.TAG_RUN_COLOR] == colors[r.name]
+    parent = client.get_run(store["parent"]).data.tags[contract.TAG_NOTE]
+    assert c.headline[0] in parent and "comparison/REPORT.html" in parent
 
 
 def test_comparison_statistics(store):
@@ -272,9 +297,9 @@ def test_notebook_parameters_and_shape():
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     src = params[0].source
-    for line in ('experiment = "tablora"', 'batch_id = ""', 'against = ""', 'out_dir = ""',
-                 'params_path = "../params/demo/smollm2-135m.yaml"', "overrides = {}",
-                 'run_id = ""'):
+    for line in ('experiment: str = "tablora"', 'batch_id: str = ""', 'against: str = ""',
+                 'out_dir: str = ""', 'params_path: str = "../params/demo/smollm2-135m.yaml"',
+                 "overrides: dict = {}", 'run_id: str = ""'):
         assert line in src
     # papermill reads the same names (it silently skips a line it cannot parse).
     import papermill
@@ -307,3 +332,25 @@ def test_notebook_runs_on_the_store(store, tmp_path):
     result = eval(compile(last, "compare.ipynb", "eval"), ns)  # noqa: S307
     assert result["best_llm"] == "llama-3.2-3b" and result["n_baselines"] == 2
     assert (tmp_path / "REPORT.md").is_file()
+
+
+def test_memorization_check_adds_a_line_to_the_verdict(store, tmp_path):
+    """A memcheck run of an LLM's model on its table (any batch) puts a line in the verdict."""
+    tracking.setup("memo")
+    log_run("llama-3.2-3b", "llm", predictions(20, 11, 1), batch="m", model_id=LLAMA3B,
+            zeroshot=predictions(13, 10, 8), tmp=tmp_path)
+    log_run("random_forest", "baseline", predictions(22, 11, 3), batch="m", tmp=tmp_path)
+    row = {"exact": 7, "trials": 10, "chance_exact": 0, "chance_trials": 10, "flagged": 1}
+    with mlflow.start_run(run_name="memcheck", tags={
+            contract.TAG_KIND: contract.KIND_MEMCHECK, contract.TAG_MEMCHECK_TEXT: "file"}):
+        tracking.log_params(Params(name="llama-3.2-3b", model_id=LLAMA3B))
+        mlflow.log_metrics({contract.memcheck_metric("row", k): v for k, v in row.items()})
+    try:
+        c = compare.run("memo", "m", out=tmp_path / "out", with_figures=False, log=False)
+    finally:
+        mlflow.set_experiment("tablora")
+    assert c.headline[-1] == (
+        f"Memorization: {LLAMA3B} has seen builtin:breast_cancer: it completes 7 of 10 rows of "
+        "the table verbatim (shuffled copy: 0 of 10) [file text]; its results on this table may "
+        "be inflated (tablora memcheck).")
+    assert c.headline[-1] in c.markdown

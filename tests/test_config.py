@@ -203,3 +203,44 @@ def test_one_training_budget_num_iters_or_num_epochs(tmp_path):
     assert p.replace(num_epochs=1).replace(num_iters=7).budget == ("num_iters", 7)
     with pytest.raises(ParamsError, match="num_epochs"):
         load_params(write(tmp_path / "c.yaml", "num_epochs: -1\n"))
+
+
+def test_every_params_key_is_in_the_generated_key_list():
+    """`tablora params` lists every key with its meaning, read from the comment above the field
+    in config.py: a new field without a comment fails here (the list cannot drift)."""
+    from helpers import config
+
+    docs = {d.key: d for d in config.key_docs()}
+    assert set(docs) == set(config.flat_types()), "keys missing from or extra in key_docs()"
+    undocumented = sorted(k for k, d in docs.items() if not d.doc)
+    assert not undocumented, (f"add a comment line above these fields in config.py: "
+                              f"{undocumented}")
+    assert docs["val_batches"].doc.startswith("Validation batches per evaluation")
+    assert docs["dataset.split_seed"].default == 42 and docs["lora_rank"].allowed
+    assert docs["baselines.models"].default == Params().baselines.models
+    # A section header above a field is not the field's meaning.
+    assert not docs["learning_rate"].doc.startswith("Optimisation")
+
+
+def test_key_docs_read_comments_not_strings(monkeypatch):
+    """A regression guard for the parser: only the comment block right above a field counts (a
+    blank line ends it), and a '#' inside a default string is not a comment."""
+    from helpers import config
+
+    source = textwrap.dedent('''
+        from dataclasses import dataclass
+
+        @dataclass(frozen=True)
+        class Params:
+            # A header, then a blank line.
+
+            # The meaning of a.
+            a: int = 1
+            b: str = "# not a comment"
+            c: int = 2  # trailing
+    ''')
+    module = type(sys)("fake_config")
+    monkeypatch.setitem(sys.modules, "fake_config", module)
+    exec(compile(source, "fake_config.py", "exec"), module.__dict__)  # noqa: S102
+    docs = {d.key: d.doc for d in config._key_docs(source, module.Params)}
+    assert docs == {"a": "The meaning of a.", "b": "", "c": "trailing"}

@@ -61,3 +61,26 @@ def test_calibration_shows_every_scored_model_by_true_class():
     row = next(line for line in lines if line.startswith("| llm-a (zero-shot)"))
     cells = [x.strip() for x in row.strip("|").split("|")]
     assert cells[1:5] == ["0.84 [0.84, 0.84]", "0.84 [0.84, 0.84]", "0.00", "0.434"]
+
+
+def test_each_model_its_colour_llms_in_the_legend_clear_of_the_data():
+    """Regression: two baselines shared a colour, the legend dropped the LLMs and covered the
+    top bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = [record(f"llm-{i}", "llm", 5 + i, i, zeroshot=True) for i in range(3)]
+    records += [record(f"base-{i}", "baseline", 2 + i, 10 + i) for i in range(6)]
+    c = report.build(records)
+    colors = figures.model_colors(c)
+    assert len(set(colors.values())) == len(records)
+    for make in (figures.fig_metric_bars, figures.fig_roc, figures.fig_zeroshot):
+        fig = make(c)
+        FigureCanvasAgg(fig).draw()
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        if make is not figures.fig_zeroshot:
+            assert all(any(r.label in lab for lab in labels) for r in c.llms), labels
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), make.__name__

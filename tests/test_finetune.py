@@ -247,6 +247,24 @@ def test_still_improving_is_told_only_when_the_budget_ended_a_falling_loss():
     assert not finetune.still_improving({**state, "val_losses": [2.0]})
 
 
+    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
+
+
+def test_mlx_lm_progress_stays_out_of_notebooks(monkeypatch):
+    """Regression: in a notebook mlx-lm's rich progress displayed a widget and routed stderr into
+    it, so the executed notebook kept a stale copy of our progress bar ("6/32")."""
+    import sys
+
+    from mlx_lm.cli_ui import make_console, make_train_progress
+
+    console = make_console()
+    monkeypatch.setattr(console, "is_jupyter", True)  # as in a Jupyter kernel
+    stderr = sys.stderr
+    with finetune._QuietMlxConsole(), make_train_progress(console):
+        assert sys.stderr is stderr
+    assert console.is_jupyter is True
+
+
 def test_the_on_eval_hook_stops_training_as_a_pruned_run(toy):
     """A search's pruner (helpers.workflow.tune) stops a trial through this hook."""
     seen = []

@@ -151,3 +151,110 @@ def test_a_killed_commands_kernel_folder_is_removed_by_the_next(tmp_path, monkey
     mine = notebooks._kernel_dir()
     assert not stale.exists() and mine.is_dir() and mine.parent == tmp_path
     assert mine.name.startswith(f"{notebooks.KERNEL_DIR_PREFIX}{os.getpid()}-")
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_notebooks_are_stored_as_jupyter_writes_them(name, tmp_path):
+    """Regression: notebooks showed as modified as soon as JupyterLab opened them. Committed
+    byte for byte as nbformat writes them, with the language_info the kernel reports (which
+    JupyterLab writes into the notebook when the kernel starts); papermill's parameterized copy
+    is stable too: reading and writing it back changes nothing."""
+    import sys
+
+    from ipykernel.ipkernel import IPythonKernel
+
+    path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    nbformat.write(nbformat.read(str(path), as_version=nbformat.NO_CONVERT), str(tmp_path / "a"))
+    assert (tmp_path / "a").read_bytes() == path.read_bytes()
+    info = nbformat.read(str(path), as_version=4).metadata["language_info"]
+    expected = dict(IPythonKernel.language_info, version=info["version"])
+    assert info == expected
+    assert info["version"].rsplit(".", 1)[0] == "{}.{}".format(*sys.version_info[:2])
+    out = tmp_path / f"{name}.ipynb"
+    papermill.execute_notebook(str(path), str(out), parameters={"run_id": "x"},
+                               prepare_only=True, kernel_name=config.KERNEL_NAME,
+                               progress_bar=False)
+    notebooks.store_as_jupyter(out)  # what notebooks.execute does with papermill's copy
+    before = out.read_bytes()
+    nbformat.write(nbformat.read(str(out), as_version=nbformat.NO_CONVERT), str(out))
+    assert out.read_bytes() == before
+    assert '"run_id = \\"x\\"' in before.decode()  # papermill's parameters are in it
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_notebook_parameters_are_typed_for_papermill(name):
+    """`papermill --help-notebook` shows each parameter's type and help, not "Unknown type"."""
+    params = papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"))
+    for key, p in params.items():
+        assert p["inferred_type_name"] in ("str", "dict"), (key, p)
+        assert p["help"], f"{name}.ipynb: {key} has no comment"
+
+
+def test_executed_notebooks_are_html_too(tmp_path, mlflow_store):
+    """An executed notebook is logged with its HTML (nbconvert) beside it: MLflow's artifact
+    view shows that, where the .ipynb is raw JSON. Outputs, images included, are in the page."""
+    import mlflow
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print('hello from the kernel')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="train: 32/32\n"),
+                    nbformat.v4.new_output("display_data", {"image/png": TINY_PNG})]
+    nb.cells = [cell]
+    executed = tmp_path / "train.ipynb"
+    nbformat.write(nb, str(executed))
+    client = mlflow.MlflowClient(mlflow_store)
+    run = client.create_run("0")
+    notebooks.log_executed(client, run.info.run_id, executed)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "notebooks")}
+    assert logged == {"notebooks/train.ipynb", "notebooks/train.html"}
+    page = (tmp_path / "train.html").read_text()
+    assert "train: 32/32" in page and f"data:image/png;base64,{TINY_PNG}" in page
+
+
+# A 1x1 PNG.
+TINY_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAAB"
+            "JRU5ErkJggg==")
+
+
+def test_progress_bars_print_text_in_executed_notebooks(monkeypatch):
+    """Regression: a papermill run saved tqdm's widget as first drawn ("0/32"); there the text
+    bar is used, whose last line (the final count) the saved copy keeps."""
+    from tqdm.std import tqdm as text_bar
+
+    from helpers import contract
+    from helpers.llm import scoring
+
+    monkeypatch.setenv(contract.ENV_NOTEBOOK, "/x/train.ipynb")
+    assert scoring.tqdm_class() is text_bar
+
+
+def test_cell_output_reaches_the_terminal_once(tmp_path):
+    """Regression: papermill printed each stderr line of a cell twice (once more as a logged
+    warning), so every progress bar update of a batch came out twice. The kernel knows its
+    notebook (the runs' Source; text progress bars) and shows no MLflow download widget (saved
+    as first drawn, it read "0/1" forever)."""
+    import os
+    import subprocess
+    import sys
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": config.KERNEL_NAME, "display_name": "tablora",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('params_path = ""\noverrides = {}\nrun_id = ""'),
+                nbformat.v4.new_code_cell("import sys\nprint('bar 7/7', file=sys.stderr)\n"
+                                          "print('line to stdout')"),
+                nbformat.v4.new_code_cell("import os\nprint(os.environ['TABLORA_NOTEBOOK'], os."
+                                          "environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'])")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nbformat.write(nb, str(tmp_path / "echo.ipynb"))
+    script = ("import sys\nfrom pathlib import Path\nfrom helpers.config import Params\n"
+              "from helpers.workflow import notebooks\n"
+              "notebooks.NOTEBOOKS_DIR = Path(sys.argv[1])\n"
+              "notebooks.execute('echo', Params(), output=Path(sys.argv[1]) / 'out.ipynb', "
+              "progress=False)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("bar 7/7") == 1 and proc.stdout.count("line to stdout") == 1
+    assert f"{tmp_path / 'echo.ipynb'} false" in proc.stdout

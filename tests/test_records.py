@@ -48,3 +48,36 @@ def test_record_cells_and_sizes():
     assert r.cell("accuracy") == "54.2% [41.5, 66.9]" and r.size_in_params() == 3e9
     assert RunRecord("x", model_id="org/tiny-135M-x").size_in_params() == 1.35e8
     assert records.score_key(RunRecord("nan")) < records.score_key(r)
+
+
+def memcheck_run(run_id: str, start: int, model_id: str = "m", status: str = "FINISHED",
+                 text: str = "file", row_exact: float = 3.0):
+    """An MLflow run of kind memcheck as the store returns it (the attributes records reads)."""
+    from types import SimpleNamespace
+
+    from helpers import contract
+
+    metrics = {contract.memcheck_metric("row", k): v for k, v in
+               {"exact": row_exact, "trials": 10.0, "chance_exact": 0.0,
+                "chance_trials": 10.0, "flagged": float(row_exact >= 4)}.items()}
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, start_time=start, status=status),
+        data=SimpleNamespace(metrics=metrics,
+                             params={"model_id": model_id, "dataset.source": "t.csv"},
+                             tags={contract.TAG_KIND: contract.KIND_MEMCHECK,
+                                   contract.TAG_MEMCHECK_TEXT: text}))
+
+
+def test_memchecks_latest_finished_per_model_table_and_text():
+    runs = [memcheck_run("old", 1, row_exact=9), memcheck_run("new", 2),
+            memcheck_run("failed", 3, status="FAILED"), memcheck_run("pandas", 1, text="pandas"),
+            memcheck_run("other", 1, model_id="n")]
+    got = {(m.model_id, m.text): m for m in records.load_memchecks(runs)}
+    assert {k: m.run_id for k, m in got.items()} == {("m", "file"): "new",
+                                                     ("m", "pandas"): "pandas",
+                                                     ("n", "file"): "other"}
+    assert got[("m", "file")].tests == {"row": {"exact": 3.0, "trials": 10.0,
+                                                "chance_exact": 0.0, "chance_trials": 10.0,
+                                                "flagged": 0.0}}
+    assert got[("m", "file")].source == "t.csv" and got[("m", "file")].flagged == []
+    assert records.load_memchecks([memcheck_run("x", 1, row_exact=8)])[0].flagged == ["row"]

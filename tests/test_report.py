@@ -121,3 +121,36 @@ def test_a_model_still_improving_when_its_budget_ended_is_called_out():
     c = report.build([r, record("b", "llm", 12, 2), floor_record()])
     line = next(x for x in c.headline if x.startswith("Training stopped while"))
     assert "still falling for a:" in line and "b" not in line.split(":")[0]
+
+
+def checked(model_id: str, source: str, row_exact: int, **more) -> report.MemcheckRecord:
+    """A memorization check of `model_id` on `source` (the row test, and any others given)."""
+    tests = {"row": {"exact": row_exact, "trials": 10, "chance_exact": 0, "chance_trials": 10,
+                     "flagged": float(row_exact >= 4)}, **more}
+    return report.MemcheckRecord(model_id, source, "file", tests)
+
+
+def test_memorization_line_in_the_verdict():
+    a = record("a", "llm", 10, 1)
+    b = record("b", "llm", 12, 2)  # the same model with other settings: one line
+    other = record("c", "llm", 14, 3)
+    for r, model in ((a, "m/seen"), (b, "m/seen"), (other, "m/fresh")):
+        r.model_id, r.params = model, {"dataset": {"source": "builtin:breast_cancer"}}
+    header = {"exact": 5, "trials": 8, "chance_exact": 0, "chance_trials": 8, "flagged": 1.0}
+    checks = [checked("m/seen", "builtin:breast_cancer", 7, header=header),
+              checked("m/fresh", "builtin:breast_cancer", 0),
+              checked("m/seen", "other.csv", 9)]  # another table: not this comparison's
+    c = report.build([a, b, other], memchecks=checks)
+    lines = [line for line in c.headline if line.startswith("Memorization")]
+    assert lines == [
+        "Memorization: m/seen has seen builtin:breast_cancer: it completes 7 of 10 rows of the "
+        "table verbatim (shuffled copy: 0 of 10) [file text]; continues the table's first rows "
+        "verbatim at 5 of 8 cuts (shuffled copy: 0 of 8) [file text]; its results on this table "
+        "may be inflated (tablora memcheck).",
+        "Memorization check: no sign that m/fresh has seen builtin:breast_cancer (tests row at "
+        "chance level: it completes 0 of 10 rows of the table verbatim (shuffled copy: 0 of "
+        "10)).",
+    ]
+    assert "## Verdict" in report.markdown(c) and lines[0] in report.markdown(c)
+    # No check ran: no line (and nothing else changes).
+    assert not any(line.startswith("Memorization") for line in report.build([a]).headline)

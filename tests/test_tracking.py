@@ -63,13 +63,20 @@ def test_log_dataset(params, mlflow_store, tmp_path, monkeypatch):
     p = data.prepare(params)
     with tracking.run(params) as run:
         tracking.log_dataset(p)
-    r = mlflow.MlflowClient(mlflow_store).get_run(run.info.run_id)
+    client = mlflow.MlflowClient(mlflow_store)
+    r = client.get_run(run.info.run_id)
     assert r.data.tags[contract.TAG_SPLIT_HASH] == p.split_hash
-    assert r.data.metrics["data_test_rows"] == len(p.split["test"])
-    assert r.data.metrics["data_train_positive"] == p.class_counts("train")["positive"]
     assert sorted(i.tags[0].value for i in r.inputs.dataset_inputs) == ["test", "train", "valid"]
-    arts = mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "data")
-    assert [a.path for a in arts] == ["data/split.json"]
+    arts = client.list_artifacts(run.info.run_id, "data")
+    assert sorted(a.path for a in arts) == ["data/split.json", contract.DATA_SUMMARY]
+    # Bookkeeping is one JSON file, not metrics: the runs table lists results first.
+    assert not [k for k in r.data.metrics if k.startswith("data_")]
+    summary = mlflow.artifacts.load_dict(f"{r.info.artifact_uri}/{contract.DATA_SUMMARY}")
+    assert summary["test"]["rows"] == len(p.split["test"])
+    assert summary["train"]["positive"] == p.class_counts("train")["positive"]
+    assert summary["split_hash"] == p.split_hash
+    # The dry run's split label is this same hash (one id per split).
+    assert data.table_split_hash(params) == p.split_hash
 
 
 def test_training_logger_renames_mlx_lm_keys(params, mlflow_store):
@@ -172,3 +179,74 @@ def test_a_store_that_cannot_be_opened_is_a_store_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
     with pytest.raises(tracking.StoreError, match="missing"):
         tracking.setup("x")
+
+
+def test_runs_carry_source_user_and_a_description(params, mlflow_store, monkeypatch):
+    """What the UI shows as Source, Created by and Description: a notebook run names its
+    notebook; a finished model run describes its headline; a person's own text is kept."""
+    import getpass
+
+    client = mlflow.MlflowClient(mlflow_store)
+    monkeypatch.setenv(contract.ENV_NOTEBOOK, "/x/notebooks/train.ipynb")
+    with tracking.run(params, system_metrics=False) as run:
+        mlflow.log_metrics({"test_accuracy": 0.789, "test_accuracy_ci_low": 0.719,
+                            "test_accuracy_ci_high": 0.86, "zeroshot_test_accuracy": 0.5})
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags[contract.TAG_SOURCE_NAME] == "/x/notebooks/train.ipynb"
+    assert tags[contract.TAG_SOURCE_TYPE] == "LOCAL"
+    assert tags[contract.TAG_USER] == getpass.getuser()
+    assert tags[contract.TAG_NOTE] == "Test accuracy 78.9% [71.9, 86.0]; zero-shot 50.0%"
+    assert tracking.describe(run.info.run_id, "updated", client)
+    client.set_tag(run.info.run_id, contract.TAG_NOTE, "my own notes")  # edited in the UI
+    assert not tracking.describe(run.info.run_id, "tablora again", client)
+    assert tracking.description(run.info.run_id, client) == "my own notes"
+
+
+def test_llm_runs_record_system_metrics(params, mlflow_store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with tracking.run(params) as llm:  # kind llm: sampled by default
+        time.sleep(1.5)
+    with tracking.run(params, kind=contract.KIND_BASELINE, run_name="rf") as base:
+        time.sleep(0.5)
+    client = mlflow.MlflowClient(mlflow_store)
+    assert any(k.startswith("system/cpu") for k in client.get_run(llm.info.run_id).data.metrics)
+    assert not any(k.startswith("system/") for k in client.get_run(base.info.run_id).data.metrics)
+
+
+def test_experiment_opens_in_the_model_training_view(mlflow_store):
+    """MLflow 3 opens an experiment in its GenAI view: tablora's experiments carry the
+    model-training kind and a runs view (sorted by test accuracy, headline columns)."""
+    import json
+
+    exp_id = tracking.setup("view-test")
+    tags = mlflow.MlflowClient(mlflow_store).get_experiment(exp_id).tags
+    assert tags[contract.EXPERIMENT_KIND_TAG] == contract.EXPERIMENT_KIND
+    view = json.loads(tags[contract.SHARED_VIEW_TAG_PREFIX + contract.SHARED_VIEW])
+    assert "metrics.`test_accuracy`" in view["selectedColumns"]
+    assert view["orderByKey"] == "metrics.`test_accuracy`"
+    url = tracking.ui_url(exp_id, "http://127.0.0.1:5001")
+    assert url == (f"http://127.0.0.1:5001/#/experiments/{exp_id}/runs?workflowType="
+                   f"machine_learning&viewStateShareKey={contract.SHARED_VIEW}")
+    assert any(url in line for line in tracking.ui_lines("http://127.0.0.1:5001"))
+    # A person's own choice of kind is kept.
+    mlflow.MlflowClient(mlflow_store).set_experiment_tag(exp_id, contract.EXPERIMENT_KIND_TAG,
+                                                         "genai_development")
+    tracking.setup("view-test")
+    assert mlflow.MlflowClient(mlflow_store).get_experiment(exp_id).tags[
+        contract.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_dataset_inputs_copy_to_a_parent(params, mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TABLORA_CACHE", str(tmp_path / "cache"))
+    p = data.prepare(params)
+    runs = []
+    for name in ("a", "b"):
+        with tracking.run(params, run_name=name, system_metrics=False) as run:
+            tracking.log_dataset(p)
+        runs.append(run.info.run_id)
+    client = mlflow.MlflowClient(mlflow_store)
+    parent = client.create_run(tracking.setup(params.experiment)).info.run_id
+    assert tracking.copy_dataset_inputs(client, runs, parent) == 3  # the same three splits
+    assert len(client.get_run(parent).inputs.dataset_inputs) == 3

@@ -292,3 +292,12 @@ def test_trials_run_as_tasks_on_workers_into_a_postgresql_study(tracking_server,
     assert len(runs) == 2
     assert all(r.data.tags[contract.TAG_WORKER].startswith("tcp://") for r in runs)
     assert "***" in tune.shown_url(storage) and tracking_server.pg.password not in result.text()
+
+
+def test_tablora_params_documents_the_tune_section(capsys):
+    docs = {d.key: d for d in config.tune_key_docs()}
+    assert set(docs) == {"tune.<param>", *(f"tune.{k}" for k in config.TUNE_SETTINGS)}
+    assert all(d.doc for d in docs.values()), "a TuneSpec setting without its comment line"
+    assert "valid_roc_auc" in docs["tune.objective"].allowed
+    assert cli.main(["params", "tune"]) == 0
+    assert "tune.pruner  (a string; default \"median\")" in capsys.readouterr().out

@@ -461,6 +461,8 @@ def run_all(prepared: Any, params: Params | None = None, batch_id: str = "",
         with tracking.run(params, kind=contract.KIND_BASELINE, run_name=name,
                           nested_in=parent_run_id,
                           tags={**tags, contract.TAG_MODEL_NAME: name}) as run:
+            # Every run names the data it was scored on (the UI's Dataset column), as LLM runs do.
+            tracking.log_dataset(prepared)
             result = fit_baseline(prepared, name, params)
             _log_result(params, result)
             result.run_id = run.info.run_id

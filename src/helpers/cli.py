@@ -30,12 +30,6 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _add_params(p: argparse.ArgumentParser) -> None:
-    p.add_argument("params", type=Path, help="a params YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params key (dotted for sections: dataset.test_size=0.3)")
-
-
 def cmd_model(a: argparse.Namespace) -> int:
     from helpers.llm import models
 
@@ -101,7 +95,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from helpers.workflow import batch
 
     return batch.run(a.paths, seeds=a.seeds, only=a.only, resume=a.resume, dry_run=a.dry_run,
-                     compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0)
+                     compare=not a.no_compare, cluster=a.cluster or "", workers=a.workers or 0,
+                     memcheck=a.memcheck)
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
@@ -132,6 +127,26 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memcheck(a: argparse.Namespace) -> int:
+    """Has the model seen this table? The tests, their chance level and the verdict per text."""
+    from helpers.config import load_params
+    from helpers.llm import memcheck
+
+    params = load_params(a.params, _overrides(a.overrides))
+    settings = memcheck.Settings(rows=a.rows, prefix_rows=a.prefix_rows, seed=params.seed)
+    for result, run_id in memcheck.run(params, a.text, settings):
+        table = result.table
+        print(f"\n{params.model_id} on {table.origin} [{table.name}]: "
+              f"{len(table.lines) - 1} rows, held-out column {result.feature_column!r}, "
+              f"{result.seconds:.0f}s; MLflow run {run_id}")
+        print("\n".join(result.lines()))
+        print(f"verdict: {params.model_id} "
+              + (f"has memorized this table ({', '.join(result.flagged)}): its results on it "
+                 "may be inflated" if result.flagged else
+                 "shows no memorization of this table (every test at chance level)"))
+    return 0
+
+
 def cmd_recommend(a: argparse.Namespace) -> int:
     from helpers.analysis import compare, recommend
 
@@ -144,52 +159,196 @@ def cmd_recommend(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(a: argparse.Namespace) -> int:
+    """The params keys, from helpers.config's schema and its comments."""
+    from helpers.config import ParamsError, key_docs, tune_key_docs
+
+    docs = [d for d in key_docs() + tune_key_docs()
+            if not a.words or any(w in d.key for w in a.words)]
+    if not docs:
+        # A user error (contract.USER_ERRORS): one `error:` line, exit 2.
+        raise ParamsError(f"no params key contains {', '.join(map(repr, a.words))}: "
+                         "`tablora params` lists them all")
+    print({"text": _params_text, "markdown": _params_markdown, "yaml": _params_yaml}[a.format](
+        docs))
+    return 0
+
+
+def _show(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, str) else (
+        str(value).lower() if isinstance(value, bool) else json.dumps(value, default=str))
+
+
+def _params_text(docs: list[Any]) -> str:
+    import textwrap
+
+    out = []
+    for d in docs:
+        out.append(f"{d.key}  ({d.type.replace('a list of a', 'a list of')}; default "
+                   f"{_show(d.default)})")
+        text = d.doc + (f" Allowed: {d.allowed}." if d.allowed else "")
+        out.extend(textwrap.wrap(text, 92, initial_indent="    ", subsequent_indent="    "))
+    out.append("\nSet them in a params YAML (sections nested: `dataset:` then `  target: y`), or "
+               "with --set KEY=VALUE.")
+    return "\n".join(out)
+
+
+def _params_markdown(docs: list[Any]) -> str:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for d in docs:
+        text = d.doc + (f" Allowed: {d.allowed}." if d.allowed else "")
+        rows.append(f"| `{d.key}` | `{_show(d.default)}` | {text.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def _params_yaml(docs: list[Any]) -> str:
+    import textwrap
+
+    import yaml
+
+    out = ["# A tablora params file with every key at its default (`tablora params --format "
+           "yaml`)."]
+    section = ""
+    for d in docs:
+        if "<" in d.key:  # a placeholder (tune.<param>), not a key to write
+            continue
+        head, _, key = d.key.rpartition(".")
+        if head != section:
+            out.append(f"{head}:")
+            section = head
+        indent = "  " if head else ""
+        text = d.doc + (f" Allowed: {d.allowed}." if d.allowed else "")
+        out.extend(textwrap.wrap(text, 96, initial_indent=f"{indent}# ",
+                                 subsequent_indent=f"{indent}# "))
+        value = yaml.safe_dump({key: d.default}, default_flow_style=True, width=10_000)
+        out.append(indent + value.strip()[1:-1])
+    return "\n".join(out)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogues as written (the examples, one a line); each option's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or action.required or action.default is argparse.SUPPRESS
+                or action.default in (None, False, [])):
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tablora")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+PARAMS_HELP = "a params YAML file (its folder's _defaults.yaml is merged under it)"
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("params", type=Path, help=PARAMS_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key, repeatable; dotted for sections "
+                   "(dataset.test_size=0.3); `tablora params` lists the keys")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tablora",
+        prog="tablora", formatter_class=_Formatter,
         description="LoRA-fine-tune LLMs on a tabular yes/no task and compare them, honestly, "
-        "with classical baselines. Every run is logged to MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
+        "with classical baselines. Every run is logged to MLflow.",
+        epilog=_examples(
+            "tablora batch params/demo            # the demo: baselines, fine-tune, compare",
+            "tablora batch params/demo --dry-run  # the plan, nothing run",
+            "tablora params lora                  # the params keys about LoRA",
+            "tablora <command> --help             # each command's options and examples",
+            "make ui / make lab                   # browse the runs / open the notebooks"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("model", help="build/load a model and answer a prompt (smoke test)")
-    p.add_argument("model_id", nargs="?", default="builtin:smollm2-135m-instruct")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--dequantize", choices=["auto", "always", "never"], default="auto")
+    def command(name: str, help: str, examples: tuple[str, ...], **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=_Formatter, epilog=_examples(*examples), **kw)
+
+    p = command("model", "build/load a model and answer a prompt (smoke test)", (
+        "tablora model",
+        "tablora model mlx-community/Llama-3.2-3B-Instruct-4bit --prompt 'Say yes.'",
+        "tablora model path/to/mlx-model --max-tokens 8 --dequantize never"))
+    p.add_argument("model_id", nargs="?", default="builtin:smollm2-135m-instruct",
+                   help="a hub id (mlx-community/...), a local mlx-lm model folder, or a built-in "
+                   "model")
+    p.add_argument("--prompt", default="What is the capital of France?",
+                   help="the user message to answer")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--dequantize", choices=["auto", "always", "never"], default="auto",
+                   help="dequantize quantized weights to float32 (auto: on MLX's CPU backend, "
+                   "where quantized matmuls are ~20x slower)")
     p.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("prepare", help="split the data, serialize prompts, print the budget")
+    p = command("prepare", "split the data, serialize prompts, print the budget", (
+        "tablora prepare params/demo/smollm2-135m.yaml",
+        "tablora prepare my.yaml --set prompt.template=list --set dataset.test_size=0.3"))
     _add_params(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="LoRA fine-tune (runs notebooks/train.ipynb)")
+    p = command("train", "LoRA fine-tune (runs notebooks/train.ipynb)", (
+        "tablora train params/demo/smollm2-135m.yaml",
+        "tablora train my.yaml --set num_iters=200 --set learning_rate=1e-5",
+        "tablora train my.yaml --run-id 0123abcd...   # resume from the last checkpoint"))
     _add_params(p)
-    p.add_argument("--run-id", help="continue this MLflow run (resume from its checkpoint)")
+    p.add_argument("--run-id", help="continue this MLflow run (resume from its checkpoint); "
+                   "default: a new run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate",
-                       help="score zero-shot and fine-tuned (notebooks/evaluate.ipynb)")
+    p = command("evaluate", "score zero-shot and fine-tuned (runs notebooks/evaluate.ipynb)", (
+        "tablora evaluate params/demo/smollm2-135m.yaml",
+        "tablora evaluate my.yaml --run-id 0123abcd...",
+        "tablora evaluate my.yaml --adapter runs/adapters/my-model"))
     _add_params(p)
     p.add_argument("--run-id", help="the training run whose adapter to score (default: the "
                    "latest finished run named after the params file)")
-    p.add_argument("--adapter", help="score this adapter directory instead")
+    p.add_argument("--adapter", help="score this adapter folder instead (default: the run's)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("baselines", help="fit the classical baselines (notebooks/baselines.ipynb)")
+    p = command("baselines", "fit the classical baselines (runs notebooks/baselines.ipynb)", (
+        "tablora baselines params/demo/smollm2-135m.yaml",
+        "tablora baselines my.yaml --set baselines.mode=fixed"))
     _add_params(p)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_baselines)
 
-    p = sub.add_parser("batch", help="run params files (or folders of them): train + evaluate "
-                       "each, baselines once per split")
-    p.add_argument("paths", nargs="+", type=Path)
+    p = command("batch", "run params files (or folders of them): train + evaluate each, "
+                "baselines once per split, then compare", (
+                    "tablora batch params/demo",
+                    "tablora batch params/round1 --dry-run",
+                    "tablora batch params/round1 --seeds 0,1,2 --only llama-3.2-3b",
+                    "tablora batch params/round1 --resume   # after a crash or Ctrl-C"))
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="params files or folders of them (recursively; files starting with _, "
+                   "such as _defaults.yaml, are not models)")
     p.add_argument("--resume", action="store_true",
                    help="skip models already FINISHED with identical params")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (runs, notebooks, splits) and exit; writes nothing")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this model (repeatable)")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides the files)")
+                   help="run only this model (params name, run name or file name; repeatable)")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: each file's "
+                   "`seeds`, else its `seed`)")
     p.add_argument("--no-compare", action="store_true", help="skip the comparison at the end")
+    p.add_argument("--memcheck", action="store_true",
+                   help="first check each model once per table for memorization (tablora "
+                   "memcheck; a finished check is reused)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--cluster", metavar="tcp://HOST:8786",
                        help="run the models on this Dask scheduler's workers (started as `dask "
@@ -199,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "LocalCluster)")
     p.set_defaults(func=cmd_batch)
 
-    p = sub.add_parser("tune", help="search the `tune:` section of a params file with Optuna "
-                       "(TPE, pruning on validation loss); the best trial's params as a file")
+    p = command("tune", "search the `tune:` section of a params file with Optuna (TPE, pruning "
+                "on validation loss); the best trial's params as a params file", (
+                    "tablora tune params/demo/smollm2-135m.yaml --trials 8",
+                    "tablora tune PARAMS.yaml --trials 20 --timeout 2h --workers 2",
+                    "tablora tune PARAMS.yaml --trials 10 --storage "
+                    "postgresql+psycopg://user:pass@db:5432/optuna   # on several machines"))
     _add_params(p)
     p.add_argument("--trials", type=int, required=True, help="trials this command runs")
     p.add_argument("--timeout", help="start no trial after this long: seconds, or 90m, 2h")
@@ -218,35 +381,71 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the trials on N worker processes of this machine")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("server", help="a shared MLflow tracking server over PostgreSQL, "
-                       "artifacts proxied (for batches on several machines)")
+    p = command("server", "a shared MLflow tracking server over PostgreSQL, artifacts proxied "
+                "(for batches on several machines)", (
+                    "tablora server",
+                    "tablora server --host 0.0.0.0 --port 5000   # reachable from other machines",
+                    "tablora server --db postgresql+psycopg://user:pass@db:5432/mlflow"))
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (0.0.0.0: reachable from other machines)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
     p.add_argument("--db", metavar="URL", help="a PostgreSQL database, e.g. "
                    "postgresql+psycopg://user:pass@host:5432/mlflow (default: a cluster of "
                    "its own in .cache/server/postgres, made and started here)")
-    p.add_argument("--db-port", type=int, help="port of that own cluster (default: free)")
+    p.add_argument("--db-port", type=int, help="port of that own cluster (default: a free one)")
     p.add_argument("--artifacts", type=Path,
                    help="where the server keeps artifacts (default .cache/server/artifacts)")
-    p.add_argument("--workers", type=int, help="server worker processes (MLflow's default: 4)")
+    p.add_argument("--workers", type=int, help="server worker processes (default: MLflow's, 4)")
     p.add_argument("--allowed-hosts", help="Host headers to accept beyond localhost and "
-                   "private IPs, e.g. mlflow.lab.example:5000 (MLflow's --allowed-hosts)")
+                   "private IPs, e.g. mlflow.lab.example:5000 (MLflow's --allowed-hosts; "
+                   "default: none)")
     p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("compare", help="tables, statistics and plots from the MLflow runs")
-    p.add_argument("--experiment", default="tablora")
-    p.add_argument("--batch", help="only the runs of this batch id (default: all)")
+    p = command("compare", "tables, statistics and plots from the MLflow runs", (
+        "tablora compare --batch 20261128-231500-ab12",
+        "tablora compare --batch NEW --against OLD   # round over round",
+        "tablora compare --experiment my-exp --out reports/my-exp"))
+    p.add_argument("--experiment", default="tablora", help="the MLflow experiment to read")
+    p.add_argument("--batch", help="only the runs of this batch id (default: all, the latest "
+                   "run per model)")
     p.add_argument("--against", help="an earlier batch id or experiment to compare with")
-    p.add_argument("--out", type=Path, help="folder for the report and figures")
+    p.add_argument("--out", type=Path, help="folder for REPORT.md, REPORT.html and the figures "
+                   "(default: runs/compare/<batch or experiment>)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("recommend", help="diagnose the runs and write next-round params files")
-    p.add_argument("--experiment", default="tablora")
+    p = command("memcheck", "has the model seen this table? memorization tests (header, row, "
+                "feature, first token) against a shuffled copy", (
+                    "tablora memcheck params/demo/smollm2-135m.yaml",
+                    "tablora memcheck params/round1/llama.yaml --rows 50 --text both"))
+    _add_params(p)
+    p.add_argument("--rows", type=int, default=25,
+                   help="trials of the row and feature tests (as many as tabmemcheck)")
+    p.add_argument("--prefix-rows", type=int, default=10,
+                   help="lines of context before the row to complete")
+    p.add_argument("--text", choices=["auto", "file", "pandas", "both"], default="auto",
+                   help="the data file as distributed (auto: when there is one), the table as "
+                   "pandas writes it, or both")
+    p.set_defaults(func=cmd_memcheck)
+
+    p = command("recommend", "diagnose the runs and write next-round params files", (
+        "tablora recommend --batch 20261128-231500-ab12 --out params/round2",
+        "tablora batch params/round2   # then run the next round"))
+    p.add_argument("--experiment", default="tablora", help="the MLflow experiment to read")
     p.add_argument("--batch", help="only the runs of this batch id (default: all)")
     p.add_argument("--out", type=Path, required=True, help="folder for the next round's files")
     p.set_defaults(func=cmd_recommend)
 
+    p = command("params", "list every params key with its type, default and meaning", (
+        "tablora params",
+        "tablora params lora learning_rate   # keys containing these words",
+        "tablora params --format yaml > my.yaml   # a params file with every default",
+        "tablora params --format markdown"))
+    p.add_argument("words", nargs="*", metavar="WORD",
+                   help="only keys containing one of these words")
+    p.add_argument("--format", choices=["text", "markdown", "yaml"], default="text",
+                   help="text for the terminal, a markdown table, or a YAML params file with "
+                   "every key at its default and its meaning as a comment")
+    p.set_defaults(func=cmd_params)
     debug_help = "on an error, show its traceback (also TABLORA_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     for p in sub.choices.values():  # after the sub-command too: tablora train X --debug

@@ -58,8 +58,11 @@ class DatasetSpec:
     # Words for coded values, per column: {smoke: {0: "no", 1: "yes"}} (the target's too: its
     # positive label's word goes into the question).
     value_labels: dict[str, dict[Any, str]] = field(default_factory=dict)
+    # Fraction of the rows held out for the test split (looked at once per model).
     test_size: float = 0.2
+    # Fraction for the validation split (early stopping, thresholds; baselines fit on it).
     valid_size: float = 0.1
+    # Seed of the stratified split: same table and seed = same split (and split hash).
     split_seed: int = 42
     # "none", or "oversample" the minority class of the training split only.
     balance: Literal["none", "oversample"] = "none"
@@ -72,14 +75,20 @@ class PromptSpec:
     template: str = "sentence"
     # Significant digits for numbers in prompts.
     digits: int = 3
+    # What a missing value reads as in a prompt.
     missing: str = "unknown"
     # Added before the serialized row (shared by all rows: computed once and cached in scoring).
     # Empty = derived from the data: a built-in data set's own wording, else a neutral sentence
-    # and a question built from the target column and positive label (helpers.data.wording).
+    # (helpers.data.wording).
     task_description: str = ""
+    # Asked after the serialized row; empty = derived from the data (a built-in's own, else a
+    # question built from the target column and positive label).
     question: str = ""
+    # The answer the model is trained to give for the positive class.
     answer_yes: str = "Yes"
+    # The answer for the negative class.
     answer_no: str = "No"
+    # A system message before each prompt (empty = none).
     system_prompt: str = ""
 
 
@@ -98,6 +107,7 @@ class BaselineSpec:
     )
     # "cv": choose hyperparameters by stratified CV on train; "fixed": use `fixed` as given.
     mode: Literal["cv", "fixed"] = "cv"
+    # Stratified CV folds for mode "cv" (fewer when the minority class is smaller).
     cv_folds: int = 5
     # {model name: {hyperparameter: value}} for mode "fixed".
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -105,12 +115,15 @@ class BaselineSpec:
 
 @dataclass(frozen=True)
 class Params:
+    # The run's name in MLflow (default: the params file's name without .yaml).
     name: str = "smollm2-135m"
     # Hub id (mlx-community/...), a local mlx-lm model directory, or a built-in name.
     model_id: str = BUILTIN_MODEL
     # Where adapters and checkpoints go; empty = runs/adapters/<name>[-seed<k>].
     output_dir: str = ""
+    # The MLflow experiment the runs go to.
     experiment: str = "tablora"
+    # Seeds LoRA initialisation, dropout, batch order and the baselines.
     seed: int = 0
     # Repeats: the batch runs the model once per seed (empty = just `seed`).
     seeds: list[int] = field(default_factory=list)
@@ -119,31 +132,45 @@ class Params:
     dequantize: Literal["auto", "always", "never"] = "auto"
 
     # LoRA. mlx-lm's `scale` = lora_alpha / lora_rank (its default scale 20 = alpha 160 at rank 8).
+
+    # Rank of the LoRA matrices (adapter size).
     lora_rank: int = 8
+    # LoRA scaling numerator: the update is scaled by lora_alpha / lora_rank.
     lora_alpha: float = 16.0
+    # Dropout on the LoRA input during training.
     lora_dropout: float = 0.0
     # LoRA on the top `num_layers` transformer blocks (-1 = all).
     num_layers: int = 8
     # Which linear layers get adapters (empty = mlx-lm's default for the architecture).
     lora_keys: list[str] = field(default_factory=list)
 
-    # Optimisation. 2e-4 with a cosine decay: the usual LoRA default (QLoRA's). A model as small
-    # as the embedded 135M one may need more (the demo trains at 1e-3).
+    # Optimisation.
+
+    # Adam's learning rate (peak, after warm-up). 2e-4 with a cosine decay is the usual LoRA
+    # default (QLoRA's); a model as small as the embedded 135M one may need more (the demo: 1e-3).
     learning_rate: float = 2e-4
+    # "constant", or "cosine" decay to 0 over the optimizer updates after warm-up.
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # Optimizer updates of linear warm-up from 0 to learning_rate (0 = none).
     warmup_steps: int = 0
-    # The training budget: `num_iters` steps or `num_epochs` passes over the training split (one
-    # of the two; 0 = not set; neither set = DEFAULT_EPOCHS). A file that sets one overrides the
-    # other from `_defaults.yaml`; setting both in one file is an error.
+    # Training budget in iterations (batches); 0 = not set. Set this or num_epochs (neither:
+    # DEFAULT_EPOCHS epochs); a file that sets one overrides the other from `_defaults.yaml`,
+    # both in one file is an error.
     num_iters: int = 0
+    # Training budget in passes over the training split; 0 = not set (see num_iters).
     num_epochs: float = 0.0
+    # Examples per iteration.
     batch_size: int = 4
+    # Iterations whose gradients are summed into one optimizer update.
     grad_accumulation_steps: int = 1
+    # Longest training example in tokens (longer ones are truncated, with a warning).
     max_seq_length: int = 512
     # Loss on the answer tokens only.
     mask_prompt: bool = True
+    # Iterations per training-loss report (terminal, MLflow's train_loss).
     steps_per_report: int = 10
-    # Validation every N steps (0 = EVALS_PER_EPOCH times per epoch).
+    # Iterations between validation-loss evaluations (early stopping, best adapter); 0 =
+    # EVALS_PER_EPOCH times per epoch.
     steps_per_eval: int = 0
     # Validation batches per evaluation (-1 = the whole validation split).
     val_batches: int = -1
@@ -157,17 +184,25 @@ class Params:
     fast_training: bool = True
 
     # Evaluation.
+
+    # "logprob": P(yes) from the answers' log-probabilities; "generate": decode and parse.
     scoring: Literal["logprob", "generate"] = "logprob"
+    # logprob scoring: compare answers by mean rather than summed token log-probability.
     length_normalize: bool = False
     # One rule for every model of a run: "fixed" cuts every model's P(yes) at `threshold`;
     # "tune" picks the threshold maximising balanced accuracy on rows the model was not fitted
     # on: the validation split for an LLM, out-of-fold predictions of train + valid for a
     # baseline. Never on test.
     threshold_mode: Literal["fixed", "tune"] = "tune"
+    # P(yes) at or above which the answer is Yes (threshold_mode "fixed").
     threshold: float = 0.5
+    # Examples scored per forward pass.
     eval_batch_size: int = 8
+    # generate scoring: tokens decoded per answer.
     max_new_tokens: int = 8
+    # Also score the base model before fine-tuning (zeroshot_test_* metrics).
     eval_zeroshot: bool = True
+    # Bootstrap resamples for the 95% confidence intervals.
     n_bootstrap: int = 1000
 
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
@@ -619,6 +654,84 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
 
 
 # ---------------------------------------------------------------------------------------------
+# The key list (`tablora params`): read from this file, so that it cannot drift from the schema
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One params key as `tablora params` lists it."""
+
+    key: str  # flat: "lora_rank", "dataset.target"
+    type: str  # "an integer", "one of 'none', 'oversample'"
+    default: Any
+    doc: str  # the comment right above the field in config.py (and one after it on its line)
+    allowed: str = ""  # the range check, if any
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every params key with its type, default, meaning and range, in schema order (the
+    sections last). The meaning is the comment block right above the field's line in this
+    file, read with tokenize (a field with none gets an empty doc: tests/test_config.py fails).
+    """
+    import inspect
+
+    return _key_docs(inspect.getsource(inspect.getmodule(key_docs)), Params)
+
+
+def _key_docs(source: str, root: type) -> list[KeyDoc]:
+    """key_docs of the dataclass `root` (and its section dataclasses) defined in `source`."""
+    import io
+    import tokenize
+
+    comments: dict[int, str] = {}  # line -> comment text
+    alone: set[int] = set()  # lines holding nothing but a comment
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#"):
+                alone.add(tok.start[0])
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    classes = {node.name: node for node in ast.parse(source).body
+               if isinstance(node, ast.ClassDef)}
+
+    def field_docs(cls: type) -> dict[str, str]:
+        out = {}
+        for node in classes[cls.__name__].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above, line = [], node.lineno - 1
+            while line in alone:
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = comments.get(node.lineno) if node.lineno not in alone else None
+            out[node.target.id] = " ".join(above + ([trailing] if trailing else []))
+        return out
+
+    def entries(cls: type, prefix: str) -> list[KeyDoc]:
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        rows, sections = [], []
+        for f in dataclasses.fields(cls):
+            if f.name == "source_file":
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                sections += entries(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())  # type: ignore[misc]
+            key = prefix + f.name
+            allowed = _CHECKS[key][1] if key in _CHECKS else ""
+            rows.append(KeyDoc(key, _describe(hints[f.name]), default, docs.get(f.name, ""),
+                               allowed))
+        return rows + sections
+
+    return entries(root, "")
+
+
+# ---------------------------------------------------------------------------------------------
 # The search space of `tablora tune`: a `tune:` section beside the params (ignored by every other
 # command), checked whole before any trial runs.
 
@@ -660,16 +773,21 @@ class Dimension:
 class TuneSpec:
     """The `tune:` section of a params file, checked."""
 
-    space: tuple[Dimension, ...]
-    # val_loss (the best validation loss of a trial), or a metric of P(yes) on the valid rows.
+    # The searched params (every key of the section that is not a setting below).
+    space: tuple[Dimension, ...] = ()
+    # What a trial is scored by, on the validation rows: val_loss (its best validation loss), or
+    # valid_roc_auc, valid_pr_auc or valid_brier (its P(yes) there).
     objective: str = "val_loss"
-    # Stops a trial whose validation loss at an evaluation is worse than the other trials' there.
+    # median: stop a trial whose validation loss at an evaluation is worse than the median of
+    # the earlier trials there; hyperband; or none.
     pruner: str = "median"
     # Trials sampled at random (and never pruned) before TPE and the pruner take over.
     startup_trials: int = 3
-    # Evaluations of a trial before the pruner may stop it.
+    # Evaluations a trial gets before the pruner may stop it.
     warmup_evals: int = 1
+    # Seed of the TPE sampler (trial k samples with sampler_seed + k).
     sampler_seed: int = 0
+    # Where the section came from (not a setting).
     source_file: str = field(default="", compare=False)
 
     @property
@@ -684,6 +802,26 @@ class TuneSpec:
     def hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def tune_key_docs() -> list[KeyDoc]:
+    """The keys of the `tune:` section for `tablora params`: one line for the searched params,
+    then the settings (from their comments in TuneSpec, as key_docs)."""
+    import inspect
+
+    settings = [dataclasses.replace(d, key=f"{TUNE_KEY}.{d.key}")
+                for d in _key_docs(inspect.getsource(inspect.getmodule(key_docs)), TuneSpec)
+                if d.key in TUNE_SETTINGS]
+    checks = {"objective": "one of " + ", ".join(OBJECTIVES),
+              "pruner": "one of " + ", ".join(PRUNERS)}
+    settings = [dataclasses.replace(d, allowed=checks.get(d.key.split(".")[1], d.allowed))
+                for d in settings]
+    param = KeyDoc(f"{TUNE_KEY}.<param>", "a range {low, high, log: true|false, step} or a list "
+                   "of choices", None, "A training hyperparameter to search (`tablora tune`; "
+                   "every other command ignores the tune section), e.g. learning_rate: {low: "
+                   "1.0e-5, high: 1.0e-3, log: true} or lora_rank: [4, 8, 16].",
+                   "one of " + ", ".join(TUNABLE))
+    return [param, *settings]
 
 
 def load_tune(path: str | Path, overrides: dict[str, Any] | None = None

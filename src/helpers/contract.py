@@ -29,6 +29,7 @@ KIND_TUNE = "tune"  # the parent run of a `tablora tune` study
 # One trial of a study: trained and scored on validation rows; not a model of the comparison
 # (picking the best of them by test scores would select on the test split).
 KIND_TRIAL = "trial"
+KIND_MEMCHECK = "memcheck"  # has the model seen the table? (helpers.llm.memcheck)
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
 # The baselines that know nothing about the rows (helpers.baselines): every other model is
 # tested against the better of them, and one not significantly better is "no better than the
@@ -63,8 +64,31 @@ TAG_BEST_TRIAL = "tablora.best_trial"  # on a tune run: the best trial's number 
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
 TAG_HEARTBEAT = "tablora.heartbeat"  # unix time, refreshed while that process works on the run
+TAG_NOTE_HASH = "tablora.note_hash"  # the description tablora wrote (a user's edit is kept)
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_PARENT = "mlflow.parentRunId"
+# MLflow's own tags, as its UI reads them: the run's "Source", "Created by" and "Description"
+# columns, and the colour it draws the run in (one colour per model, as in the figures).
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_USER = "mlflow.user"
+TAG_NOTE = "mlflow.note.content"  # markdown
+TAG_RUN_COLOR = "mlflow.runColor"
+SOURCE_TYPE = "LOCAL"  # shown as the source's file name
+
+# ---------------------------------------------------------------- experiment tags
+# MLflow's experiment kind: "custom_model_development" is its model-training ("Machine
+# learning") kind, not the GenAI one with Traces and Judges.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved runs-table view (sort, columns) that the UI opens from `?viewStateShareKey=<name>`.
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+SHARED_VIEW = "tablora"
+# The UI's own switch between its GenAI and model-training views (a URL parameter).
+UI_WORKFLOW = "workflowType=machine_learning"
+TAG_MEMCHECK_TEXT = "tablora.memcheck_text"  # which text of the table: file | pandas
+TAG_MEMCHECK_FLAGGED = "tablora.memcheck_flagged"  # the tests that flagged it, or "none"
+TAG_MEMCHECK_KEY = "tablora.memcheck_key"  # model + table text + settings (reused by a batch)
 
 # ---------------------------------------------------------------- metrics
 PREFIX_TEST = "test"  # the fine-tuned LLM, or a baseline, on the test split
@@ -95,6 +119,18 @@ def metric(prefix: str, name: str) -> str:
     return f"{prefix}_{name}"
 
 
+# Memorization checks (kind memcheck): memcheck_<test>_<what>, what one of exact, near, trials,
+# chance_exact, chance_near, chance_trials (the shuffled copy), p, flagged (0/1); plus
+# memcheck_header_verbatim_chars and memcheck_flagged (1 when any test flagged the table).
+MEMCHECK_TESTS = ("header", "row", "feature", "first_token")
+MEMCHECK_FLAGGED = "memcheck_flagged"
+
+
+def memcheck_metric(test: str, what: str) -> str:
+    """memcheck_metric("row", "exact") -> "memcheck_row_exact"."""
+    return f"memcheck_{test}_{what}"
+
+
 # ---------------------------------------------------------------- artifacts
 ARTIFACT_PARAMS = "params"  # the params file(s) a run was made from
 ARTIFACT_NOTEBOOKS = "notebooks"  # the executed notebooks
@@ -106,7 +142,12 @@ ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or r
 ARTIFACT_STUDY = "study"  # on a tune run: the best params file and the trials table
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
+ARTIFACT_MEMCHECK = "memcheck/completions.json"  # every prompt, target and completion
 SUMMARY_JSON, SUMMARY_TEXT = "summary.json", "summary.txt"
+# Bookkeeping of the data a run used (rows and classes per split, prompt tokens, duplicates):
+# one JSON file, not metrics, so that the runs table lists the results first.
+DATA_SUMMARY = "data/summary.json"
+REPORT_MD, REPORT_HTML = "REPORT.md", "REPORT.html"  # REPORT.html: figures embedded
 
 # Adapter folders (on disk and in the artifacts): what mlx-lm's load_adapters reads.
 ADAPTER_FILE = "adapters.safetensors"
@@ -151,5 +192,9 @@ USER_ERRORS = (
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
     "TuneError",  # helpers.workflow.tune: a study that cannot run or produced no trial
+    "MemcheckError",  # helpers.llm.memcheck: a table or setting the memorization tests refuse
     "FileNotFoundError",  # a path given on the command line
 )
+# Set by helpers.workflow.notebooks.execute: the notebook a kernel runs (the runs' "Source"), and
+# a sign that nobody watches live widgets (progress bars print text that the saved copy keeps).
+ENV_NOTEBOOK = "TABLORA_NOTEBOOK"

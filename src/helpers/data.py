@@ -752,7 +752,10 @@ def prepare(params: Params) -> Prepared:
 def table_split_hash(params: Params) -> str:
     """The split hash of the table as this machine reads it: what prepare() would key its split
     by. A batch worker compares it with the batch's before it trains on anything."""
-    return split_hash(_with_row_ids(load_source(params), describe_source(params)), params)
+    origin = describe_source(params)
+    table = _with_row_ids(load_source(params), origin)
+    target = resolve_target(table, params, origin)
+    return split_hash(table, params, target, _check_target(table, params, target, origin))
 
 
 def install_split(split_json: str, shash: str) -> Path:

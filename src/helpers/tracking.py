@@ -8,6 +8,7 @@ silently flip a relative URI back to it). MLFLOW_TRACKING_URI points it at a sha
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -23,13 +24,22 @@ from helpers.config import PROJECT_ROOT, Params
 from helpers.contract import (
     ARTIFACT_DATA,
     ARTIFACT_PARAMS,
+    DATA_SUMMARY,
     ENV_BATCH_ID,
+    ENV_NOTEBOOK,
     ENV_OWNER,
     ENV_PARENT_RUN_ID,
     ENV_RUN_IDS_FILE,
     ENV_RUN_TAGS,
     ERROR_FILE,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     KIND_LLM,
+    PREFIX_TEST,
+    PREFIX_ZEROSHOT,
+    SHARED_VIEW,
+    SHARED_VIEW_TAG_PREFIX,
+    SOURCE_TYPE,
     SPLITS,
     TAG_BATCH_ID,
     TAG_DATA_SOURCE,
@@ -39,11 +49,17 @@ from helpers.contract import (
     TAG_KIND,
     TAG_MODEL_FAMILY,
     TAG_MODEL_SIZE,
+    TAG_NOTE,
+    TAG_NOTE_HASH,
     TAG_OWNER,
     TAG_PARAMS_HASH,
     TAG_PARENT,
+    TAG_SOURCE_NAME,
+    TAG_SOURCE_TYPE,
     TAG_SPLIT_HASH,
+    TAG_USER,
     TOKENS_PER_SEC,
+    UI_WORKFLOW,
 )
 
 # A RUNNING run whose owner (TAG_OWNER) is a process of another machine is stale when its
@@ -93,6 +109,7 @@ def setup(experiment: str = "tablora") -> str:
                 exp_id = client.create_experiment(experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
+            _configure_experiment(client, exp_id, exp.tags if exp is not None else {})
     except StoreError:
         raise
     except Exception as e:  # MLflow and SQLAlchemy raise many types for a store they cannot use
@@ -126,6 +143,55 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# The runs table a person wants first: every model flat (a sort other than creation time lists
+# nested runs flat instead of under a collapsed batch row), best test accuracy first, and the
+# point estimates of the headline metrics as columns (intervals are in each run's description).
+UI_COLUMNS = ("attributes.`Source`", "attributes.`User`",
+              *(f"metrics.`{PREFIX_TEST}_{m}`" for m in ("accuracy", "balanced_accuracy", "f1",
+                                                         "roc_auc")),
+              f"metrics.`{PREFIX_ZEROSHOT}_accuracy`", f"tags.`{TAG_KIND}`")
+UI_VIEW = {"orderByKey": f"metrics.`{PREFIX_TEST}_accuracy`", "orderByAsc": False,
+           "selectedColumns": list(UI_COLUMNS), "runsHiddenMode": "SHOW_ALL"}
+UI_BASE = "http://127.0.0.1:5000"
+
+
+def _configure_experiment(client: Any, exp_id: str, tags: dict[str, str]) -> None:
+    """MLflow's model-training kind and tablora's runs-table view, on a new experiment or one
+    made before tablora set them (a user's own changes to either are kept)."""
+    import json
+
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+              SHARED_VIEW_TAG_PREFIX + SHARED_VIEW: json.dumps(UI_VIEW)}
+    for key, value in wanted.items():
+        if key not in tags:
+            try:
+                client.set_experiment_tag(exp_id, key, value)
+            except Exception as e:  # noqa: BLE001 - a read-only store still logs runs
+                warnings.warn(f"could not tag experiment {exp_id} ({key}): {e}", stacklevel=3)
+
+
+def ui_url(experiment_id: str, base: str = UI_BASE) -> str:
+    """The MLflow UI page of an experiment's runs, in the model-training view with tablora's
+    columns and sort (MLflow 3.x opens an experiment in its GenAI view unless told)."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}"
+            f"&viewStateShareKey={SHARED_VIEW}")
+
+
+def ui_lines(base: str = UI_BASE, default: str = "tablora") -> list[str]:
+    """What `make ui` prints: the page of each experiment of the store (tagged for the UI on
+    the way), or of `default` (created) in a store without any."""
+    import mlflow
+
+    uri = tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    names = [e.name for e in client.search_experiments() if e.name != "Default"] if (
+        not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()) else []
+    lines = ["MLflow UI: open the runs of an experiment (model-training view):"]
+    for name in names or [default]:
+        lines.append(f"  {name}: {ui_url(setup(name), base)}")
+    return lines
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
@@ -152,6 +218,74 @@ def model_tags(model_id: str) -> dict[str, str]:
     return {TAG_MODEL_FAMILY: family, TAG_MODEL_SIZE: size_s}
 
 
+def run_identity(source: str = "") -> dict[str, str]:
+    """The tags MLflow's UI shows as a run's Source and Created by: the notebook a kernel runs
+    (helpers.workflow.notebooks.execute says which; JupyterLab names it JPY_SESSION_NAME), else
+    `source`, else the program; the user; the git commit."""
+    import getpass
+    import sys
+
+    name = (source or os.environ.get(ENV_NOTEBOOK) or os.environ.get("JPY_SESSION_NAME")
+            or (sys.argv[0] if sys.argv and sys.argv[0] else "python"))
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    tags = {TAG_SOURCE_NAME: name, TAG_SOURCE_TYPE: SOURCE_TYPE, TAG_USER: user}
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    return tags
+
+
+def _text_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(run_id: str, text: str, client: Any = None) -> bool:
+    """Set a run's description (markdown: the Description column and box of the UI), unless a
+    person wrote or edited it there; returns whether it was written."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    current = tags.get(TAG_NOTE)
+    if current and tags.get(TAG_NOTE_HASH) != _text_hash(current):
+        return False  # not ours (or edited since): keep it
+    client.set_tag(run_id, TAG_NOTE, text)
+    client.set_tag(run_id, TAG_NOTE_HASH, _text_hash(text))
+    return True
+
+
+def description(run_id: str, client: Any = None) -> str:
+    """A run's description, "" when it has none."""
+    import mlflow
+
+    return (client or mlflow.MlflowClient()).get_run(run_id).data.tags.get(TAG_NOTE, "")
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """A model run's results in one line, from its metrics: "test accuracy 78.9% [71.9, 86.0];
+    zero-shot 65.8% [56.1, 74.6]" (what the run's description starts with)."""
+    from helpers.contract import CI_HIGH, CI_LOW
+
+    def pct(prefix: str) -> str:
+        v = metrics[f"{prefix}_accuracy"]
+        low, high = (metrics.get(f"{prefix}_accuracy{CI_LOW}"),
+                     metrics.get(f"{prefix}_accuracy{CI_HIGH}"))
+        ci = "" if low is None or high is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+        return f"{100 * v:.1f}%{ci}"
+
+    parts = []
+    if f"{PREFIX_TEST}_accuracy" in metrics:
+        parts.append(f"test accuracy {pct(PREFIX_TEST)}")
+    if f"{PREFIX_ZEROSHOT}_accuracy" in metrics:
+        parts.append(f"zero-shot {pct(PREFIX_ZEROSHOT)}")
+    return "; ".join(parts)
+
+
 def log_params(params: Params) -> None:
     """Every resolved parameter (flattened), the params hash, and the params file (artifact)."""
     import mlflow
@@ -171,31 +305,51 @@ def log_params(params: Params) -> None:
         mlflow.log_artifact(params.source_file, artifact_path=ARTIFACT_PARAMS)
 
 
+# System metrics (CPU, memory, disk, network) of LLM runs: one sample every this many seconds;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL = 15
+
+
 @contextlib.contextmanager
 def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = "",
-        tags: dict[str, str] | None = None, nested_in: str = "") -> Iterator[Any]:
+        tags: dict[str, str] | None = None, nested_in: str = "",
+        system_metrics: bool | None = None) -> Iterator[Any]:
     """Start (or resume, given `run_id`) the MLflow run of a params file.
 
     A run that raises is ended FAILED with the error text in a tag and an artifact; one that is
     interrupted (Ctrl-C, kernel interrupt) is ended KILLED. While it runs, its owner tag names
     this process (or the command that started this kernel) and a heartbeat tag is refreshed, so
     that a run whose process was killed outright can be told from a live one (mark_stale_runs).
+    system_metrics: sample CPU and memory into the run (default: for LLM runs, the ones that
+    train and score).
     """
     import mlflow
 
     setup(params.experiment)
+    if system_metrics is None:
+        system_metrics = kind == KIND_LLM
+    if system_metrics:
+        if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+        # Its start/stop/"no GPU" notes would land in every executed notebook's output.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    identity = run_identity()
     owner_tags = {TAG_OWNER: owner(), TAG_HEARTBEAT: str(int(time.time()))}
     if run_id:
         previous = _check_resumable(run_id)
-        active = mlflow.start_run(run_id=run_id)
-        mlflow.set_tags(owner_tags)
-        if TAG_ERROR in previous.data.tags:  # why it stopped last time: no longer true
+        active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+        # A run the batch created has no Source yet: the first notebook that writes it names it.
+        known = previous.data.tags
+        missing = {k: v for k, v in identity.items() if k not in known}
+        mlflow.set_tags({**missing, **owner_tags})
+        if TAG_ERROR in known:  # why it stopped last time: no longer true
             mlflow.MlflowClient().delete_tag(run_id, TAG_ERROR)
     else:
-        all_tags = {TAG_KIND: kind, **_batch_tags(), **(tags or {}), **owner_tags}
+        all_tags = {TAG_KIND: kind, **identity, **_batch_tags(), **(tags or {}), **owner_tags}
         if nested_in:
             all_tags[TAG_PARENT] = nested_in
-        active = mlflow.start_run(run_name=run_name or params.name, tags=all_tags)
+        active = mlflow.start_run(run_name=run_name or params.name, tags=all_tags,
+                                  log_system_metrics=system_metrics)
     _note_run_id(active.info.run_id)
     try:
         with heartbeat([active.info.run_id]):
@@ -208,6 +362,7 @@ def run(params: Params, run_id: str = "", kind: str = KIND_LLM, run_name: str = 
         mlflow.end_run(status="FAILED")
         raise
     else:
+        _describe_from_metrics(active.info.run_id)
         mlflow.end_run(status="FINISHED")
 
 
@@ -315,6 +470,19 @@ def mark_stale_runs(experiment_id: str, timeout: float | None = None) -> list[st
     return stale
 
 
+def _describe_from_metrics(run_id: str) -> None:
+    """A finished model run's description: its headline (the comparison adds the baselines)."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient()
+        text = headline(client.get_run(run_id).data.metrics)
+        if text:
+            describe(run_id, text[0].upper() + text[1:], client)
+    except Exception as e:  # noqa: BLE001 - a description is never worth failing a run
+        warnings.warn(f"could not describe run {run_id}: {e}", stacklevel=3)
+
+
 def _note_run_id(run_id: str) -> None:
     path = os.environ.get(ENV_RUN_IDS_FILE)
     if path:
@@ -334,9 +502,10 @@ def _batch_tags() -> dict[str, str]:
 
 
 def log_dataset(prepared: Any, splits: tuple[str, ...] = SPLITS) -> None:
-    """Into the active run: the split hash tag, each split as a dataset input, class counts, the
-    split file (`prepared`: a helpers.data.Prepared). `splits`: the ones a run looked at (a
-    search's trial: train and valid, never test)."""
+    """Into the active run: the split hash tag, each split as a dataset input, the split file,
+    and the bookkeeping (rows and classes per split, prompt tokens, duplicates) as one JSON
+    artifact, DATA_SUMMARY (`prepared`: a helpers.data.Prepared). `splits`: the ones the run
+    looks at (a search's trial: train and valid, never test)."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -346,7 +515,8 @@ def log_dataset(prepared: Any, splits: tuple[str, ...] = SPLITS) -> None:
     source = CodeDatasetSource(tags={TAG_DATA_SOURCE: prepared.source,
                                      TAG_SPLIT_HASH: prepared.split_hash})
     name = Path(prepared.source.split(":", 1)[-1]).stem
-    metrics: dict[str, float] = {"data_duplicates_train_test": prepared.duplicates["count"]}
+    summary: dict[str, Any] = {"split_hash": prepared.split_hash, "source": prepared.source,
+                               "duplicates_train_test": prepared.duplicates["count"]}
     for split in splits:
         if not prepared.split[split]:
             continue
@@ -357,18 +527,33 @@ def log_dataset(prepared: Any, splits: tuple[str, ...] = SPLITS) -> None:
             ds = mlflow.data.from_pandas(frame, source=source, targets=prepared.target,
                                          name=f"{name}-{split}-{prepared.split_hash[:8]}")
             mlflow.log_input(ds, context=split)
-        counts = prepared.class_counts(split)
-        metrics[f"data_{split}_rows"] = len(prepared.split[split])
-        metrics[f"data_{split}_positive"] = counts["positive"]
-        metrics[f"data_{split}_negative"] = counts["negative"]
-    for key, value in (prepared.token_budget or {}).items():
-        if key != "max_seq_length":
-            metrics[f"data_prompt_tokens_{key}"] = value
-    mlflow.log_metrics(metrics)
+        summary[split] = {"rows": len(prepared.split[split]), **prepared.class_counts(split)}
+    if prepared.token_budget:
+        summary["prompt_tokens"] = dict(prepared.token_budget)
+    mlflow.log_dict(summary, DATA_SUMMARY)
     mlflow.log_artifact(str(prepared.split_file), artifact_path=ARTIFACT_DATA)
     if prepared.duplicates["count"]:
         mlflow.log_dict(prepared.duplicates, f"{ARTIFACT_DATA}/duplicates.json")
 
+
+def copy_dataset_inputs(client: Any, from_run_ids: list[str], to_run_id: str) -> int:
+    """Log the dataset inputs of some runs (a batch's children) on another (the batch), each
+    dataset and context once; returns how many."""
+    from mlflow.entities import DatasetInput
+
+    seen: dict[tuple[str, str], Any] = {}
+    for rid in from_run_ids:
+        try:
+            inputs = client.get_run(rid).inputs
+        except Exception:  # noqa: BLE001 - a deleted child: nothing to copy
+            continue
+        for di in (inputs.dataset_inputs if inputs else []):
+            key = (di.dataset.digest, ",".join(sorted(f"{t.key}={t.value}" for t in di.tags)))
+            seen.setdefault(key, di)
+    if seen:
+        client.log_inputs(to_run_id, datasets=[DatasetInput(d.dataset, d.tags)
+                                               for d in seen.values()])
+    return len(seen)
 
 
 def record_failure(e: BaseException, run_id: str = "") -> None:

@@ -46,26 +46,67 @@ def _pct_axis(ax: Any, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(PercentFormatter(1.0))
 
 
-def fig_metric_bars(c: Comparison) -> Any:
-    import seaborn as sns
+def model_colors(c: Comparison) -> dict[str, str]:
+    """One colour per model (by record name), the same in every figure and in MLflow's charts
+    (helpers.analysis.compare tags the runs with it): LLMs the strong shades of tab20, baselines
+    the light ones, so no two models share a colour and the arms stay apart at a glance."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
 
+    tab20 = [to_hex(col) for col in colormaps["tab20"].colors]
+    strong, light = tab20[0::2], tab20[1::2]
+    out: dict[str, str] = {}
+    for records, shades in ((c.llms, strong), (c.baselines, light)):
+        for i, r in enumerate(records):
+            if i < len(shades):
+                out[r.name] = shades[i]
+            else:  # more models than shades: evenly spaced hues
+                out[r.name] = to_hex(colormaps["hsv"]((i - len(shades)) / max(len(records), 1)))
+    return out
+
+
+def _legend(fig: Any, models: list[RunRecord], colors: dict[str, str], **style: Any) -> None:
+    """A legend of every model, LLMs first, below the panels (never over the data)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ordered = [r for r in models if r.kind == KIND_LLM] + [r for r in models
+                                                          if r.kind != KIND_LLM]
+    handles = []
+    for r in ordered:
+        label = f"{r.label} (LLM)" if r.kind == KIND_LLM else r.label
+        if style.get("lines"):
+            handles.append(Line2D([], [], color=colors[r.name], label=label,
+                                  ls="-" if r.kind == KIND_LLM else "--"))
+        else:
+            handles.append(Patch(facecolor=colors[r.name], edgecolor="black", lw=0.5,
+                                 hatch="" if r.kind == KIND_LLM else "//", label=label))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3),
+               fontsize=8, frameon=False)
+
+
+def fig_metric_bars(c: Comparison) -> Any:
     models = sorted(c.llms + c.baselines, key=score_key, reverse=True)
     names = ("accuracy", "f1", "balanced_accuracy")
     if not models:
         return None
-    fig = _figure(4.2 * len(names), 0.45 * len(models) + 1.6)
+    colors = model_colors(c)
+    fig = _figure(4.2 * len(names), 0.45 * len(models) + 2.2)
     axes = fig.subplots(1, len(names), sharey=True)
-    order = [r.label for r in models]
     for ax, metric in zip(axes, names, strict=True):
-        df = pd.DataFrame({"model": order, "value": [r.value(metric) for r in models],
-                           "type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in models]})
-        sns.barplot(data=df, y="model", x="value", hue="type", order=order, dodge=False, ax=ax,
-                    palette={"LLM": "#4C72B0", "baseline": "#A0A0A0"}, legend=ax is axes[0])
+        values = [r.value(metric) for r in models]
         low, high = zip(*(_error(r, metric) for r in models), strict=True)
-        ax.errorbar(df["value"].fillna(0), range(len(models)), xerr=[low, high], fmt="none",
-                    ecolor="black", capsize=3, lw=1)
+        bars = ax.barh(range(len(models)), np.nan_to_num(values),
+                       color=[colors[r.name] for r in models], edgecolor="black", lw=0.5,
+                       xerr=[low, high], error_kw={"ecolor": "black", "capsize": 3, "lw": 1})
+        for bar, r in zip(bars, models, strict=True):
+            if r.kind != KIND_LLM:
+                bar.set_hatch("//")
         ax.set(xlim=(0, 1), xlabel=LABELS[metric], ylabel="")
+        ax.set_yticks(range(len(models)), [r.label for r in models])
+        ax.invert_yaxis()  # best at the top
         _pct_axis(ax)
+    _legend(fig, models, colors)
     fig.suptitle("Test metrics with 95% bootstrap CIs (± sd across seeds)")
     return fig
 
@@ -107,8 +148,9 @@ def fig_confusion(c: Comparison) -> Any:
 def fig_roc(c: Comparison) -> Any:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig = _figure(5.5, 5)
+    fig = _figure(5.5, 5.8)
     ax = fig.subplots()
+    colors = model_colors(c)
     drawn = 0
     for r in c.llms + c.baselines:
         rows = r.rows("test")
@@ -118,14 +160,14 @@ def fig_roc(c: Comparison) -> Any:
             continue
         fpr, tpr, _ = roc_curve(rows["label"], rows["p_yes"])
         auc = roc_auc_score(rows["label"], rows["p_yes"])
-        ax.plot(fpr, tpr, ls="-" if r.kind == KIND_LLM else "--",
-                label=f"{r.label} (AUC {auc:.2f})")
+        ax.plot(fpr, tpr, ls="-" if r.kind == KIND_LLM else "--", color=colors[r.name],
+                label=f"{r.label}{' (LLM)' if r.kind == KIND_LLM else ''} (AUC {auc:.2f})")
         drawn += 1
     if not drawn:
         return None
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (test)")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -188,12 +230,21 @@ def fig_loss(c: Comparison) -> Any:
     for ax, r in zip(axes, models, strict=False):
         df = pd.DataFrame([(k, s, v) for k, pts in r.history.items() for s, v in pts],
                           columns=["series", "step", "loss"])
-        sns.lineplot(data=df, x="step", y="loss", hue="series", marker="o", markersize=3, ax=ax)
+        sns.lineplot(data=df, x="step", y="loss", hue="series", marker="o", markersize=3, ax=ax,
+                     palette=LOSS_COLORS, legend=False)
         ax.set(title=r.name + (f" (first of {len(r.seeds)} seeds)" if len(r.seeds) > 1 else ""))
     for ax in axes[len(models):]:
         ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    fig.legend(handles=[Line2D([], [], color=col, marker="o", markersize=3, label=name)
+                        for name, col in LOSS_COLORS.items()],
+               loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle("Training and validation loss")
     return fig
+
+
+LOSS_COLORS = {"train_loss": "#1f77b4", "val_loss": "#ff7f0e"}
 
 
 def fig_zeroshot(c: Comparison) -> Any:
@@ -218,6 +269,6 @@ def fig_zeroshot(c: Comparison) -> Any:
            xlabel="test accuracy", title="Zero-shot → fine-tuned (95% CIs)")
     ax.invert_yaxis()
     _pct_axis(ax)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 

@@ -250,6 +250,7 @@ class Loaded:
     skipped: list[str]
     parent_run_id: str = ""
     experiment_id: str = ""
+    memchecks: list[MemcheckRecord] = field(default_factory=list)
 
 
 def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
@@ -277,7 +278,8 @@ def load(experiment: str = "tablora", batch: str | None = None) -> Loaded:
         records = [record_from_run(client, r, Path(tmp)) for r in latest]
     exp = client.get_experiment_by_name(experiment)
     return Loaded(experiment, batch, merge_all(records), skipped + superseded,
-                  parent.info.run_id if parent else "", exp.experiment_id)
+                  parent.info.run_id if parent else "", exp.experiment_id,
+                  load_memchecks(all_runs))
 
 
 def _borrow_baselines(runs: list[Any], all_runs: Sequence[Any]) -> tuple[list[Any], list[str]]:
@@ -355,6 +357,54 @@ def check_split(runs: Sequence[Any], batch: str | None = None) -> None:
         hint = "" if batch else " Pick one round with --batch <batch id>."
         raise ReportError(f"these runs were made on different data splits and cannot be compared "
                           f"— {detail}.{hint}")
+
+
+# ---------------------------------------------------------------- memorization checks
+
+@dataclass
+class MemcheckRecord:
+    """One memorization check (helpers.llm.memcheck): a model against one text of a table."""
+
+    model_id: str
+    source: str  # dataset.source as the params file gave it
+    text: str  # "file" or "pandas"
+    tests: dict[str, dict[str, float]]  # test -> exact, trials, chance_exact, ..., flagged
+    run_id: str = ""
+    start_time: int = 0
+
+    @property
+    def flagged(self) -> list[str]:
+        return [t for t, m in self.tests.items() if m.get("flagged")]
+
+
+def memcheck_record(run: Any) -> MemcheckRecord:
+    params = params_from_flat(run.data.params)
+    tests: dict[str, dict[str, float]] = {}
+    for name in contract.MEMCHECK_TESTS:
+        head = contract.memcheck_metric(name, "")
+        values = {k[len(head):]: float(v) for k, v in run.data.metrics.items()
+                  if k.startswith(head)}
+        if "trials" in values:
+            tests[name] = values
+    return MemcheckRecord(model_id=str(params.get("model_id", "")),
+                          source=str(params.get("dataset", {}).get("source", "")),
+                          text=run.data.tags.get(contract.TAG_MEMCHECK_TEXT, ""), tests=tests,
+                          run_id=run.info.run_id, start_time=int(run.info.start_time or 0))
+
+
+def load_memchecks(runs: Iterable[Any]) -> list[MemcheckRecord]:
+    """The latest FINISHED memorization check per (model, table, text), from any batch: what a
+    model has memorized does not depend on the round that asked."""
+    latest: dict[tuple[str, str, str], MemcheckRecord] = {}
+    for run in runs:
+        if (run.data.tags.get(contract.TAG_KIND) != contract.KIND_MEMCHECK
+                or run.info.status != "FINISHED"):
+            continue
+        rec = memcheck_record(run)
+        key = (rec.model_id, rec.source, rec.text)
+        if key not in latest or rec.start_time > latest[key].start_time:
+            latest[key] = rec
+    return list(latest.values())
 
 
 # ---------------------------------------------------------------- seeds

@@ -37,6 +37,7 @@ from helpers import metrics
 from helpers.analysis import stats
 from helpers.analysis.records import (
     Loaded,
+    MemcheckRecord,
     NoRuns,
     ReportError,
     RunRecord,
@@ -166,6 +167,7 @@ class Comparison:
     figures: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     markdown: str = ""
+    memchecks: list[MemcheckRecord] = field(default_factory=list)
 
     @property
     def best_llm(self) -> RunRecord | None:
@@ -218,12 +220,15 @@ def floor_words(floor: RunRecord) -> str:
 
 
 def build(records: Sequence[RunRecord], experiment: str = "", batch: str | None = None,
-          skipped: Sequence[str] = ()) -> Comparison:
-    """Tests, ranks and headline from model records (pure: no MLflow)."""
+          skipped: Sequence[str] = (), memchecks: Sequence[MemcheckRecord] = ()
+          ) -> Comparison:
+    """Tests, ranks and headline from model records (pure: no MLflow); `memchecks` add a
+    memorization line per LLM checked on its table."""
     llms = sorted((r for r in records if r.kind == KIND_LLM), key=score_key, reverse=True)
     baselines = sorted((r for r in records if r.kind == KIND_BASELINE), key=score_key,
                        reverse=True)
-    comp = Comparison(experiment, batch, llms, baselines, [], [], {}, [], list(skipped))
+    comp = Comparison(experiment, batch, llms, baselines, [], [], {}, [], list(skipped),
+                      memchecks=list(memchecks))
     floors = [b for b in baselines if b.is_floor]
     comp.floor = floors[0] if floors else None
     if comp.floor is not None:
@@ -323,6 +328,51 @@ def headline(c: Comparison) -> list[str]:
     if any(len(r.seeds) > 1 for r in c.llms + c.baselines):
         lines.append("Models run with several seeds: mean ± sd across seeds; their paired tests "
                      "use the seed-majority vote per row (ties: the first seed).")
+    return lines + memcheck_lines(c)
+
+
+# What each memorization test found, in words: test -> (what the model did, per what).
+_MEMCHECK_WORDS = {
+    "header": ("continues the table's first rows verbatim", "cuts"),
+    "row": ("completes {exact} of {trials} rows of the table verbatim", ""),
+    "feature": ("recalls the held-out value of {exact} of {trials} rows", ""),
+    "first_token": ("starts {exact} of {trials} next rows with the right first value", ""),
+}
+
+
+def _memcheck_finding(test: str, m: dict[str, float]) -> str:
+    words, per = _MEMCHECK_WORDS[test]
+    counts = {k: int(m.get(k, 0)) for k in ("exact", "trials", "chance_exact", "chance_trials")}
+    text = words.format(**counts)
+    if per:
+        text += f" at {counts['exact']} of {counts['trials']} {per}"
+    return text + f" (shuffled copy: {counts['chance_exact']} of {counts['chance_trials']})"
+
+
+def memcheck_lines(c: Comparison) -> list[str]:
+    """A line per LLM whose model was checked for memorization of the table it was scored on
+    (helpers.llm.memcheck): the tests that flagged it, or that none did."""
+    lines: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for r in c.llms:
+        source = str(r.params.get("dataset", {}).get("source", ""))
+        key = (r.model_id, source)
+        checks = [m for m in c.memchecks if (m.model_id, m.source) == key]
+        if not checks or key in seen:
+            continue
+        seen.add(key)
+        flagged = [(m, t) for m in checks for t in m.flagged]
+        if flagged:
+            found = "; ".join(f"{_memcheck_finding(t, m.tests[t])} [{m.text} text]"
+                              for m, t in flagged)
+            lines.append(f"Memorization: {r.model_id} has seen {source}: it {found}; its "
+                         "results on this table may be inflated (tablora memcheck).")
+        else:
+            tested = ", ".join(sorted({t for m in checks for t in m.tests}))
+            rows = next((m.tests["row"] for m in checks if "row" in m.tests), None)
+            detail = f": it {_memcheck_finding('row', rows)}" if rows else ""
+            lines.append(f"Memorization check: no sign that {r.model_id} has seen {source} "
+                         f"(tests {tested} at chance level{detail}).")
     return lines
 
 

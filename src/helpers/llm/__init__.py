@@ -10,4 +10,5 @@ evaluation. The only stage that imports MLX and mlx-lm.
     finetune       LoRA through mlx-lm's trainer: checkpoints, early stopping, MLflow
     scoring        P(yes) by answer likelihood (prefix cache) or generation
     evaluate       zero-shot and fine-tuned on the test split, into the training run
+    memcheck       has the model seen the table? memorization tests against a shuffled copy
 """

@@ -317,10 +317,10 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _progress_bar(total: int, initial: int):
-    with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing, then works
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    from helpers.llm.scoring import tqdm_class
+
+    return tqdm_class()(total=total, initial=initial, desc="train", unit="step",
+                        dynamic_ncols=True)
 
 
 class _Supervisor(TrainingCallback):
@@ -450,11 +450,14 @@ class _QuietMlxConsole:
         from mlx_lm.cli_ui import make_console
 
         self.console = make_console()
-        self.was = self.console.quiet
+        self.was = self.console.quiet, self.console.is_jupyter
         self.console.quiet = True
+        # In a notebook rich would also display a widget and route stderr into it, our progress
+        # bar included: the saved notebook then showed a stale bar ("6/32") beside the final one.
+        self.console.is_jupyter = False
 
     def __exit__(self, *exc):
-        self.console.quiet = self.was
+        self.console.quiet, self.console.is_jupyter = self.was
 
 
 def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,

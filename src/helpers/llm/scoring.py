@@ -83,14 +83,23 @@ class Scores:
 
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
     """tqdm.auto's bar (a widget in Jupyter, text elsewhere), showing examples/s."""
-    import importlib.util
+    return tqdm_class()(total=total, desc=desc, unit="ex", disable=not enabled)
 
-    # Without ipywidgets tqdm.auto warns in every notebook and falls back to text: go there.
-    if importlib.util.find_spec("ipywidgets") is None:
+
+def tqdm_class() -> Any:
+    """tqdm's text bar in a notebook that papermill runs (tablora sets ENV_NOTEBOOK there): a
+    widget is saved as first drawn ("0/32"), text as last printed; also where ipywidgets is
+    missing (tqdm.auto would warn, then print text anyway). tqdm.auto elsewhere."""
+    import importlib.util
+    import os
+
+    from helpers.contract import ENV_NOTEBOOK
+
+    if os.environ.get(ENV_NOTEBOOK) or importlib.util.find_spec("ipywidgets") is None:
         from tqdm.std import tqdm
     else:
         from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled)
+    return tqdm
 
 
 # --------------------------------------------------------------------------- tokens

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import config, contract, tracking
+from helpers import config, contract, data, tracking
 from helpers.config import Params, ParamsError, load_params
 from helpers.workflow import executor, notebooks
 
@@ -70,10 +70,12 @@ class Outcome:
 class BaselineGroup:
     """Models sharing a split: the baselines notebook runs once for all of them."""
 
-    key: str
+    key: str  # the split hash (tablora.split_hash); "-2", "-3" for other settings on that split
     file: Path  # the first model file of the group: its dataset and baselines sections
     params: Params
     models: list[str]
+    split_hash: str = ""
+    error: str = ""  # why the table could not be read (the split hash is then unknown)
 
 
 # ---------------------------------------------------------------- planning (no MLflow, no kernels)
@@ -161,7 +163,8 @@ def select(jobs: list[Job], only: list[str]) -> list[Job]:
 
 
 def baselines_key(params: Params) -> str:
-    """Same dataset section, baselines settings and experiment = same baselines runs."""
+    """Same dataset section, baselines settings and experiment = same baselines runs (the group,
+    not the split's id: that is the split hash)."""
     blob = json.dumps({"experiment": params.experiment,
                        "dataset": dataclasses.asdict(params.dataset),
                        "baselines": dataclasses.asdict(params.baselines)},
@@ -170,16 +173,35 @@ def baselines_key(params: Params) -> str:
 
 
 def baseline_groups(jobs: list[Job]) -> list[BaselineGroup]:
+    """One group per baselines setting, named by its split hash: the id MLflow tags the runs
+    with (tablora.split_hash), read from the table without writing anything."""
     groups: dict[str, BaselineGroup] = {}
+    hashes: dict[str, tuple[str, str]] = {}
     for job in jobs:
         if job.params is None:
             continue
-        key = baselines_key(job.params)
-        if key not in groups:
-            groups[key] = BaselineGroup(key, job.file, job.base or job.params, [])
-        if job.name not in groups[key].models:
-            groups[key].models.append(job.name)
+        config_key = baselines_key(job.params)
+        if config_key not in groups:
+            split, error = _split_hash(job.params, hashes)
+            same = sum(g.split_hash == split for g in groups.values())
+            key = split if not same else f"{split}-{same + 1}"
+            groups[config_key] = BaselineGroup(key, job.file, job.base or job.params, [],
+                                               split_hash=split, error=error)
+        if job.name not in groups[config_key].models:
+            groups[config_key].models.append(job.name)
     return list(groups.values())
+
+
+def _split_hash(params: Params, cache: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(split hash, "") or, when the table cannot be read, (a settings hash, the error)."""
+    blob = json.dumps(dataclasses.asdict(params.dataset), sort_keys=True, default=str)
+    key = f"{params.source_file}|{blob}"
+    if key not in cache:
+        try:
+            cache[key] = (data.table_split_hash(params), "")
+        except Exception as e:  # noqa: BLE001 - the run itself reports it; the plan says so
+            cache[key] = (baselines_key(params), f"{type(e).__name__}: {_one_line(str(e))}")
+    return cache[key]
 
 
 def experiment_of(jobs: list[Job]) -> str:
@@ -194,6 +216,15 @@ def plan_hash(jobs: list[Job]) -> str:
     """Identifies "the same batch command" for --resume: the resolved params of every run."""
     items = sorted(j.params.hash() if j.params else f"broken:{j.file}" for j in jobs)
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+# The Source the MLflow UI shows for a batch's parent run.
+BATCH_SOURCE = "tablora batch"
+
+
+def _source(notebook: str) -> str:
+    path = _notebook_file(notebook)
+    return str(path) if path else f"{notebook}.ipynb"
 
 
 def _notebook_file(name: str) -> Path | None:
@@ -218,7 +249,9 @@ def format_plan(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
             lines.append(f"        --resume: skipped, {skips[job.run_name]}")
     lines.append(_baselines_plan(groups))
     lines.extend(f"  split {g.key}: {_describe_split(g.params)} for {', '.join(g.models)}"
-                 f" (with {_rel(g.file)})" for g in groups)
+                 f" (with {_rel(g.file)})"
+                 + (f"\n        the table cannot be read: {_short(g.error)}" if g.error else "")
+                 for g in groups)
     if not compare:
         lines.append("compare: skipped (--no-compare)")
     else:
@@ -283,7 +316,7 @@ class Batch:
         p = job.params
         tags = {contract.TAG_KIND: contract.KIND_LLM, contract.TAG_PARENT: self.parent_id,
                 contract.TAG_BATCH_ID: self.batch_id, contract.TAG_MODEL_NAME: job.name,
-                **_owner_tags()}
+                **_owner_tags(), **tracking.run_identity(_source("train"))}
         if p is not None:
             tags.update({contract.TAG_SEED: str(p.seed), contract.TAG_PARAMS_HASH: p.hash(),
                          **tracking.model_tags(p.model_id)})
@@ -357,9 +390,10 @@ class SplitMismatch(RuntimeError):
 
 def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = None,
         resume: bool = False, dry_run: bool = False, compare: bool = True,
-        cluster: str = "", workers: int = 0) -> int:
+        cluster: str = "", workers: int = 0, memcheck: bool = False) -> int:
     """Plan the batch of `paths` (files or folders) and run it (or print the plan); returns the
-    exit code: 1 when any model failed. cluster/workers: see executor.connect."""
+    exit code: 1 when any model failed. cluster/workers: see executor.connect. `memcheck`:
+    check each model once per table for memorization first (helpers.llm.memcheck)."""
     jobs = select(plan_jobs(expand_paths(paths), parse_seeds(seeds)), only or [])
     groups = baseline_groups(jobs)
     experiment = experiment_of(jobs)
@@ -369,7 +403,7 @@ def run(paths: list[Path], seeds: str | None = None, only: list[str] | None = No
         return 0
     _preflight()
     return run_batch(jobs, groups, experiment, resume=resume, compare=compare, cluster=cluster,
-                     workers=workers)
+                     workers=workers, memcheck=memcheck)
 
 
 def _preflight() -> None:
@@ -384,7 +418,7 @@ def _preflight() -> None:
 
 def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
               resume: bool = False, compare: bool = True, cluster: str = "",
-              workers: int = 0) -> int:
+              workers: int = 0, memcheck: bool = False) -> int:
     import mlflow
 
     t0 = time.perf_counter()
@@ -408,6 +442,8 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         compare_outcome: Outcome | None = None
         try:
             with _batch_env(batch):
+                if memcheck:  # in this process, before any model trains
+                    _run_memchecks(jobs)
                 outcomes, baseline_outcomes = _run_tasks(ex, batch, jobs, groups, splits,
                                                          resume)
                 if compare:
@@ -428,8 +464,9 @@ def run_batch(jobs: list[Job], groups: list[BaselineGroup], experiment: str,
         table = results_table(batch.out_dir / "compare.ipynb")
         if table:
             print("\nResults (from compare.ipynb):\n" + table)
-    print(f"\nBrowse the runs:    make ui   then http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
-          f"\nOpen the notebooks: make lab  (this batch's executed copies: {batch.out_dir})")
+    print(f"\nBrowse the runs:    make ui   then {tracking.ui_url(exp_id)}"
+          f"\nOpen the notebooks: make lab  (this batch's executed copies, as .ipynb and .html: "
+          f"{batch.out_dir})")
     return 1 if summary.failed else 0
 
 
@@ -580,8 +617,8 @@ def _open_batch(client: Any, exp_id: str, plan: str, resume: bool) -> Batch:
         batch_id = new_batch_id()
         parent = client.create_run(exp_id, run_name=f"batch-{batch_id}", tags={
             contract.TAG_KIND: contract.KIND_BATCH, contract.TAG_BATCH_ID: batch_id,
-            contract.TAG_PLAN_HASH: plan,
-            contract.TAG_GIT_COMMIT: tracking.git_commit(), **_owner_tags()})
+            contract.TAG_PLAN_HASH: plan, **_owner_tags(),
+            **tracking.run_identity(BATCH_SOURCE)})
         parent_id = parent.info.run_id
     out_dir = config.RUNS_DIR / batch_id
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -845,7 +882,7 @@ def _broken_file(batch: Batch, job: Job, counter: str, outcome: Outcome) -> Outc
 
 def _log_notebook(batch: Batch, run_id: str, output: Path) -> None:
     if output.is_file():
-        batch.client.log_artifact(run_id, str(output), contract.ARTIFACT_NOTEBOOKS)
+        notebooks.log_executed(batch.client, run_id, output)
 
 
 def _baselines_settled(batch: Batch, group: BaselineGroup, resume: bool) -> Outcome | None:
@@ -925,11 +962,36 @@ def _baselines_failed(batch: Batch, group: BaselineGroup, outcome: Outcome,
         return
     # The notebook failed before it started a run of its own: make one to carry the cause.
     run = batch.client.create_run(batch.experiment_id, run_name=f"baselines-{group.key}", tags={
+        **tracking.run_identity(_source("baselines")),
         contract.TAG_KIND: contract.KIND_BASELINE, contract.TAG_PARENT: batch.parent_id,
         contract.TAG_BATCH_ID: batch.batch_id, contract.TAG_BASELINES_KEY: group.key,
         contract.TAG_ERROR: exc[:4000], **({contract.TAG_ERROR_CELL: cell[:500]} if cell else {})})
     outcome.run_id = run.info.run_id
     batch.client.set_terminated(outcome.run_id, "FAILED")
+
+
+def _run_memchecks(jobs: list[Job]) -> None:
+    """The memorization check once per (model, table), before any training: a check that
+    already FINISHED with the same model, table and settings (in any batch) is reused. A
+    failure is reported and the batch goes on: it is no model's failure."""
+    from helpers.llm import memcheck
+
+    pairs: dict[tuple[str, str], Params] = {}
+    for job in jobs:
+        if job.params is not None:
+            pairs.setdefault((job.params.model_id, job.params.dataset.source), job.params)
+    for (model_id, source), params in pairs.items():
+        print(f"memcheck: {model_id} on {source} ...", flush=True)
+        try:
+            for result, run_id in memcheck.run(params, reuse=True, progress=False):
+                verdict = ("reused" if result is None else
+                           f"flagged by {', '.join(result.flagged)}" if result.flagged
+                           else "at chance level")
+                print(f"memcheck: {model_id} on {source}: {verdict} (run {run_id})", flush=True)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # isolation: the models still run
+            print(f"memcheck: {model_id} on {source}: FAILED: {_short(str(e))}", flush=True)
 
 
 def _run_compare(batch: Batch, jobs: list[Job]) -> Outcome | None:
@@ -1050,7 +1112,28 @@ def _log_summary(batch: Batch, summary: Summary) -> None:
     client.log_dict(batch.parent_id, d, contract.SUMMARY_JSON)
     for key in ("success_rate", "n_failed", "n_models", "total_seconds"):
         client.log_metric(batch.parent_id, key, d[key])
+    _describe_batch(batch, summary)
     client.set_terminated(batch.parent_id, "FAILED" if summary.failed else "FINISHED")
+
+
+def _describe_batch(batch: Batch, summary: Summary) -> None:
+    """The parent run's description (its status line over the comparison's verdict, which the
+    comparison wrote) and the datasets its runs used."""
+    client = batch.client
+    try:
+        children = [o.run_id for o in summary.models + summary.baselines if o.run_id]
+        children += [r.info.run_id for r in _baseline_runs(batch, "")]
+        tracking.copy_dataset_inputs(client, list(dict.fromkeys(children)), batch.parent_id)
+        status = summary.text().splitlines()[0]
+        if summary.failed:
+            status += "; failed: " + ", ".join(o.label for o in summary.failed)
+        verdict = tracking.description(batch.parent_id, client)
+        if verdict.startswith("batch "):  # an earlier status line (--resume): replace it
+            verdict = verdict.split("\n\n", 1)[1] if "\n\n" in verdict else ""
+        tracking.describe(batch.parent_id, status + (f"\n\n{verdict}" if verdict else ""),
+                          client)
+    except Exception as e:  # noqa: BLE001 - the summary is logged already; this is decoration
+        print(f"warning: could not describe batch run {batch.parent_id}: {e}")
 
 
 def _one_line(text: str) -> str:

@@ -182,19 +182,25 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     ids_file = output.with_name(f".{output.name}.runs")
     ids_file.unlink(missing_ok=True)
-    saved = {k: os.environ.get(k) for k in (contract.ENV_RUN_IDS_FILE, contract.ENV_OWNER)}
-    os.environ[contract.ENV_RUN_IDS_FILE] = str(ids_file)
-    # The runs the kernel opens are owned by this process (a batch: the batch's): when it is
-    # gone, tracking.mark_stale_runs may end them KILLED.
-    os.environ[contract.ENV_OWNER] = tracking.owner()
+    # The kernel inherits these: where to list the runs it opens; their owner, this process (a
+    # batch: the batch's; when it is gone, tracking.mark_stale_runs may end them KILLED); the
+    # notebook, their Source; no MLflow download bar (a widget, saved as first drawn).
+    kernel_env = {contract.ENV_RUN_IDS_FILE: str(ids_file), contract.ENV_OWNER: tracking.owner(),
+                  contract.ENV_NOTEBOOK: str(src), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    saved = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
     kernel_dir = _kernel_dir()
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(str(src), str(output), parameters=parameters,
                                    kernel_name=ensure_kernel(), cwd=str(src.parent),
                                    progress_bar=progress and sys.stderr.isatty(),
-                                   log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, config=_kernel_config(kernel_dir))
+                                   # the cells' streams, once each (log_output would also
+                                   # log stderr as warnings: every line printed twice)
+                                   log_output=False, stdout_file=sys.stdout,
+                                   stderr_file=sys.stderr, config=_kernel_config(kernel_dir),
+                                   # a text progress bar's updates: its last line is kept
+                                   coalesce_streams=True)
     except PapermillExecutionError as e:
         raise NotebookFailed(name, output, e.ename, e.evalue, _failing_cell(output, e),
                              list(e.traceback or [])) from None
@@ -205,6 +211,7 @@ def execute(name: str, params: Params | str | Path, overrides: dict[str, Any] | 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        store_as_jupyter(output)
         if attach:
             _attach(output, ids_file)
         ids_file.unlink(missing_ok=True)
@@ -223,11 +230,53 @@ def _attach(output: Path, ids_file: Path) -> None:
     if not output.is_file():
         return
     client = mlflow.MlflowClient(tracking.tracking_uri())
+    html = to_html(output)
     for rid in run_ids:
         try:
-            client.log_artifact(rid, str(output), contract.ARTIFACT_NOTEBOOKS)
+            log_executed(client, rid, output, html)
         except Exception as e:  # noqa: BLE001 - a store hiccup must not hide the notebook's result
             print(f"warning: could not attach {output} to run {rid}: {e}", file=sys.stderr)
+
+
+def store_as_jupyter(path: Path) -> None:
+    """Rewrite a notebook file as nbformat (and so JupyterLab) writes it: papermill leaves out
+    the final newline, so opening and saving an executed copy would change it."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(path), as_version=nbformat.NO_CONVERT)
+    except Exception:  # noqa: BLE001 - missing or half-written after a crash: leave it
+        return
+    nbformat.write(nb, str(path))
+
+
+def to_html(executed: Path) -> Path | None:
+    """The executed notebook as HTML beside it (nbconvert's lab template, figures embedded):
+    what MLflow's artifact view and a browser display, where the .ipynb shows as raw JSON.
+    None (with a warning) when it cannot be converted: the .ipynb still counts."""
+    from nbconvert import HTMLExporter
+
+    out = executed.with_suffix(".html")
+    try:
+        import nbformat
+
+        body, _ = HTMLExporter(template_name="lab").from_notebook_node(
+            nbformat.read(str(executed), as_version=4))
+        out.write_text(body, encoding="utf-8")
+    except Exception as e:  # noqa: BLE001 - a half-written notebook after a crash, say
+        print(f"warning: could not convert {executed} to HTML: {e}", file=sys.stderr)
+        return None
+    return out
+
+
+def log_executed(client: Any, run_id: str, executed: Path, html: Path | None = None) -> None:
+    """Log an executed notebook to a run under notebooks/: the .ipynb, and its HTML (made here
+    unless given) beside it."""
+    if html is None:
+        html = to_html(executed)
+    client.log_artifact(run_id, str(executed), contract.ARTIFACT_NOTEBOOKS)
+    if html is not None:
+        client.log_artifact(run_id, str(html), contract.ARTIFACT_NOTEBOOKS)
 
 
 def _failing_cell(output: Path, e: Any) -> str:
