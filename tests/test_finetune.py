@@ -247,9 +247,6 @@ def test_still_improving_is_told_only_when_the_budget_ended_a_falling_loss():
     assert not finetune.still_improving({**state, "val_losses": [2.0]})
 
 
-    assert finetune.learning_rate_schedule(config.Params(learning_rate=1e-3)) == 1e-3
-
-
 def test_mlx_lm_progress_stays_out_of_notebooks(monkeypatch):
     """Regression: in a notebook mlx-lm's rich progress displayed a widget and routed stderr into
     it, so the executed notebook kept a stale copy of our progress bar ("6/32")."""

@@ -301,3 +301,18 @@ def test_tablora_params_documents_the_tune_section(capsys):
     assert "valid_roc_auc" in docs["tune.objective"].allowed
     assert cli.main(["params", "tune"]) == 0
     assert "tune.pruner  (a string; default \"median\")" in capsys.readouterr().out
+
+
+def test_a_metric_objective_is_maximized_on_the_validation_rows(home, tiny_model_dir):
+    path = _toy(home, tiny_model_dir, {"lora_rank": [2], "objective": "valid_roc_auc",
+                                       "pruner": "none"})
+    result = tune.run(path, trials=1)
+    study = tune.load_study(name=result.study_name)
+    assert study.direction.name == "MAXIMIZE" and result.exit_code == 0
+    run = mlflow.MlflowClient().get_run(result.best["run_id"])
+    assert 0 <= run.data.metrics["valid_roc_auc"] <= 1
+    assert study.best_value == pytest.approx(run.data.metrics["valid_roc_auc"])
+    # the pruner's intermediate values are the negated validation losses (higher is better)
+    losses = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
+                                                                        "val_loss") if m.step]
+    assert sorted(study.best_trial.intermediate_values.values()) == sorted(-v for v in losses)

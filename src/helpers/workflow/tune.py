@@ -242,6 +242,8 @@ def trial_task(task: TrialTask) -> TrialOutcome:
         except Exception as e:  # a trial that fails (diverged, out of memory) is the search's
             outcome.cause = f"{type(e).__name__}: {' '.join(str(e).split())}"
             trial.set_user_attr("cause", outcome.cause[:1000])
+            if outcome.run_id:  # tracking.run ended it FAILED with the error in its tags
+                mlflow.MlflowClient().set_tag(outcome.run_id, contract.TAG_TRIAL_STATE, "FAIL")
             raise
         finally:
             outcome.seconds = time.perf_counter() - t0
