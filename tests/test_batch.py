@@ -471,7 +471,8 @@ def test_a_worker_with_other_data_fails_its_task_naming_both_split_hashes(tmp_pa
         exp_id = tracking.setup("batch-test")
         client = mlflow.MlflowClient(tracking.tracking_uri())
         b = batch._open_batch(client, exp_id, "plan", resume=False)
-        drawn = batch._splits(batch.baseline_groups([job]))[batch.baselines_key(job.params)]
+        (group,) = batch.baseline_groups([job])
+        drawn = batch._splits([group])[group.key]
         # This "worker" reads another version of the file.
         table.loc[0, "age"] += 1
         table.to_csv(folder / "data.csv", index=False)

@@ -163,7 +163,9 @@ def test_compare_batch_prints_tables_verdicts_and_writes_figures(store, tmp_path
     assert "comparison/REPORT.html" in logged
     # REPORT.html carries its figures (MLflow's artifact view and a browser show it as is).
     page = (out / "REPORT.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 5 and "<table>" in page
+    drawn = len(list(out.glob("*.png")))  # bars, confusion, ROC, loss, zero-shot, calibration
+    assert drawn == 6 and "<table>" in page
+    assert page.count('<img src="data:image/png;base64,') == drawn
     assert "**" not in page and "](metric_bars.png)" not in page
 
 

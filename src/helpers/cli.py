@@ -166,9 +166,8 @@ def cmd_params(a: argparse.Namespace) -> int:
     docs = [d for d in key_docs() + tune_key_docs()
             if not a.words or any(w in d.key for w in a.words)]
     if not docs:
-        # A user error (contract.USER_ERRORS): one `error:` line, exit 2.
         raise ParamsError(f"no params key contains {', '.join(map(repr, a.words))}: "
-                         "`tablora params` lists them all")
+                          "`tablora params` lists them all")
     print({"text": _params_text, "markdown": _params_markdown, "yaml": _params_yaml}[a.format](
         docs))
     return 0

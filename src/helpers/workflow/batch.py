@@ -533,9 +533,9 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
         if settled is not None:
             results[label] = settled
             continue
+        group = next(g for g in groups if job.name in g.models)  # its baselines' split
         task = ModelTask(ref, label, counter, job.run_name, job.params, batch.model_tags(job),
-                         *splits[baselines_key(job.params)], *_continued(batch, job, counter,
-                                                                            resume))
+                         *splits[group.key], *_continued(batch, job, counter, resume))
         ex.submit(model_task, task, label=label)
     total = len(jobs) + len(groups)
     for event in ex.events():
