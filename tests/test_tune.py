@@ -316,3 +316,7 @@ def test_a_metric_objective_is_maximized_on_the_validation_rows(home, tiny_model
     losses = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id,
                                                                         "val_loss") if m.step]
     assert sorted(study.best_trial.intermediate_values.values()) == sorted(-v for v in losses)
+    # --trials 0: no new trial, the results again; the best's test scores are not redone.
+    again = tune.run(path, trials=0)
+    assert len(tune.load_study(name=result.study_name).trials) == 1
+    assert again.test_metrics == result.test_metrics and "not scored again" in again.test_note

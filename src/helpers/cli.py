@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tablora tune PARAMS.yaml --trials 10 --storage "
                     "postgresql+psycopg://user:pass@db:5432/optuna   # on several machines"))
     _add_params(p)
-    p.add_argument("--trials", type=int, required=True, help="trials this command runs")
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials this command runs (0: none, only the study's results: the best "
+                   "scored on test once, its params file, the figures)")
     p.add_argument("--timeout", help="start no trial after this long: seconds, or 90m, 2h")
     p.add_argument("--out", type=Path, help="folder for the best params file, the trials table "
                    "and the figures (default runs/tune/<study>)")

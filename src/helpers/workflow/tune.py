@@ -401,8 +401,9 @@ def run(path: str | Path, trials: int, timeout: str | float | None = None,
     or the `tune:` section are wrong."""
     import mlflow
 
-    if trials < 1:
-        raise ParamsError(f"--trials {trials}: give 1 or more")
+    if trials < 0:
+        raise ParamsError(f"--trials {trials}: give 1 or more (0: no new trial, only the "
+                          "study's results: the best scored on test, its params file, figures)")
     seconds = parse_timeout(timeout)
     params, spec = config.load_tune(path, overrides)
     t0 = time.perf_counter()
@@ -418,6 +419,10 @@ def run(path: str | Path, trials: int, timeout: str | float | None = None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line a trial: ours
     the_study, created = open_study(open_storage(url), name, spec)
+    if trials == 0 and created:  # nothing to finish: leave no empty study behind
+        optuna.delete_study(study_name=name, storage=open_storage(url))
+        raise TuneError(f"--trials 0: there is no study {name} in {shown_url(url)} yet: run "
+                        "trials first (or give its --study name)")
     parent_id = _parent_run(client, exp_id, the_study, created, params, spec, url)
     print(f"study {name} ({'new' if created else 'joined'}; {shown_url(url)}): {trials} "
           f"trial(s) of {', '.join(d.describe() for d in spec.space)}; objective "
