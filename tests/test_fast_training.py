@@ -76,14 +76,17 @@ def _assert_same(plain, fast, rtol):
         assert float(mx.abs(g1[k] - g2[k]).max().item()) <= rtol * scale, k
 
 
-@pytest.mark.parametrize("cache_dtype, cache_prefix, fast_kernels, rtol", [
-    ("float32", True, True, 1e-4),    # everything on: equal to float rounding
-    ("float32", True, False, 1e-4),   # the model's own block code
-    ("float32", False, True, 1e-4),   # no prefix cache (token ids in the batch)
-    ("float16", True, True, 2e-2),    # half the cache memory, close but not equal
+@pytest.mark.parametrize("cache_dtype, cache_prefix, fast_kernels, rtol, step_lanes, at, share", [
+    ("float32", True, True, 1e-4, 2, True, True),     # everything on: equal to float rounding
+    ("float32", True, True, 1e-4, 1, False, False),   # one stream, no lever of the step
+    ("float32", True, True, 1e-4, 3, True, True),     # 4 rows over 3 lanes (2 + 1 + 1)
+    ("float32", True, True, 1e-4, 1, False, True),    # the shared start alone
+    ("float32", True, False, 1e-4, 2, True, True),    # the model's own block code
+    ("float32", False, True, 1e-4, 2, True, True),    # no prefix cache (token ids everywhere)
+    ("float16", True, True, 2e-2, 2, True, True),     # half the cache memory, close but not equal
 ])
 def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, fast_kernels,
-                                               rtol):
+                                               rtol, step_lanes, at, share):
     from mlx_lm.tuner import trainer
 
     model, tokenizer = tiny
@@ -91,12 +94,17 @@ def test_loss_and_gradients_match_plain_mlx_lm(tiny, cache_dtype, cache_prefix, 
     lengths = [len(data[i][0]) for i in range(BATCH)]
     assert len(set(lengths)) > 1  # padding is exercised
     fast = fast_training.FastTraining(model, cache_prefix=cache_prefix, fast_kernels=fast_kernels,
-                              cache_dtype=getattr(mx, cache_dtype))
+                                      cache_dtype=getattr(mx, cache_dtype),
+                                      step_lanes=step_lanes, last_block_at_targets=at,
+                                      share_prompt=share)
     plain = _value_and_grad(model, trainer.default_loss, _one_batch(trainer.iterate_batches, data))
     ours = _value_and_grad(model, fast.loss, _one_batch(fast, data))
     _assert_same(plain, ours, rtol)
     assert fast.first_trainable == (N_LAYERS - LORA_LAYERS if cache_prefix else 0)
     assert (fast.cache_nbytes() > 0) == cache_prefix
+    # The chat preamble all rows start with went through the blocks once (llama blocks only).
+    shared = [len(plan.shared) for plan in fast._plans.values()]
+    assert shared == ([8] if share and fast_kernels else [0])
 
 
 def test_prefix_over_parallel_streams_equals_one_stream(tiny):
@@ -110,11 +118,38 @@ def test_prefix_over_parallel_streams_equals_one_stream(tiny):
     hidden = {}
     for lanes in (1, 2):
         fast = fast_training.FastTraining(model, lanes=lanes)
-        (x, _, _), = list(fast(data, 3, 2048))
+        (x, *_), = list(fast(data, 3, 2048))
         hidden[lanes] = np.asarray(x)
     assert hidden[1].shape[0] == 3 and hidden[1].ndim == 3  # a cached hidden state, not ids
     np.testing.assert_allclose(hidden[2], hidden[1], atol=1e-5)
     assert blas.get_threads() == before
+
+
+def test_step_lanes_share_the_blas_and_step_aside_for_dropout(tiny_model_dir):
+    """While a batch iterator with step lanes is open (mlx-lm evaluates the step between two
+    batches) the BLAS runs on cores // lanes threads; closed, the count is restored. LoRA dropout
+    in training mode turns the lanes off (its masks would depend on the split)."""
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from helpers.llm import blas, lanes
+
+    model, tokenizer = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, LORA_LAYERS, {"rank": 2, "scale": 1.0, "dropout": 0.5})
+    data = _dataset(tokenizer, _records(2 * BATCH, seed=4))
+    fast = fast_training.FastTraining(model, step_lanes=2)
+    before = blas.get_threads()
+    it = fast(data, BATCH, 2048, loop=True)
+    next(it)
+    if before is not None:
+        assert blas.get_threads() == max(1, lanes.cpu_cores() // 2)
+    it.close()
+    assert blas.get_threads() == before
+    model.train()
+    assert fast._lanes_now(model, fast.first_trainable) == 1
+    model.eval()
+    assert fast._lanes_now(model, fast.first_trainable) == 2
 
 
 def test_truncated_rows_match_plain(tiny):
@@ -147,17 +182,26 @@ def test_training_run_matches_plain(tiny, tmp_path):
                                 val_batches=-1, steps_per_save=100,
                                 adapter_file=str(tmp_path / "adapters.safetensors"))
     ends = []
-    for fast in (None, fast_training.FastTraining(model)):
+    from helpers.llm import blas
+
+    before = blas.get_threads()
+    # Step lanes on (whatever the machine's cores): the compiled step over two CPU streams.
+    for fast in (None, fast_training.FastTraining(model, step_lanes=2)):
         model.update(start)
         paths = {"loss": fast.loss, "iterate_batches": fast} if fast else {}
         trainer.train(model, optim.Adam(learning_rate=1e-2), data, valid, args=args, **paths)
         ends.append(dict(tree_flatten(model.trainable_parameters())))
+        assert blas.get_threads() == before  # the iterator closed with the trainer's loop
     model.update(start)
     moved = max(float(mx.abs(ends[0][k] - v).max().item())
                 for k, v in tree_flatten(start))
     assert moved > 1e-3  # training did something
+    # Each step's gradients agree to ~1e-6 (test above); Adam then turns float32 rounding in
+    # near-zero gradient entries into steps of its own: after 6 steps at lr 1e-2 the two paths
+    # end ~1e-4 apart (5e-5 with one stream and no shared prompt start),
+    # 20x below one step's size, where a wrong batch or loss would move them by ~lr.
     for k, v in ends[0].items():
-        assert float(mx.abs(v - ends[1][k]).max().item()) <= 1e-4 * max(moved, 1.0), k
+        assert float(mx.abs(v - ends[1][k]).max().item()) <= 5e-4 * max(moved, 1.0), k
 
 
 def test_order_resumes_and_counts_tokens(tiny):
@@ -168,7 +212,7 @@ def test_order_resumes_and_counts_tokens(tiny):
         it = fast(data, BATCH, 2048, loop=True)
         # A batch is told apart by its cached hidden states (their sum) and its targets.
         return [(round(float(np.asarray(x).sum()), 3), tuple(np.asarray(t).tolist()))
-                for x, _, t in (next(it) for _ in range(n))]
+                for x, _, t, *_ in (next(it) for _ in range(n))]
 
     whole = fast_training.FastTraining(model, seed=2)
     seq = firsts(whole, 8)  # two epochs of 4 batches, each in its own order

@@ -70,3 +70,50 @@ def test_llama_block_and_blocks_equal_the_models_own(tiny_model_dir):
     kv = (cache[0].keys[..., :5, :], cache[0].values[..., :5, :])
     tail = kernels.llama_block(layer, h[:, 5:], kernels.causal_bias(3, 5), kv)
     np.testing.assert_allclose(np.asarray(tail), np.asarray(full), atol=1e-4)
+
+
+def test_llama_block_at_positions_equals_the_whole_block(tiny_model_dir):
+    """llama_block_at (queries, attention and MLP at a few positions only) gives the whole
+    block's output at those positions, with and without a prefix's keys and values, and the
+    same gradient with respect to the block's input."""
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model_dir))
+    layer = model.model.layers[-1]
+    attn = layer.self_attn
+    mx.random.seed(0)
+    h = mx.random.normal((3, 10, model.args.hidden_size))
+    rows, cols = mx.array([0, 0, 2, 1]), mx.array([9, 3, 0, 5])
+    head_dim = model.args.hidden_size // attn.n_heads
+    prefix = (mx.random.normal((1, attn.n_kv_heads, 4, head_dim)),
+              mx.random.normal((1, attn.n_kv_heads, 4, head_dim)))
+    for kv, p in ((None, 0), (prefix, 4)):
+        whole = kernels.llama_block(layer, h, kernels.causal_bias(10, p), kv)[rows, cols]
+        np.testing.assert_allclose(np.asarray(kernels.llama_block_at(layer, h, rows, cols, kv)),
+                                   np.asarray(whole), atol=1e-5)
+
+    def whole_loss(x):
+        return (kernels.llama_block(layer, x, kernels.causal_bias(10))[rows, cols] ** 2).sum()
+
+    def at_loss(x):
+        return (kernels.llama_block_at(layer, x, rows, cols) ** 2).sum()
+
+    np.testing.assert_allclose(np.asarray(mx.grad(at_loss)(h)), np.asarray(mx.grad(whole_loss)(h)),
+                               atol=1e-4)
+
+
+def test_stream_kernels_equal_the_default_ones_on_every_stream():
+    """stream_kernels: one (softmax, swiglu) pair per stream, made once, with the values and
+    gradients of _softmax and _swiglu (their backward on that stream)."""
+    s = mx.new_stream(mx.cpu)
+    mx.random.seed(1)
+    x, g, u = (mx.random.normal((4, 33)) for _ in range(3))
+    with mx.stream(s):
+        softmax, swiglu = kernels.stream_kernels()
+        assert kernels.stream_kernels() == (softmax, swiglu)
+        got = mx.grad(lambda a, b, c: (softmax(a) * c + swiglu(b, c)).sum(), (0, 1))(x, g, u)
+    assert kernels.stream_kernels() != (softmax, swiglu)  # the default stream's own pair
+    want = mx.grad(lambda a, b, c: (kernels._softmax(a) * c + kernels._swiglu(b, c)).sum(),
+                   (0, 1))(x, g, u)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

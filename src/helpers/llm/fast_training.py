@@ -71,8 +71,20 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from helpers.llm.batches import batch_order, length_groups
-from helpers.llm.kernels import PAD_ID, PAD_MULTIPLE, blocks, lm_head
-from helpers.llm.lanes import cpu_lanes, default_lanes
+from helpers.llm.kernels import (
+    PAD_ID,
+    PAD_MULTIPLE,
+    blocks,
+    is_llama_block,
+    llama_block_at,
+    lm_head,
+    shared_prefix,
+)
+from helpers.llm.lanes import cpu_lanes, default_lanes, lane_blas, lane_streams
+from helpers.llm.scoring import common_prefix_len
+
+# A shared prompt start shorter than this is not worth the extra pass (a BOS token, say).
+MIN_SHARED_TOKENS = 8
 
 
 class PrefixCacheInvalid(RuntimeError):
@@ -87,7 +99,7 @@ class FastPathUnsupported(RuntimeError):
 @dataclass
 class _Batch:
     rows: list[int]  # dataset indices
-    tokens: np.ndarray  # int32 [B, T], padded with PAD_ID
+    tokens: np.ndarray  # int32 [B, T], padded with PAD_ID: each row after the plan's shared start
     positions: mx.array  # int32 [N]: flat indices b * T + j of the positions that carry a target
     targets: mx.array  # int32 [N]
     n_real: int  # real (unpadded) tokens
@@ -100,6 +112,11 @@ class _Plan:
 
     dataset: Any  # weakref to the dataset
     batches: list[_Batch] = field(default_factory=list)
+    shared: list[int] = field(default_factory=list)  # the tokens every row starts with (or none)
+    # What a step gets for them: the frozen blocks' output [1, P, D], or their ids [1, P] when
+    # nothing is cached; and the frozen blocks' keys and values of them (filled on first use).
+    shared_input: mx.array | None = None
+    frozen_kv: list | None = None
 
 
 def _lora_blocks(model: nn.Module) -> tuple[int, list[str]]:
@@ -135,15 +152,27 @@ class FastTraining:
     fast_kernels: run llama blocks on the faster SwiGLU/softmax (False: the model's own code).
     verify: compare with the model's own forward on the first batch (FastPathUnsupported).
     lanes: the rows of a batch whose frozen prefix is computed are split over this many CPU
-    streams (default_lanes(); 1: one stream). Forward only: the training step is unchanged.
+    streams (default_lanes(); 1: one stream).
+    step_lanes: the same for the training step's blocks, forward and backward (default: lanes);
+    off while LoRA dropout is on (its masks would depend on the split, i.e. on the machine).
+    last_block_at_targets: the top block computes its queries, attention and MLP only at the
+    target positions (llama blocks, fast_kernels; keys and values everywhere).
+    share_prompt: the token prefix every row of a dataset starts with (chat preamble, system
+    prompt, task description) goes through the blocks once per step (once per dataset below
+    the first trainable block) instead of once per row; the rows attend to its keys and values
+    (llama blocks, fast_kernels).
     """
 
     def __init__(self, model: nn.Module, *, seed: int = 0, skip: int = 0,
                  cache_prefix: bool = True, cache_dtype: mx.Dtype = mx.float32,
                  sort_by_length: bool = True, fast_kernels: bool = True, verify: bool = True,
-                 lanes: int | None = None):
+                 lanes: int | None = None, step_lanes: int | None = None,
+                 last_block_at_targets: bool = True, share_prompt: bool = True):
         self.model = model
         self.lanes = max(1, lanes or default_lanes())
+        self.step_lanes = max(1, step_lanes or self.lanes)
+        self.last_block_at_targets = last_block_at_targets
+        self.share_prompt = share_prompt
         self.fast_kernels = fast_kernels
         self.seed, self.skip = seed, skip
         self.cache_prefix = cache_prefix
@@ -157,8 +186,11 @@ class FastTraining:
         self._verified = False
         # Real (unpadded) tokens of the training batches yielded: helpers.llm.finetune's tokens/s.
         self.train_tokens = 0
+        self.last_rows: list[int] = []  # dataset rows of the batch yielded last (for benches)
         # For profiles: tokens yielded (real and padded) and the time spent filling the cache.
-        self.stats = {"real_tokens": 0, "padded_tokens": 0, "prefix_seconds": 0.0}
+        # computed_tokens: positions the blocks run on (padding included, a shared start once).
+        self.stats = {"real_tokens": 0, "padded_tokens": 0, "computed_tokens": 0,
+                      "prefix_seconds": 0.0}
 
     def _setup(self) -> None:
         inner = getattr(self.model, "model", None)
@@ -177,24 +209,74 @@ class FastTraining:
                 "FastTraining for the new LoRA layout")
 
     # ------------------------------------------------------------------ the loss (in the step)
-    def loss(self, model: nn.Module, x: mx.array, positions: mx.array, targets: mx.array):
+    def loss(self, model: nn.Module, x: mx.array, positions: mx.array, targets: mx.array,
+             shared: mx.array | None = None):
         """Mean cross-entropy over the target positions, and their count (as default_loss).
 
         x: the cached prefix output [B, T, D] (float), or token ids [B, T] when nothing is cached.
+        shared: the rows' shared start (see _Plan.shared_input), x then holds what follows it.
         """
-        logits = self._target_logits(model, x, positions)
+        logits = self._target_logits(model, x, positions, shared)
         ntoks = mx.array(targets.shape[0], dtype=mx.int32)
         ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32).sum() / ntoks
         return ce, ntoks
 
-    def _target_logits(self, model: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
-        if mx.issubdtype(x.dtype, mx.integer):  # token ids: nothing cached
-            h, start = model.model.embed_tokens(x), 0
+    def _target_logits(self, model: nn.Module, x: mx.array, positions: mx.array,
+                       shared: mx.array | None = None) -> mx.array:
+        layers = model.model.layers
+        n = len(layers)
+        start = 0 if mx.issubdtype(x.dtype, mx.integer) else self.first_trainable
+        # The top block only where a target is read (see llama_block_at): its input everywhere.
+        at = (self.last_block_at_targets and self.fast_kernels and start < n
+              and is_llama_block(layers[-1]))
+        kv = None
+        if shared is not None:
+            # The shared start once (one row), its keys and values read by every row.
+            h = (model.model.embed_tokens(shared) if mx.issubdtype(shared.dtype, mx.integer)
+                 else shared.astype(mx.float32))
+            _, kv = shared_prefix(model, h, start, n, last=n - 1)
+        stop = n - 1 if at else n
+        h = self._blocks(model, x, start, stop, None if kv is None else kv[:stop - start])
+        if at:
+            width = h.shape[1]
+            h = llama_block_at(layers[-1], h, positions // width, positions % width,
+                               None if kv is None else kv[-1])
         else:
-            h, start = x.astype(mx.float32), self.first_trainable
-        h = blocks(model, h, start, len(model.model.layers), self.fast_kernels)
-        h = h.reshape(-1, h.shape[-1])[positions]  # gather first: the head runs on N rows only
+            h = h.reshape(-1, h.shape[-1])[positions]  # gather first: the head runs on N rows
         return lm_head(model)(model.model.norm(h))
+
+    def _blocks(self, model: nn.Module, x: mx.array, start: int, stop: int,
+                prefix_kv: list | None = None) -> mx.array:
+        """Blocks start..stop-1 on x (token ids: embedded first), the batch's rows split over
+        step_lanes CPU streams, forward and (under value_and_grad) backward: MLX runs a stream's
+        element-wise work on one thread. Row groups are independent, so the result and, summed
+        by autodiff, the gradients are those of the whole batch."""
+        def run(part):
+            if mx.issubdtype(part.dtype, mx.integer):
+                h = model.model.embed_tokens(part)
+            else:
+                h = part.astype(mx.float32)
+            return blocks(model, h, start, stop, self.fast_kernels, prefix_kv)
+
+        lanes = min(self._lanes_now(model, start), x.shape[0]) if stop > start else 1
+        if lanes <= 1:
+            return run(x)
+        parts = []
+        for stream, rows in zip(lane_streams(lanes), np.array_split(np.arange(x.shape[0]), lanes),
+                                strict=True):
+            with mx.stream(stream):
+                parts.append(run(x[int(rows[0]):int(rows[-1]) + 1]))
+        return mx.concatenate(parts, axis=0)
+
+    def _lanes_now(self, model: nn.Module, start: int) -> int:
+        """step_lanes, or 1 while a dropout in the trained blocks draws masks (training mode)."""
+        if self.step_lanes <= 1:
+            return 1
+        for layer in model.model.layers[start:]:
+            for _, m in layer.named_modules():
+                if isinstance(m, nn.Dropout) and m.training and m._p_1 < 1:
+                    return 1
+        return self.step_lanes
 
     # ------------------------------------------------------------------ the batches
     def __call__(self, dataset, batch_size: int, max_seq_length: int, loop: bool = False,
@@ -207,10 +289,14 @@ class FastTraining:
             raise NotImplementedError("the fast path trains on one machine")
         self._setup()
         plan = self._plan(dataset, batch_size, max_seq_length)
-        for i in batch_order(len(plan.batches), self.seed, self.skip, loop):
-            if loop:
-                self.train_tokens += plan.batches[i].n_real
-            yield self._materialize(plan.batches[i])
+        # The BLAS on its share of the cores while the step lanes run (mlx-lm evaluates the
+        # step between two batches, i.e. while this generator is suspended here).
+        with lane_blas(self.step_lanes):
+            for i in batch_order(len(plan.batches), self.seed, self.skip, loop):
+                if loop:
+                    self.train_tokens += plan.batches[i].n_real
+                self.last_rows = plan.batches[i].rows
+                yield self._materialize(plan, plan.batches[i])
 
     iterate_batches = __call__
 
@@ -242,54 +328,88 @@ class FastTraining:
                       else lambda i: len(items[i][0]))
             groups = length_groups(len(items), batch_size, len_fn)
         plan = _Plan(weakref.ref(dataset) if _weakrefable(dataset) else (lambda d=dataset: d))
-        plan.batches = [self._make_batch(items, g, max_seq_length) for g in groups]
+        plan.shared = self._shared_start(items, max_seq_length)
+        plan.batches = [self._make_batch(items, g, max_seq_length, len(plan.shared))
+                        for g in groups]
         self._plans[key] = plan
         return plan
 
-    def _make_batch(self, items, rows, max_seq_length) -> _Batch:
+    def _shared_start(self, items, max_seq_length) -> list[int]:
+        """The tokens every row starts with, up to the first target position (none when fewer
+        than MIN_SHARED_TOKENS, or where blocks other than llama's would have to read them)."""
+        layers = self.model.model.layers
+        if not (self.share_prompt and self.fast_kernels
+                and all(is_llama_block(layer) for layer in layers)):
+            return []
+        seqs = [list(it[0][:max_seq_length]) for it in items]
+        n = min(common_prefix_len(seqs), min(max(int(it[1]) - 1, 0) for it in items))
+        return seqs[0][:n] if n >= MIN_SHARED_TOKENS else []
+
+    def _make_batch(self, items, rows, max_seq_length, shared: int) -> _Batch:
+        """The rows after their `shared` first tokens (the plan's shared start), right-padded."""
         seqs = [list(items[r][0][:max_seq_length]) for r in rows]
         offs = [int(items[r][1]) for r in rows]
-        width = PAD_MULTIPLE * math.ceil(max(len(s) for s in seqs) / PAD_MULTIPLE)
+        width = PAD_MULTIPLE * math.ceil(max(len(s) - shared for s in seqs) / PAD_MULTIPLE)
         tokens = np.full((len(rows), width), PAD_ID, np.int32)
         positions, targets = [], []
         for b, (s, o) in enumerate(zip(seqs, offs, strict=True)):
             n = len(s)
-            tokens[b, :n] = s
+            tokens[b, :n - shared] = s[shared:]
             # default_loss: input position j predicts token j + 1 and counts when
             # offset <= j + 1 <= length; position `length` is the pad (absent when the sequence
             # fills max_seq_length, as the batch is then exactly max_seq_length wide).
             last = n - 1 if n < max_seq_length else n - 2
             nxt = s[1:] + [PAD_ID]
             for j in range(max(o - 1, 0), last + 1):
-                positions.append(b * width + j)
+                positions.append(b * width + j - shared)
                 targets.append(nxt[j])
         return _Batch(rows, tokens, mx.array(np.asarray(positions, np.int32)),
                       mx.array(np.asarray(targets, np.int32)), sum(len(s) for s in seqs))
 
-    def _materialize(self, batch: _Batch):
+    def _materialize(self, plan: _Plan, batch: _Batch):
+        B, width = batch.tokens.shape
         self.stats["real_tokens"] += batch.n_real
-        self.stats["padded_tokens"] += batch.tokens.size
+        self.stats["padded_tokens"] += B * (width + len(plan.shared))
+        self.stats["computed_tokens"] += B * width + len(plan.shared)
+        shared = self._shared_input(plan) if plan.shared else None
         if self.first_trainable == 0:
             x = mx.array(batch.tokens)
         else:
             if batch.hidden is None:
-                batch.hidden = self._prefix(batch.tokens)
+                batch.hidden = self._prefix(batch.tokens, plan.frozen_kv)
             x = batch.hidden
         if self.verify and not self._verified:
-            self._verify(batch, x)
-        return x, batch.positions, batch.targets
+            self._verify(plan, batch, x, shared)
+        return (x, batch.positions, batch.targets) + ((shared,) if plan.shared else ())
 
-    def _prefix(self, tokens: np.ndarray) -> mx.array:
-        """The hidden state entering the first trainable block (no gradient needed)."""
+    def _shared_input(self, plan: _Plan) -> mx.array:
+        """The shared start as a step reads it (computed once per plan): its ids, or its output
+        of the frozen blocks, whose keys and values the frozen pass of every row then reads."""
+        if plan.shared_input is None:
+            ids = mx.array([plan.shared], dtype=mx.int32)
+            if self.first_trainable == 0:
+                plan.shared_input = ids
+            else:
+                h = self.model.model.embed_tokens(ids)
+                h, plan.frozen_kv = shared_prefix(self.model, h, 0, self.first_trainable)
+                plan.shared_input = h
+                mx.eval(plan.shared_input, plan.frozen_kv)
+        return plan.shared_input
+
+    def _prefix(self, tokens: np.ndarray, frozen_kv: list | None = None) -> mx.array:
+        """The hidden state entering the first trainable block (no gradient needed); after the
+        shared start's keys and values frozen_kv, when given."""
         tic = time.perf_counter()
         if self._prefix_fn is None:
             # Compiled (fused element-wise work: ~25% faster than eager here); traced once per
             # batch width. The frozen weights enter as constants: clear() drops it with the cache.
-            def forward(ids):
+            def forward(ids, *kv):
                 h = self.model.model.embed_tokens(ids)
-                return blocks(self.model, h, 0, self.first_trainable, self.fast_kernels)
+                pairs = [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)] if kv else None
+                return blocks(self.model, h, 0, self.first_trainable, self.fast_kernels, pairs)
 
             self._prefix_fn = mx.compile(forward)
+        kv = [a for pair in frozen_kv for a in pair] if frozen_kv else []
         if self.lanes > 1 and len(tokens) > 1:
             # Rows split over CPU streams side by side (the compiled function is traced once per
             # stream and row count).
@@ -298,25 +418,26 @@ class FastTraining:
                 parts = []
                 for stream, r in zip(streams, rows, strict=False):
                     with mx.stream(stream):
-                        parts.append(self._prefix_fn(mx.array(tokens[r])).astype(self.cache_dtype))
+                        parts.append(self._prefix_fn(mx.array(tokens[r]), *kv)
+                                     .astype(self.cache_dtype))
                 mx.eval(parts)
             h = mx.concatenate(parts, axis=0)
         else:
-            h = self._prefix_fn(mx.array(tokens)).astype(self.cache_dtype)
+            h = self._prefix_fn(mx.array(tokens), *kv).astype(self.cache_dtype)
         mx.eval(h)
         self.stats["prefix_seconds"] += time.perf_counter() - tic
         return h
 
-    def _verify(self, batch: _Batch, x: mx.array) -> None:
+    def _verify(self, plan: _Plan, batch: _Batch, x: mx.array, shared: mx.array | None) -> None:
         """The fast logits of the batch's first row must equal the model's own forward."""
         pos = np.asarray(batch.positions)
-        pos = mx.array(pos[pos < batch.tokens.shape[1]])  # the first row's target positions
+        pos = pos[pos < batch.tokens.shape[1]]  # the first row's target positions
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout: both sides deterministic
         try:
-            ref = self.model(mx.array(batch.tokens[:1]))
-            ref = ref.reshape(-1, ref.shape[-1])[pos]
-            fast = self._target_logits(self.model, x[:1], pos)
+            ref = self.model(mx.array([plan.shared + batch.tokens[0].tolist()]))
+            ref = ref.reshape(-1, ref.shape[-1])[mx.array(pos + len(plan.shared))]
+            fast = self._target_logits(self.model, x[:1], mx.array(pos), shared)
             err, scale = mx.abs(fast - ref).max().item(), max(mx.abs(ref).max().item(), 1.0)
         finally:
             self.model.train(was_training)

@@ -32,17 +32,29 @@ def default_lanes() -> int:
 _LANE_STREAMS: list[Any] = []  # CPU streams made so far: each holds a thread, so reuse them
 
 
+def lane_streams(lanes: int) -> list[Any]:
+    """`lanes` CPU streams (made once and reused); one lane: the default stream. The BLAS is left
+    as it is: see cpu_lanes, or lane_blas while the work runs."""
+    if lanes <= 1:
+        return [mx.default_stream(mx.default_device())]
+    while len(_LANE_STREAMS) < lanes:
+        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
+    return _LANE_STREAMS[:lanes]
+
+
+def lane_blas(lanes: int):
+    """The BLAS on cpu_cores() // lanes threads (restored after); a no-op for one lane."""
+    if lanes <= 1:
+        return contextlib.nullcontext()
+    from helpers.llm import blas
+
+    return blas.threads(max(1, cpu_cores() // lanes))
+
+
 @contextlib.contextmanager
 def cpu_lanes(lanes: int):
     """`lanes` streams to run forward passes side by side on, the BLAS on cpu_cores() // lanes
     threads meanwhile (restored after), so that each lane's GEMMs keep to their share of the
     cores. One lane: the default stream, the BLAS untouched."""
-    if lanes <= 1:
-        yield [mx.default_stream(mx.default_device())]
-        return
-    from helpers.llm import blas
-
-    while len(_LANE_STREAMS) < lanes:
-        _LANE_STREAMS.append(mx.new_stream(mx.cpu))
-    with blas.threads(max(1, cpu_cores() // lanes)):
-        yield _LANE_STREAMS[:lanes]
+    with lane_blas(lanes):
+        yield lane_streams(lanes)

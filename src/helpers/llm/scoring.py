@@ -238,10 +238,13 @@ def _fast_logprobs(model: Any) -> Any:
     def forward(tokens, rows, cols, targets, *prefix_kv):
         h = model.model.embed_tokens(tokens)
         bias = kernels.causal_bias(tokens.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
-        for i, layer in enumerate(layers):
-            kv = (prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
-            h = kernels.llama_block(layer, h, bias, kv)
-        return _target_logprobs(head(model.model.norm(h[rows, cols])), targets)
+        kv = [(prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
+              for i in range(len(layers))]
+        for layer, layer_kv in zip(layers[:-1], kv, strict=False):
+            h = kernels.llama_block(layer, h, bias, layer_kv)
+        # The last block only at the scored positions (keys and values everywhere).
+        h = kernels.llama_block_at(layers[-1], h, rows, cols, kv[-1])
+        return _target_logprobs(head(model.model.norm(h)), targets)
 
     return mx.compile(forward)
 
@@ -336,22 +339,36 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
         return out, 0
     ans = [_Answer(tuple(a)) for a in answers]
     prefix_len = common_prefix_len(prompt_ids) if use_prefix_cache else 0
-    cache = build_prefix_cache(model, prompt_ids[0][:prefix_len])
+    prefix = list(prompt_ids[0][:prefix_len])
     if fast and fast_path_applies(model):
         compiled = _fast_logprobs(model)
-        kv = [a for c in cache for a in (c.keys, c.values)] if cache is not None else []
+        kv = []
+        if prefix:  # the prefix's keys and values, by the same fast blocks
+            h = model.model.embed_tokens(mx.array([prefix]))
+            n_blocks = len(model.model.layers)
+            _, pairs = kernels.shared_prefix(model, h, 0, n_blocks, last=n_blocks - 1)
+            kv = [a for pair in pairs for a in pair]
+            mx.eval(kv)
 
         def forward(*batch):
             return compiled(*batch, *kv)
     else:
-        forward = _plain_logprobs(model, cache)
+        forward = _plain_logprobs(model, build_prefix_cache(model, prefix))
 
     lanes = max(1, lanes or cpu.default_lanes())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]), reverse=True)
     groups = [order[s: s + batch_size] for s in range(0, n, batch_size)]
-    # A round of `lanes` batches at a time, batch i of the round on stream i.
+    # A round of `lanes` batches at a time, batch i of the round on stream i. Each round is
+    # queued (async_eval) before the previous one is read back: the streams never wait for
+    # Python to build the next batches.
     with cpu.cpu_lanes(lanes) as streams, progress_bar(n, desc, progress) as bar:
+        def read(pending):
+            for idx, batch, picked in pending:
+                out[idx] = batch.summed(np.array(picked), len(ans))
+                bar.update(len(idx))
+
+        previous: list = []
         for r in range(0, len(groups), lanes):
             pending = []
             for stream, idx in zip(streams, groups[r: r + lanes], strict=False):
@@ -360,10 +377,10 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                     picked = forward(mx.array(batch.tokens), mx.array(batch.rows),
                                      mx.array(batch.cols), mx.array(batch.targets))
                 pending.append((idx, batch, picked))
-            mx.eval([picked for _, _, picked in pending])
-            for idx, batch, picked in pending:
-                out[idx] = batch.summed(np.array(picked), len(ans))
-                bar.update(len(idx))
+            mx.async_eval([picked for _, _, picked in pending])
+            read(previous)
+            previous = pending
+        read(previous)
     return out, prefix_len
 
 
