@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for command in ("model", "prepare", "train", "evaluate", "baselines", "batch", "compare",
-                    "recommend", "server", "memcheck", "predict", "export"):
+                    "recommend", "server", "memcheck", "predict", "export", "tune"):
         assert command in out
 
 

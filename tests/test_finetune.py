@@ -260,3 +260,18 @@ def test_mlx_lm_progress_stays_out_of_notebooks(monkeypatch):
     with finetune._QuietMlxConsole(), make_train_progress(console):
         assert sys.stderr is stderr
     assert console.is_jupyter is True
+
+
+def test_the_on_eval_hook_stops_training_as_a_pruned_run(toy):
+    """A search's pruner (helpers.workflow.tune) stops a trial through this hook."""
+    seen = []
+
+    def on_eval(step, n_eval, val_loss):
+        seen.append((step, n_eval))
+        return n_eval == 2  # prune at the second evaluation
+
+    result, _ = _train(toy(num_iters=20, steps_per_eval=4, early_stopping_patience=0),
+                       on_eval=on_eval)
+    assert seen == [(4, 1), (8, 2)]  # not called for the base model at step 0
+    assert result.pruned and not result.stopped_early and result.steps == 8
+    assert (result.adapter_dir / "adapters.safetensors").is_file()  # the best one so far

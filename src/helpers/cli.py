@@ -104,6 +104,15 @@ def cmd_curve(a: argparse.Namespace) -> int:
 
     return curve.run(a.params, sizes=a.sizes, seeds=a.seeds, resume=a.resume,
                      dry_run=a.dry_run, cluster=a.cluster or "", workers=a.workers or 0)
+def cmd_tune(a: argparse.Namespace) -> int:
+    from helpers.workflow import tune
+
+    result = tune.run(a.params, a.trials, timeout=a.timeout, out=a.out, storage=a.storage or "",
+                      study=a.study or "", overrides=_overrides(a.overrides),
+                      cluster=a.cluster or "", workers=a.workers or 0)
+    print()
+    print(result.text())
+    return result.exit_code
 
 
 def cmd_server(a: argparse.Namespace) -> int:
@@ -186,9 +195,10 @@ def cmd_recommend(a: argparse.Namespace) -> int:
 
 def cmd_params(a: argparse.Namespace) -> int:
     """The params keys, from helpers.config's schema and its comments."""
-    from helpers.config import ParamsError, key_docs
+    from helpers.config import ParamsError, key_docs, tune_key_docs
 
-    docs = [d for d in key_docs() if not a.words or any(w in d.key for w in a.words)]
+    docs = [d for d in key_docs() + tune_key_docs()
+            if not a.words or any(w in d.key for w in a.words)]
     if not docs:
         raise ParamsError(f"no params key contains {', '.join(map(repr, a.words))}: "
                           "`tablora params` lists them all")
@@ -235,6 +245,8 @@ def _params_yaml(docs: list[Any]) -> str:
            "yaml`)."]
     section = ""
     for d in docs:
+        if "<" in d.key:  # a placeholder (tune.<param>), not a key to write
+            continue
         head, _, key = d.key.rpartition(".")
         if head != section:
             out.append(f"{head}:")
@@ -405,6 +417,30 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--workers", type=int, metavar="N",
                        help="run the points on N worker processes of this machine")
     p.set_defaults(func=cmd_curve)
+    p = command("tune", "search the `tune:` section of a params file with Optuna (TPE, pruning "
+                "on validation loss); the best trial's params as a params file", (
+                    "tablora tune params/demo/smollm2-135m.yaml --trials 8",
+                    "tablora tune PARAMS.yaml --trials 20 --timeout 2h --workers 2",
+                    "tablora tune PARAMS.yaml --trials 10 --storage "
+                    "postgresql+psycopg://user:pass@db:5432/optuna   # on several machines"))
+    _add_params(p)
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials this command runs (0: none, only the study's results: the best "
+                   "scored on test once, its params file, the figures)")
+    p.add_argument("--timeout", help="start no trial after this long: seconds, or 90m, 2h")
+    p.add_argument("--out", type=Path, help="folder for the best params file, the trials table "
+                   "and the figures (default runs/tune/<study>)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by every command of "
+                   "the study (default sqlite:///runs/tune/optuna.db; several machines: "
+                   "postgresql+psycopg://user:pass@host:5432/optuna)")
+    p.add_argument("--study", help="the study's name (default <params name>-<hash of the params "
+                   "and the search>: the same command joins the same study)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="tcp://HOST:8786",
+                       help="run the trials on this Dask scheduler's workers")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="run the trials on N worker processes of this machine")
+    p.set_defaults(func=cmd_tune)
 
     p = command("server", "a shared MLflow tracking server over PostgreSQL, artifacts proxied "
                 "(for batches on several machines)", (

@@ -489,12 +489,15 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path).expanduser().resolve()
         origin = source_file = str(path)
         top = _read_yaml(path)
+        top.pop(TUNE_KEY, None)  # the search space of `tablora tune` (load_tune), not a param
         if RESOLVED_KEY in top:
             source_file = _check_resolved(top, path)
         else:
             defaults = path.parent / DEFAULTS_FILE_NAME
             if defaults.is_file() and defaults != path:
-                data = _build_dict_checked(_read_yaml(defaults), defaults)
+                base = _read_yaml(defaults)
+                base.pop(TUNE_KEY, None)
+                data = _build_dict_checked(base, defaults)
         data = _merge(data, _build_dict_checked(top, path))
         data.setdefault("name", path.stem)
     _apply_overrides(data, overrides or {}, f"{origin} (overrides)")
@@ -749,3 +752,227 @@ def _key_docs(source: str, root: type) -> list[KeyDoc]:
         return rows + sections
 
     return entries(root, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The search space of `tablora tune`: a `tune:` section beside the params (ignored by every other
+# command), checked whole before any trial runs.
+
+TUNE_KEY = "tune"
+# The params a search may vary: the training hyperparameters (the data, prompt and evaluation
+# settings are the question being asked, not knobs to fit to the validation rows).
+TUNABLE = ("learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "num_layers",
+           "num_epochs", "num_iters", "batch_size", "warmup_steps", "lr_schedule",
+           "early_stopping_patience")
+# What a trial is scored by, on the validation rows only, and which way is better. A metric of
+# hard predictions (accuracy, F1) would need a threshold tuned on those same rows: not offered.
+OBJECTIVES = {"val_loss": "minimize", "valid_roc_auc": "maximize", "valid_pr_auc": "maximize",
+              "valid_brier": "minimize"}
+PRUNERS = ("median", "hyperband", "none")
+# The search's own settings in the `tune:` section (every other key there is a dimension).
+TUNE_SETTINGS = ("objective", "pruner", "startup_trials", "warmup_evals", "sampler_seed")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched param: a range (low, high, log, step) or a list of choices."""
+
+    key: str
+    kind: Literal["float", "int", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"{self.key} in {list(self.choices)}"
+        scale = ", log" if self.log else (f", step {self.step:g}" if self.step else "")
+        return f"{self.key} in [{self.low:g}, {self.high:g}{scale}]"
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """The `tune:` section of a params file, checked."""
+
+    # The searched params (every key of the section that is not a setting below).
+    space: tuple[Dimension, ...] = ()
+    # What a trial is scored by, on the validation rows: val_loss (its best validation loss), or
+    # valid_roc_auc, valid_pr_auc or valid_brier (its P(yes) there).
+    objective: str = "val_loss"
+    # median: stop a trial whose validation loss at an evaluation is worse than the median of
+    # the earlier trials there; hyperband; or none.
+    pruner: str = "median"
+    # Trials sampled at random (and never pruned) before TPE and the pruner take over.
+    startup_trials: int = 3
+    # Evaluations a trial gets before the pruner may stop it.
+    warmup_evals: int = 1
+    # Seed of the TPE sampler (trial k samples with sampler_seed + k).
+    sampler_seed: int = 0
+    # Where the section came from (not a setting).
+    source_file: str = field(default="", compare=False)
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source_file")
+        return d
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def tune_key_docs() -> list[KeyDoc]:
+    """The keys of the `tune:` section for `tablora params`: one line for the searched params,
+    then the settings (from their comments in TuneSpec, as key_docs)."""
+    import inspect
+
+    settings = [dataclasses.replace(d, key=f"{TUNE_KEY}.{d.key}")
+                for d in _key_docs(inspect.getsource(inspect.getmodule(key_docs)), TuneSpec)
+                if d.key in TUNE_SETTINGS]
+    checks = {"objective": "one of " + ", ".join(OBJECTIVES),
+              "pruner": "one of " + ", ".join(PRUNERS)}
+    settings = [dataclasses.replace(d, allowed=checks.get(d.key.split(".")[1], d.allowed))
+                for d in settings]
+    param = KeyDoc(f"{TUNE_KEY}.<param>", "a range {low, high, log: true|false, step} or a list "
+                   "of choices", None, "A training hyperparameter to search (`tablora tune`; "
+                   "every other command ignores the tune section), e.g. learning_rate: {low: "
+                   "1.0e-5, high: 1.0e-3, log: true} or lora_rank: [4, 8, 16].",
+                   "one of " + ", ".join(TUNABLE))
+    return [param, *settings]
+
+
+def load_tune(path: str | Path, overrides: dict[str, Any] | None = None
+              ) -> tuple[Params, TuneSpec]:
+    """The params of `path` (as load_params) and its `tune:` section (over the one of
+    `_defaults.yaml` beside it, key by key), checked against them: an unknown key, a value of the
+    wrong type or an impossible range is refused with the key named."""
+    params = load_params(path, overrides)
+    path = Path(path).expanduser().resolve()
+    section: dict[str, Any] = {}
+    defaults = path.parent / DEFAULTS_FILE_NAME
+    for file in ([defaults] if defaults.is_file() and defaults != path else []) + [path]:
+        raw = _read_yaml(file).get(TUNE_KEY)
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{file}: 'tune' must be a mapping of params to search ranges, "
+                              f"e.g. tune: {{learning_rate: {{low: 1.0e-5, high: 1.0e-3, log: "
+                              f"true}}, lora_rank: [4, 8, 16]}}; got {raw!r}")
+        section.update(raw)
+    if not section:
+        raise ParamsError(f"{path}: no 'tune' section: add one naming what to search, e.g. "
+                          "tune: {learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}, "
+                          "lora_rank: [4, 8, 16]}")
+    return params, _tune_spec(section, params, str(path))
+
+
+def _tune_spec(section: dict[str, Any], params: Params, origin: str) -> TuneSpec:
+    settings = {k: section[k] for k in TUNE_SETTINGS if k in section}
+    space = []
+    for key, value in section.items():
+        if key in TUNE_SETTINGS:
+            continue
+        if key not in TUNABLE:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), TUNABLE + TUNE_SETTINGS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            known = flat_types()
+            why = ("is not a training hyperparameter a search may vary" if key in known
+                   else "is not a params key")
+            raise ParamsError(f"{origin}: tune: {key!r} {why}.{hint} The search can vary "
+                              f"{', '.join(TUNABLE)}; its settings are "
+                              f"{', '.join(TUNE_SETTINGS)}.")
+        space.append(_dimension(key, value, origin))
+    if not space:
+        raise ParamsError(f"{origin}: tune: names no param to search: add one, e.g. "
+                          "lora_rank: [4, 8, 16]")
+    budget = [d.key for d in space if d.key in BUDGET_KEYS]
+    if len(budget) > 1:
+        raise ParamsError(f"{origin}: tune: searches both num_iters and num_epochs: keep one of "
+                          "them")
+    spec_kwargs: dict[str, Any] = {}
+    checks: dict[str, tuple[Any, typing.Callable[[Any], bool], str]] = {
+        "objective": (str, lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+        "pruner": (str, lambda v: v in PRUNERS, "one of " + ", ".join(PRUNERS)),
+        "startup_trials": (int, lambda v: v >= 0, "an integer >= 0"),
+        "warmup_evals": (int, lambda v: v >= 0, "an integer >= 0"),
+        "sampler_seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    }
+    for key, value in settings.items():
+        tp, ok, allowed = checks[key]
+        value = _coerce(value, tp, f"tune.{key}", origin)
+        if not ok(value):
+            raise ParamsError(f"{origin}: 'tune.{key}' = {value!r} is out of range: it must be "
+                              f"{allowed}")
+        spec_kwargs[key] = value
+    spec = TuneSpec(space=tuple(space), source_file=origin, **spec_kwargs)
+    if spec.objective != "val_loss" and params.scoring != "logprob":
+        raise ParamsError(f"{origin}: tune.objective {spec.objective!r} needs P(yes): set "
+                          "scoring: logprob, or objective: val_loss")
+    if params.dataset.valid_size <= 0:
+        raise ParamsError(f"{origin}: dataset.valid_size = 0 leaves no validation rows, and a "
+                          "search is scored on them (never on test): set dataset.valid_size, "
+                          "e.g. 0.1")
+    return spec
+
+
+def _dimension(key: str, value: Any, origin: str) -> Dimension:
+    tp = flat_types()[key]
+    name = f"tune.{key}"
+
+    def checked(v: Any, what: str) -> Any:
+        v = _coerce(v, tp, f"{name}{what}", origin)
+        if key in _CHECKS and not _CHECKS[key][0](v):
+            raise ParamsError(f"{origin}: {name}{what} = {v!r} is out of range: {key} must be "
+                              f"{_CHECKS[key][1]}")
+        if key in BUDGET_KEYS and not v > 0:
+            raise ParamsError(f"{origin}: {name}{what} = {v!r}: a searched {key} must be > 0")
+        if key == "num_layers" and v == -1 and what.startswith("."):
+            raise ParamsError(f"{origin}: {name}{what} = -1 (all) cannot bound a range: list "
+                              "the choices instead, e.g. num_layers: [4, 8, -1]")
+        return v
+
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ParamsError(f"{origin}: {name} is an empty list: give at least one choice")
+        choices = tuple(dict.fromkeys(checked(v, f"[{i}]") for i, v in enumerate(value)))
+        return Dimension(key, "categorical", choices=choices)
+    if not isinstance(value, dict):
+        raise ParamsError(f"{origin}: {name} = {value!r}: give a range {{low: ..., high: ..., "
+                          "log: true}} or a list of choices [..]")
+    if typing.get_origin(tp) is Literal:
+        raise ParamsError(f"{origin}: {name} takes a list of choices, e.g. "
+                          f"{list(typing.get_args(tp))}, not a range")
+    unknown = sorted(set(value) - {"low", "high", "log", "step"})
+    if unknown:
+        raise ParamsError(f"{origin}: {name}: unknown key {unknown[0]!r} in the range: a range "
+                          "has low, high and optionally log (true/false) or step")
+    missing = [k for k in ("low", "high") if k not in value]
+    if missing:
+        raise ParamsError(f"{origin}: {name}: the range has no {missing[0]!r}: give both low "
+                          "and high")
+    low, high = checked(value["low"], ".low"), checked(value["high"], ".high")
+    log = _coerce(value.get("log", False), bool, f"{name}.log", origin)
+    step = value.get("step")
+    if not low < high:
+        raise ParamsError(f"{origin}: {name}: low = {low!r} is not below high = {high!r}: an "
+                          "impossible range (to fix the value, set it outside tune:, or give a "
+                          "list of one choice)")
+    if log and low <= 0:
+        raise ParamsError(f"{origin}: {name}: log: true needs low > 0 (got {low!r})")
+    if step is not None:
+        step = _coerce(step, tp, f"{name}.step", origin)
+        if log:
+            raise ParamsError(f"{origin}: {name}: give log or step, not both")
+        if not 0 < step <= high - low:
+            raise ParamsError(f"{origin}: {name}.step = {step!r} must be > 0 and at most "
+                              f"high - low = {high - low:g}")
+    return Dimension(key, "int" if tp is int else "float", low=low, high=high, log=log,
+                     step=step)

@@ -25,6 +25,10 @@ KIND_LLM = "llm"  # one params file at one seed: training + zero-shot and fine-t
 KIND_BASELINE = "baseline"  # one classical model on one split
 KIND_BATCH = "batch"  # the parent run of `tablora batch`
 KIND_REPORT = "report"  # a comparison logged outside a batch
+KIND_TUNE = "tune"  # the parent run of a `tablora tune` study
+# One trial of a study: trained and scored on validation rows; not a model of the comparison
+# (picking the best of them by test scores would select on the test split).
+KIND_TRIAL = "trial"
 KIND_MEMCHECK = "memcheck"  # has the model seen the table? (helpers.llm.memcheck)
 MODEL_KINDS = (KIND_LLM, KIND_BASELINE)  # the runs a comparison reads
 # The baselines that know nothing about the rows (helpers.baselines): every other model is
@@ -60,6 +64,10 @@ TAG_CURVE = "tablora.curve"
 TAG_TRAIN_ROWS = "tablora.train_rows"
 # The curve's analysis, logged to its parent run (curve.md, curve.json, the figures).
 ARTIFACT_CURVE = "curve"
+TAG_STUDY = "tablora.study"  # the Optuna study a tune or trial run belongs to
+TAG_TRIAL = "tablora.trial"  # the trial's number in its study
+TAG_TRIAL_STATE = "tablora.trial_state"  # COMPLETE, PRUNED or FAIL (Optuna's TrialState)
+TAG_BEST_TRIAL = "tablora.best_trial"  # on a tune run: the best trial's number and run id
 
 TAG_DATA_SOURCE = "tablora.source"  # on the logged dataset inputs
 TAG_OWNER = "tablora.owner"  # "host:pid" of the process a RUNNING run lives and dies with
@@ -108,6 +116,10 @@ TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"
 TRAIN_SECONDS = "train_seconds"
 TRAIN_STEPS = "train_steps"  # the training budget in steps (num_epochs resolved)
+# A trial's score on the validation rows (tune.objective: val_loss or valid_<metric>), and on
+# a tune run the best trial's, with the counts of trials by state.
+OBJECTIVE = "objective"
+BEST_OBJECTIVE = "best_objective"
 
 
 def metric(prefix: str, name: str) -> str:
@@ -135,6 +147,7 @@ ARTIFACT_DATA = "data"  # the split file
 ARTIFACT_ADAPTERS = "adapters"  # the best adapter (lowest validation loss)
 ARTIFACT_ADAPTERS_LAST = "adapters_last"  # the adapter after the last step
 ARTIFACT_COMPARISON = "comparison"  # REPORT.md and its figures, on a batch or report run
+ARTIFACT_STUDY = "study"  # on a tune run: the best params file and the trials table
 ERROR_FILE = "error.txt"
 EVALUATION_SETTINGS = "evaluation/settings.json"
 ARTIFACT_MEMCHECK = "memcheck/completions.json"  # every prompt, target and completion
@@ -193,6 +206,7 @@ USER_ERRORS = (
     "ReportError",  # helpers.analysis.records (and its NoRuns): nothing comparable
     "StoreError",  # helpers.tracking: the MLflow store or a run id
     "NotebookError",  # helpers.workflow.notebooks: a notebook's parameters cell
+    "TuneError",  # helpers.workflow.tune: a study that cannot run or produced no trial
     "MemcheckError",  # helpers.llm.memcheck: a table or setting the memorization tests refuse
     "FileNotFoundError",  # a path given on the command line
 )

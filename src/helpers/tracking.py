@@ -502,10 +502,11 @@ def _batch_tags() -> dict[str, str]:
     return tags
 
 
-def log_dataset(prepared: Any) -> None:
+def log_dataset(prepared: Any, splits: tuple[str, ...] = SPLITS) -> None:
     """Into the active run: the split hash tag, each split as a dataset input, the split file,
     and the bookkeeping (rows and classes per split, prompt tokens, duplicates) as one JSON
-    artifact, DATA_SUMMARY (`prepared`: a helpers.data.Prepared)."""
+    artifact, DATA_SUMMARY (`prepared`: a helpers.data.Prepared). `splits`: the ones the run
+    looks at (a search's trial: train and valid, never test)."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -517,7 +518,7 @@ def log_dataset(prepared: Any) -> None:
     name = Path(prepared.source.split(":", 1)[-1]).stem
     summary: dict[str, Any] = {"split_hash": prepared.split_hash, "source": prepared.source,
                                "duplicates_train_test": prepared.duplicates["count"]}
-    for split in SPLITS:
+    for split in splits:
         if not prepared.split[split]:
             continue
         frame = prepared.table.loc[prepared.split[split]].reset_index()

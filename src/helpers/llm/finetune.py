@@ -26,7 +26,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner import trainer as mlx_trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from helpers import config, tracking
+from helpers import config, data, tracking
 from helpers.config import EVALS_PER_EPOCH, Params, ParamsError
 from helpers.contract import (
     ADAPTER_CONFIG,
@@ -98,6 +98,7 @@ class TrainResult:
     train_seconds: float  # wall time of all training legs, validation and checkpoints included
     trainable_parameters: int
     resumed_from: int  # 0 for a fresh run
+    pruned: bool = False  # stopped by the on_eval hook (a search's pruner), not by its budget
 
     def summary(self) -> dict[str, Any]:
         """A flat dict of the key figures."""
@@ -213,11 +214,13 @@ def build_optimizer(params: Params, steps: int | None = None) -> optim.Optimizer
 
 
 def load_datasets(prepared: Any, tokenizer: Any, params: Params) -> tuple[Any, Any]:
-    """The train and valid splits of `prepared.data_dir` as mlx-lm chat datasets."""
+    """The train and valid splits of `prepared.data_dir` as mlx-lm chat datasets. Not the test
+    split: mlx-lm's load_local_dataset reads test.jsonl too, and training never looks at it."""
     import types
 
     cfg = types.SimpleNamespace(mask_prompt=params.mask_prompt)
-    train_set, valid_set, _ = load_local_dataset(Path(prepared.data_dir), tokenizer, cfg)
+    train_set, valid_set = (_split_dataset(Path(prepared.data_dir) / f"{name}.jsonl",
+                                           tokenizer, cfg) for name in ("train", "valid"))
     if len(train_set) < params.batch_size:
         raise ParamsError(f"the train split has {len(train_set)} rows but batch_size="
                           f"{params.batch_size}: lower batch_size")
@@ -226,6 +229,11 @@ def load_datasets(prepared: Any, tokenizer: Any, params: Params) -> tuple[Any, A
         warnings.warn(f"the valid split has {len(valid_set)} rows, fewer than batch_size="
                       f"{params.batch_size}: training without validation", stacklevel=2)
     return CacheDataset(train_set), valid
+
+
+def _split_dataset(path: Path, tokenizer: Any, cfg: Any) -> Any:
+    rows = data.read_jsonl(path) if path.is_file() else []
+    return create_dataset(rows, tokenizer, cfg) if rows else []
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -319,8 +327,10 @@ class _Supervisor(TrainingCallback):
     """Called by mlx-lm after every step: checks, validation, checkpoints, progress, MLflow."""
 
     def __init__(self, *, model, optimizer, params: Params, out: Path, valid, loss, batches,
-                 state: dict[str, Any], total: int, every: int):
+                 state: dict[str, Any], total: int, every: int,
+                 on_eval: Callable[[int, int, float], bool] | None = None):
         self.model, self.optimizer, self.params, self.out = model, optimizer, params, out
+        self.on_eval = on_eval  # see train()
         self.total, self.every = total, every  # the budget and validation interval, in steps
         self.valid, self.loss, self.batches = valid, loss, batches
         self.state = state  # what a checkpoint stores (see _fresh_state)
@@ -362,7 +372,13 @@ class _Supervisor(TrainingCallback):
         p = self.params
         last = step == self.total
         if self.valid is not None and (step % self.every == 0 or last):
-            self.validate(step)
+            val = self.validate(step)
+            n_eval = len(self.state["val_losses"]) - 1  # evaluation 0 is the base model
+            if self.on_eval is not None and self.on_eval(step, n_eval, val) and not last:
+                self.state["pruned"] = True
+                self.bar.write(f"stopped at step {step} by the search's pruner (val_loss "
+                               f"{val:.4f} at evaluation {n_eval})")
+                raise _EarlyStop
         stop = (p.early_stopping_patience > 0
                 and self.state["evals_since_best"] >= p.early_stopping_patience)
         self.state["stopped_early"] = stop and not last
@@ -445,16 +461,21 @@ class _QuietMlxConsole:
 
 
 def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
-          loss: Any = None, batches: Batches | None = None) -> TrainResult:
+          loss: Any = None, batches: Batches | None = None,
+          on_eval: Callable[[int, int, float], bool] | None = None) -> TrainResult:
     """LoRA-fine-tune `model` on `prepared` inside the active MLflow run; returns the result.
 
     A checkpoint of this same run in `params.adapter_dir` (a run started again with its run_id)
     is resumed: weights, optimizer state, step, best val loss and MLflow steps continue. `loss`
     and `batches` replace mlx-lm's default_loss and the batch iterator (same signatures).
+    `on_eval(step, evaluation number, val_loss)` is called after each validation (not the one
+    of the base model at step 0); when it returns True training stops there, as early stopping
+    does, with `pruned` set (a search's pruner: helpers.workflow.tune).
     One training at a time writes into an adapter folder: a second one is refused.
     """
     with _output_lock(params.adapter_dir):
-        return _train(model, tokenizer, prepared, params, loss=loss, batches=batches)
+        return _train(model, tokenizer, prepared, params, loss=loss, batches=batches,
+                      on_eval=on_eval)
 
 
 @contextlib.contextmanager
@@ -480,7 +501,8 @@ def _output_lock(out: Path) -> Iterator[None]:
 
 
 def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
-           loss: Any = None, batches: Batches | None = None) -> TrainResult:
+           loss: Any = None, batches: Batches | None = None,
+           on_eval: Callable[[int, int, float], bool] | None = None) -> TrainResult:
     import mlflow
 
     active = mlflow.active_run()
@@ -514,10 +536,10 @@ def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     remaining = total - state["step"]
     # Wall time so far: earlier legs (from the checkpoint) + this one.
     state["_seconds_before"], state["_started"] = state["train_seconds"], time.perf_counter()
-    if remaining > 0 and not state["stopped_early"]:
+    if remaining > 0 and not state["stopped_early"] and not state.get("pruned"):
         try:
             _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                         remaining, total, every)
+                         remaining, total, every, on_eval)
         except fast_training.FastPathUnsupported:
             if not fast:
                 raise
@@ -527,7 +549,7 @@ def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
                           "check)", stacklevel=2)
             _run_trainer(model, optimizer, train_set, valid, params, out,
                          mlx_trainer.default_loss, Batches(seed=params.seed, skip=state["step"]),
-                         state, remaining, total, every)
+                         state, remaining, total, every, on_eval)
     return _finish(model, params, out, state, run_id, n_trainable, resumed_from)
 
 
@@ -552,7 +574,7 @@ def _resume_or_start(out: Path, run_id: str, model, optimizer, params: Params,
 
 
 def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches, state,
-                 remaining, total, every) -> None:
+                 remaining, total, every, on_eval=None) -> None:
     (out / LAST_DIR).mkdir(parents=True, exist_ok=True)
     args = mlx_trainer.TrainingArgs(
         batch_size=params.batch_size, iters=remaining, val_batches=params.val_batches,
@@ -562,7 +584,8 @@ def _run_trainer(model, optimizer, train_set, valid, params, out, loss, batches,
         adapter_file=str(out / LAST_DIR / ADAPTER_FILE),
         grad_accumulation_steps=params.grad_accumulation_steps)
     sup = _Supervisor(model=model, optimizer=optimizer, params=params, out=out, valid=valid,
-                      loss=loss, batches=batches, state=state, total=total, every=every)
+                      loss=loss, batches=batches, state=state, total=total, every=every,
+                      on_eval=on_eval)
     if valid is not None and state["step"] == 0:
         sup.validate(0)  # the starting point of the curve (the base model)
     try:
@@ -593,7 +616,7 @@ def still_improving(state: dict[str, Any]) -> bool:
     """Ended by the budget (not early stopping) while the last validation loss was the best so
     far and clearly below the one before it: more steps would likely have helped."""
     vals = state.get("val_losses") or []
-    if state["stopped_early"] or len(vals) < 2:
+    if state["stopped_early"] or state.get("pruned") or len(vals) < 2:
         return False
     return vals[-1] <= min(vals) and vals[-1] < vals[-2] * (1 - STILL_IMPROVING)
 
@@ -636,7 +659,8 @@ def _finish(model, params, out, state, run_id, n_trainable, resumed_from) -> Tra
                        best_step=state["best_step"], stopped_early=state["stopped_early"],
                        still_improving=improving, tokens_per_sec=tps,
                        train_seconds=state["train_seconds"],
-                       trainable_parameters=n_trainable, resumed_from=resumed_from)
+                       trainable_parameters=n_trainable, resumed_from=resumed_from,
+                       pruned=bool(state.get("pruned")))
 
 
 # --------------------------------------------------------------------------- reading back

@@ -26,7 +26,7 @@ from helpers.config import (
     write_resolved,
 )
 
-NOTEBOOKS = ("train", "evaluate", "baselines", "compare", "curve")
+NOTEBOOKS = ("train", "evaluate", "baselines", "compare", "curve", "tune")
 # Every notebook declares these in its `parameters` cell (plain literals: docs/ARCHITECTURE.md).
 PARAMETERS = ("params_path", "overrides", "run_id")
 
