@@ -275,7 +275,9 @@ def test_breast_cancer_builtin(tmp_path):
     assert len(p.features) == 10 and p.duplicates["count"] == 0
     assert len(p.table) == 569 and set(p.table["target"]) == {"malignant", "benign"}
     assert p.y("train").sum() + p.y("valid").sum() + p.y("test").sum() == 212  # malignant
-    assert p.prompts("train")[0].count("\nmean ") == 10  # the demo: one "name: value" a line
+    # The demo: each feature as a sentence ("The mean radius is 18.0.").
+    first = p.prompts("train")[0]
+    assert first.count(" The mean ") + first.count("\nThe mean ") == 10
 
 
 # --- serialization -----------------------------------------------------------------------------
