@@ -260,6 +260,17 @@ def _params_yaml(docs: list[Any]) -> str:
     return "\n".join(out)
 
 
+def _add_where(p: argparse.ArgumentParser, what: str, cluster_note: str = "") -> None:
+    """--cluster or --workers: where a multi-run command's tasks run (helpers.workflow.executor);
+    neither: one after another in this process."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="tcp://HOST:8786",
+                       help=f"run the {what} on this Dask scheduler's workers{cluster_note}")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help=f"run the {what} on N worker processes of this machine (a Dask "
+                       "LocalCluster)")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Epilogues as written (the examples, one a line); each option's default after its help."""
 
@@ -382,13 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memcheck", action="store_true",
                    help="first check each model once per table for memorization (tablora "
                    "memcheck; a finished check is reused)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="tcp://HOST:8786",
-                       help="run the models on this Dask scheduler's workers (started as `dask "
-                       "worker tcp://HOST:8786 --nthreads 1 --resources model=1`)")
-    where.add_argument("--workers", type=int, metavar="N",
-                       help="run the models on N worker processes of this machine (a Dask "
-                       "LocalCluster)")
+    _add_where(p, "models", " (started as `dask worker tcp://HOST:8786 --nthreads 1 "
+               "--resources model=1`)")
     p.set_defaults(func=cmd_batch)
 
     p = command("curve", "a learning curve: the LLM and the baselines trained on k rows of the "
@@ -410,12 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "interrupted one continues from its checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="print the points and the time estimate and exit")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="tcp://HOST:8786",
-                       help="run the points on this Dask scheduler's workers (as in `tablora "
-                       "batch`)")
-    where.add_argument("--workers", type=int, metavar="N",
-                       help="run the points on N worker processes of this machine")
+    _add_where(p, "points", " (as in `tablora batch`)")
     p.set_defaults(func=cmd_curve)
     p = command("tune", "search the `tune:` section of a params file with Optuna (TPE, pruning "
                 "on validation loss); the best trial's params as a params file", (
@@ -435,11 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "postgresql+psycopg://user:pass@host:5432/optuna)")
     p.add_argument("--study", help="the study's name (default <params name>-<hash of the params "
                    "and the search>: the same command joins the same study)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="tcp://HOST:8786",
-                       help="run the trials on this Dask scheduler's workers")
-    where.add_argument("--workers", type=int, metavar="N",
-                       help="run the trials on N worker processes of this machine")
+    _add_where(p, "trials")
     p.set_defaults(func=cmd_tune)
 
     p = command("server", "a shared MLflow tracking server over PostgreSQL, artifacts proxied "
