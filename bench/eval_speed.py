@@ -20,24 +20,13 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
+import blas as bench_blas  # bench/blas.py (this folder is on sys.path), not helpers.llm.blas
 import numpy as np
 
 from helpers import data
 from helpers.config import DEMO_PARAMS, load_params
 from helpers.llm import blas, lanes, models, scoring
-
-
-def _bench_blas():
-    """bench/blas.py as a module (the bench folder is not a package)."""
-    import importlib.util
-
-    path = Path(__file__).with_name("blas.py")
-    spec = importlib.util.spec_from_file_location("bench_blas", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _joined(parts: list[scoring.Scores]) -> scoring.Scores:
@@ -114,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[scoring.Scores]] = {m: [] for m in [*modes, "adapted", "frozen"]}
     chunks = [messages[i: i + a.chunk] for i in range(0, len(messages), a.chunk)]
     gemm = 0.0  # MLX's float32 GEMM rate on all cores, best of the chunks (bench/blas.py)
-    bench_blas = _bench_blas()
     for k, part in enumerate(chunks):
         order = list(modes)[k % len(modes):] + list(modes)[: k % len(modes)]
         frozen = scoring.FrozenStates(start)  # (c) records the chunk's states at `start`
