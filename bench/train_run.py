@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import common  # bench/common.py
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,9 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 ARGS = parse_args()
 # Thread counts must be set before the BLAS libraries start their pools.
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(ARGS.threads)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+common.pin_threads(ARGS.threads)
 
 
 # ------------------------------------------------------------------------------------ peer

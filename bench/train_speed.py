@@ -36,13 +36,14 @@ Prints a table; the last line is one JSON object (ours_tps, peer_tps, ratio, ...
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
+
+import common  # bench/common.py
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,9 +64,7 @@ def parse_args() -> argparse.Namespace:
 
 ARGS = parse_args()
 # Thread counts must be set before the BLAS libraries start their pools.
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = str(ARGS.threads)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+common.pin_threads(ARGS.threads)
 
 if not ARGS.peer_worker:  # the peer's process imports neither MLX nor helpers
     # helpers first: it points MLX at the optimized BLAS before mlx is imported.
@@ -77,18 +76,10 @@ if not ARGS.peer_worker:  # the peer's process imports neither MLX nor helpers
     from helpers import data
     from helpers.config import DEMO_PARAMS, load_params
     from helpers.llm import blas, fast_training, models
+
+    import blas as bench_blas  # bench/blas.py, not helpers.llm.blas
     # isort: on
 import numpy as np  # noqa: E402
-
-
-def _bench_blas():
-    """bench/blas.py as a module (the bench folder is not a package)."""
-    path = Path(__file__).with_name("blas.py")
-    spec = importlib.util.spec_from_file_location("bench_blas", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 # ------------------------------------------------------------------------------------ data
 
@@ -330,7 +321,7 @@ def main() -> None:
         batch_size=a.batch_size, n_batches=a.batches, num_layers=a.num_layers, rank=a.rank,
         alpha=params.lora_alpha, threads=a.threads)
 
-    gemm = _bench_blas().gemm_gflops
+    gemm = bench_blas.gemm_gflops
 
     def forward_round():
         # The plain forward of the same rows (no LoRA work saved): evaluation's cost per token.

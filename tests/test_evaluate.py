@@ -120,3 +120,19 @@ def test_no_run_and_no_adapter_is_a_clear_error(tmp_path, mlflow_store):
         evaluate.find_target(params)
     with pytest.raises(evaluate.EvaluationError, match="not an adapter directory"):
         evaluate.find_target(params, adapter=str(tmp_path))
+
+
+def test_frozen_states_start_below_the_adapters_blocks(tmp_path, tiny_model_dir):
+    """The adapter's num_layers says where the zero-shot pass's states can be taken over:
+    block 4 - 2 = 2 of the tiny model; an adapter on every block, or no config, none."""
+    import json
+
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    for adapted, start in ((2, 2), (1, 3), (4, None), (-1, None)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"num_layers": adapted}))
+        frozen = evaluate.frozen_states(model, tmp_path)
+        assert (frozen and frozen.start) == start
+    (tmp_path / "adapter_config.json").unlink()
+    assert evaluate.frozen_states(model, tmp_path) is None

@@ -32,7 +32,10 @@ TINY = {
     "n_bootstrap": 100,
     "eval_batch_size": 16,
     "threshold_mode": "tune",
-    "eval_zeroshot": False,
+    # Zero-shot too: the fine-tuned pass then reads the zero-shot pass's states below the
+    # adapter (scoring.FrozenStates), and predict, which runs the whole model, must still give
+    # the same numbers.
+    "eval_zeroshot": True,
     "dataset": {"source": "builtin:breast_cancer", "target": "target",
                 "positive_label": "malignant", "features": FEATURES},
     "baselines": {"models": ["logistic_l2"], "mode": "fixed"},
@@ -57,8 +60,10 @@ def evaluated(tmp_path_factory, tiny_model_dir, _migrated_store):
         path.write_text(yaml.safe_dump({**TINY, "model_id": str(tiny_model_dir)}))
         params = load_params(path)
         prepared = data.prepare(params)
+        # LoRA on the top 2 of 4 blocks, as training does (num_layers): the evaluation's
+        # fine-tuned pass then starts from the zero-shot pass's block-2 states.
         adapter = train_tiny_adapter(tiny_model_dir, tmp / "adapter",
-                                     prepared.messages("train")[:8], steps=3)
+                                     prepared.messages("train")[:8], steps=3, num_layers=2)
         mlflow.MlflowClient().create_experiment(params.experiment,
                                                 artifact_location=(tmp / "art").as_uri())
         with tracking.run(params) as run:  # what the training notebook leaves behind

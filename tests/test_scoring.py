@@ -127,6 +127,58 @@ def test_parallel_streams_equal_one_stream(tiny, prompts, lanes):
     assert blas.get_threads() == before
 
 
+@pytest.fixture(scope="module")
+def top_tuned(tiny_model_dir, prepared, tmp_path_factory):
+    """The tiny model (4 blocks) with LoRA on its top 2 blocks, trained a few steps."""
+    import mlx_lm
+    from tiny_adapter import train_tiny_adapter
+
+    adapter = train_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("top-adapter"),
+                                 prepared.messages("train")[:8], steps=10, num_layers=2)
+    return mlx_lm.load(str(tiny_model_dir), adapter_path=str(adapter))[0]
+
+
+def test_frozen_states_give_the_adapted_models_forward(tiny, top_tuned, prompts):
+    """A fine-tuned pass that starts at block 2 from the zero-shot pass's states (LoRA only on
+    blocks 2-3) gives the whole adapted model's log-probs, batch by batch."""
+    model, tokenizer = tiny
+    texts, ids = prompts
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    frozen = scoring.FrozenStates(start=2)
+    recorded, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False, frozen=frozen)
+    base, _ = scoring.answer_logprobs(model, ids, answers, 5, True, False)
+    np.testing.assert_allclose(recorded, base, atol=1e-6)  # recording changes nothing
+    assert len(frozen.states) == 3 and frozen.nbytes > 0  # 12 prompts, batches of 5
+    assert frozen.replay_on(top_tuned)
+    taken_over, _ = scoring.answer_logprobs(top_tuned, ids, answers, 5, True, False,
+                                            frozen=frozen)
+    full, _ = scoring.answer_logprobs(top_tuned, ids, answers, 5, True, False)
+    assert frozen.hits == 3
+    np.testing.assert_allclose(taken_over, full, rtol=1e-6, atol=1e-6)
+    assert np.abs(full - base).max() > 1e-3  # the adapter moved the answers: a real check
+    # Other batches (other prompts or sizes) were not recorded: they run the whole model.
+    other, _ = scoring.answer_logprobs(top_tuned, ids[:7], answers, 4, True, False,
+                                       frozen=frozen)
+    np.testing.assert_allclose(other, full[:7], atol=1e-5)
+    assert frozen.hits == 3
+
+
+def test_frozen_states_are_dropped_when_lora_reaches_below_them(tiny, tuned, prompts):
+    """An adapter on every block: the recorded block-2 states are not the adapted model's."""
+    model, tokenizer = tiny
+    texts, ids = prompts
+    answers = [scoring.answer_tokens(tokenizer, texts[0], a) for a in ("Yes", "No")]
+    frozen = scoring.FrozenStates(start=2)
+    scoring.answer_logprobs(model, ids, answers, 5, True, False, frozen=frozen)
+    adapted_model = tuned[0]
+    assert not frozen.replay_on(adapted_model) and not frozen.states
+    scored, _ = scoring.answer_logprobs(adapted_model, ids, answers, 5, True, False,
+                                        frozen=frozen)
+    full, _ = scoring.answer_logprobs(adapted_model, ids, answers, 5, True, False)
+    assert frozen.hits == 0
+    np.testing.assert_allclose(scored, full, atol=1e-6)
+
+
 def _tiny_random(module: str, vocab_size: int):
     """A tiny randomly initialized mlx-lm model of another architecture (biased q/k/v for Qwen2,
     q/k norms for Qwen3)."""

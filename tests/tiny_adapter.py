@@ -18,10 +18,12 @@ LORA = {"rank": 8, "scale": 4.0, "dropout": 0.0}
 
 
 def train_tiny_adapter(model_dir: Path, out: Path, messages: list[list[dict]],
-                       steps: int = 40, lr: float = 1e-2, seed: int = 0) -> Path:
+                       steps: int = 40, lr: float = 1e-2, seed: int = 0,
+                       num_layers: int | None = None) -> Path:
     """Fit a LoRA adapter on `messages` (each ending with the assistant's answer); returns out.
 
-    steps=0 saves the freshly initialised adapter (LoRA B = 0: the base model's outputs)."""
+    steps=0 saves the freshly initialised adapter (LoRA B = 0: the base model's outputs).
+    num_layers: LoRA on the top num_layers blocks (default all)."""
     import mlx.core as mx
     import mlx_lm
     from mlx.utils import tree_flatten
@@ -30,7 +32,7 @@ def train_tiny_adapter(model_dir: Path, out: Path, messages: list[list[dict]],
     mx.random.seed(seed)
     model, tokenizer = mlx_lm.load(str(model_dir))
     model.freeze()
-    num_layers = len(model.layers)
+    num_layers = num_layers or len(model.layers)
     linear_to_lora_layers(model, num_layers, LORA)
 
     if steps > 0:

@@ -147,8 +147,9 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 
 
 def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
-                prefix: str) -> Result:
-    """Score the test split; the threshold is params.threshold or tuned on the valid split."""
+                prefix: str, frozen: scoring.FrozenStates | None = None) -> Result:
+    """Score the test split; the threshold is params.threshold or tuned on the valid split.
+    frozen: states shared between the zero-shot and the fine-tuned pass (frozen_states)."""
     threshold, source = math.nan, ""
     if params.scoring == "logprob":
         threshold, source = params.threshold, THRESHOLD_FIXED
@@ -157,14 +158,32 @@ def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
                 raise EvaluationError("threshold_mode: tune needs a validation split: set "
                                       "dataset.valid_size > 0, or threshold_mode: fixed.")
             valid = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
-                                  desc=f"{prefix} (valid)")
+                                  desc=f"{prefix} (valid)", frozen=frozen)
             threshold = metrics.tune_threshold(prepared.y("valid"), valid.p_yes)
             source = THRESHOLD_VALID
     scores = scoring.score(model, tokenizer, prepared.messages("test", False), params,
-                           desc=prefix)
+                           desc=prefix, frozen=frozen)
     y = prepared.y("test")
     return Result(prefix, scores, y, scores.predict(y, threshold), list(prepared.split["test"]),
                   threshold, source)
+
+
+def frozen_states(model: Any, adapter_dir: Path) -> scoring.FrozenStates | None:
+    """What the fine-tuned pass can take over from the zero-shot one: the adapter's LoRA layers
+    sit in the top `num_layers` blocks (mlx-lm's adapter_config.json), so the blocks below give
+    the same states in both passes and run once (scoring.FrozenStates). None when every block
+    is adapted or the config does not say."""
+    import json
+
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        adapted = int(config["num_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    n_blocks = len(getattr(getattr(model, "model", None), "layers", []))
+    if not 0 < adapted < n_blocks:
+        return None
+    return scoring.FrozenStates(start=n_blocks - adapted)
 
 
 def log_result(result: Result, params: Params) -> dict[str, float]:
@@ -218,13 +237,20 @@ def evaluate(params: Params, prepared: Any, model: Any, tokenizer: Any,
         tracking.log_params(params)
         tracking.log_dataset(prepared)
     results: dict[str, Result] = {}
+    frozen = None
     if params.eval_zeroshot:
+        frozen = frozen_states(model, target.adapter_dir)
         results["zeroshot"] = score_model(model, tokenizer, prepared, params,
-                                          PREFIXES["zeroshot"])
+                                          PREFIXES["zeroshot"], frozen)
         log_result(results["zeroshot"], params)
     apply_adapter(model, target.adapter_dir)
+    if frozen is not None:
+        frozen.replay_on(model)
     results["finetuned"] = score_model(model, tokenizer, prepared, params,
-                                       PREFIXES["finetuned"])
+                                       PREFIXES["finetuned"], frozen)
+    if frozen is not None and frozen.hits:
+        print(f"fine-tuned scoring started {frozen.hits} batches at block {frozen.start} from "
+              "the zero-shot pass's states (the blocks below the adapter ran once)")
     log_result(results["finetuned"], params)
     # Evaluation settings may differ from the ones the run was trained with (MLflow params
     # cannot change): record what this evaluation used.

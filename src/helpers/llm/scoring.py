@@ -222,7 +222,7 @@ def fast_path_applies(model: Any) -> bool:
             and all(kernels.is_llama_block(layer) for layer in inner.layers))
 
 
-def _fast_logprobs(model: Any) -> Any:
+def _fast_logprobs(model: Any, start: int = 0, keep: int | None = None) -> Any:
     """A compiled (tokens, rows, cols, targets, *prefix_kv) -> log-prob of targets[i] at
     (rows[i], cols[i]), for llama-block models on the CPU (see fast_path_applies).
 
@@ -230,23 +230,80 @@ def _fast_logprobs(model: Any) -> Any:
     of the shared prefix), or nothing. The blocks run on the multiply-add softmax and SwiGLU of
     helpers.llm.kernels; mx.compile fuses their element-wise work. Traced once per (batch shape,
     stream).
+    start > 0: the first argument is the hidden state [B, T, D] at block `start`'s input instead
+    of the tokens, and only blocks start.. run (prefix_kv: theirs). keep: also return the hidden
+    state at block `keep`'s input (what a later call with start=keep reads; FrozenStates).
     """
     import mlx.core as mx
 
     layers, head = model.model.layers, kernels.lm_head(model)
+    last = len(layers) - 1
 
-    def forward(tokens, rows, cols, targets, *prefix_kv):
-        h = model.model.embed_tokens(tokens)
-        bias = kernels.causal_bias(tokens.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
+    def forward(x, rows, cols, targets, *prefix_kv):
+        h = model.model.embed_tokens(x) if start == 0 else x
+        bias = kernels.causal_bias(h.shape[1], prefix_kv[0].shape[2] if prefix_kv else 0)
         kv = [(prefix_kv[2 * i], prefix_kv[2 * i + 1]) if prefix_kv else None
-              for i in range(len(layers))]
-        for layer, layer_kv in zip(layers[:-1], kv, strict=False):
-            h = kernels.llama_block(layer, h, bias, layer_kv)
+              for i in range(len(layers) - start)]
+        kept = None
+        for i, layer_kv in zip(range(start, last), kv, strict=False):
+            kept = h if i == keep else kept
+            h = kernels.llama_block(layers[i], h, bias, layer_kv)
+        kept = h if keep == last else kept
         # The last block only at the scored positions (keys and values everywhere).
-        h = kernels.llama_block_at(layers[-1], h, rows, cols, kv[-1])
-        return _target_logprobs(head(model.model.norm(h)), targets)
+        h = kernels.llama_block_at(layers[last], h, rows, cols, kv[-1])
+        out = _target_logprobs(head(model.model.norm(h)), targets)
+        return out if keep is None else (out, kept)
 
     return mx.compile(forward)
+
+
+@dataclass
+class FrozenStates:
+    """Hidden states at block `start`'s input, per scored batch, shared by two scoring passes
+    over the same prompts: the base model's (zero-shot) records them, the same base with a LoRA
+    adapter on blocks start.. only (the fine-tuned model) reads them and runs only those blocks.
+
+    The blocks below `start` are the same weights in both models, so their output is the same:
+    the fine-tuned pass costs (layers - start) / layers of a full one (8 of 30 blocks for the
+    demo). A batch is found by its tokens (shared prefix included); one not recorded (other
+    prompts, other batching, over `max_bytes`) runs the whole model. llama-block models on the
+    CPU only (fast_path_applies), logprob scoring only.
+    """
+
+    start: int  # first block with LoRA layers
+    max_bytes: int = 1 << 30  # memory for recorded states; batches past it are not recorded
+    states: dict[bytes, Any] = field(default_factory=dict)
+    nbytes: int = 0
+    replaying: bool = False  # False: the zero-shot pass records; True: the fine-tuned one reads
+    hits: int = 0  # batches the fine-tuned pass started at block `start`
+
+    @staticmethod
+    def key(prefix: Sequence[int], tokens: np.ndarray) -> bytes:
+        import hashlib
+
+        digest = hashlib.sha1(np.asarray(prefix, np.int64).tobytes())
+        digest.update(np.asarray(tokens.shape, np.int64).tobytes())
+        digest.update(np.ascontiguousarray(tokens, np.int32).tobytes())
+        return digest.digest()
+
+    def record(self, key: bytes, state: Any) -> None:
+        if self.nbytes + state.nbytes <= self.max_bytes:
+            self.states[key] = state
+            self.nbytes += state.nbytes
+
+    def replay_on(self, model: Any) -> bool:
+        """Switch to reading, after the adapter was added to `model`: only when no block below
+        `start` has LoRA layers (else the recorded states are not the adapted model's: dropped).
+        """
+        from mlx.utils import tree_flatten
+
+        below = [i for i, layer in enumerate(model.model.layers[: self.start])
+                 if any("lora" in name for name, _ in tree_flatten(layer.parameters()))]
+        if below:
+            self.states.clear()
+            self.nbytes = 0
+        self.replaying = True
+        return not below
 
 
 def _target_logprobs(logits: Any, targets: Any) -> Any:
@@ -322,7 +379,8 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
                     answers: Sequence[Sequence[int]], batch_size: int = 8,
                     use_prefix_cache: bool = True, progress: bool = True,
                     desc: str = "scoring", fast: bool = True,
-                    lanes: int | None = None) -> tuple[np.ndarray, int]:
+                    lanes: int | None = None,
+                    frozen: FrozenStates | None = None) -> tuple[np.ndarray, int]:
     """Log-probability of each answer's token sequence after each prompt: (n, len(answers)).
 
     Returns the array and the shared-prefix length that was computed once (0 without cache).
@@ -330,6 +388,9 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     lanes: batches scored at once, each on its own MLX CPU stream with the BLAS on
     cores / lanes threads (default: one per core). MLX's CPU element-wise kernels run on one
     thread per stream; side by side they keep every core busy outside the GEMMs too.
+    frozen: hidden states shared with another pass over the same prompts (FrozenStates): this
+    pass records them, or reads them and runs only the blocks from `frozen.start` on (fast path
+    only; the results are the same to float32 rounding).
     """
     import mlx.core as mx
 
@@ -340,8 +401,13 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
     ans = [_Answer(tuple(a)) for a in answers]
     prefix_len = common_prefix_len(prompt_ids) if use_prefix_cache else 0
     prefix = list(prompt_ids[0][:prefix_len])
-    if fast and fast_path_applies(model):
-        compiled = _fast_logprobs(model)
+    fast = fast and fast_path_applies(model)
+    frozen = frozen if fast and frozen is not None and 0 < frozen.start < len(
+        model.model.layers) else None
+    if fast:
+        recording = frozen is not None and not frozen.replaying
+        compiled = _fast_logprobs(model, keep=frozen.start if recording else None)
+        top = _fast_logprobs(model, start=frozen.start) if frozen and frozen.replaying else None
         kv = []
         if prefix:  # the prefix's keys and values, by the same fast blocks
             h = model.model.embed_tokens(mx.array([prefix]))
@@ -349,11 +415,22 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
             _, pairs = kernels.shared_prefix(model, h, 0, n_blocks, last=n_blocks - 1)
             kv = [a for pair in pairs for a in pair]
             mx.eval(kv)
+        top_kv = kv[2 * frozen.start:] if frozen else []
 
-        def forward(*batch):
-            return compiled(*batch, *kv)
+        def forward(key, tokens, *rest):
+            if top is not None and key in frozen.states:
+                frozen.hits += 1
+                return top(frozen.states[key], *rest, *top_kv)
+            out = compiled(tokens, *rest, *kv)
+            if recording:
+                out, state = out
+                frozen.record(key, state)
+            return out
     else:
-        forward = _plain_logprobs(model, build_prefix_cache(model, prefix))
+        plain = _plain_logprobs(model, build_prefix_cache(model, prefix))
+
+        def forward(key, *batch):
+            return plain(*batch)
 
     lanes = max(1, lanes or cpu.default_lanes())
     # Longest first: a memory problem shows at once, and similar lengths share a batch.
@@ -373,8 +450,9 @@ def answer_logprobs(model: Any, prompt_ids: Sequence[Sequence[int]],
             pending = []
             for stream, idx in zip(streams, groups[r: r + lanes], strict=False):
                 batch = _Batch.build([list(prompt_ids[i][prefix_len:]) for i in idx], ans)
+                key = FrozenStates.key(prefix, batch.tokens) if frozen else b""
                 with mx.stream(stream):
-                    picked = forward(mx.array(batch.tokens), mx.array(batch.rows),
+                    picked = forward(key, mx.array(batch.tokens), mx.array(batch.rows),
                                      mx.array(batch.cols), mx.array(batch.targets))
                 pending.append((idx, batch, picked))
             mx.async_eval([picked for _, _, picked in pending])
@@ -454,11 +532,12 @@ def answer_words(params: Params) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Params,
           mode: str | None = None, use_prefix_cache: bool = True, progress: bool = True,
-          desc: str = "", fast: bool = True, lanes: int | None = None) -> Scores:
+          desc: str = "", fast: bool = True, lanes: int | None = None,
+          frozen: FrozenStates | None = None) -> Scores:
     """Score chat prompts (without the answer) by `mode` (default params.scoring).
 
-    use_prefix_cache, fast, lanes: logprob mode's speed levers (see answer_logprobs); the
-    results are the same to float32 rounding with any of them.
+    use_prefix_cache, fast, lanes, frozen: logprob mode's speed levers (see answer_logprobs);
+    the results are the same to float32 rounding with any of them.
     """
     mode = mode or params.scoring
     if not messages:
@@ -475,7 +554,7 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
                               "differ")
         lp, prefix_len = answer_logprobs(model, ids, answers, params.eval_batch_size,
                                          use_prefix_cache, progress, desc or "scoring", fast,
-                                         lanes)
+                                         lanes, frozen)
         p = p_yes_from(lp, [len(a) for a in answers], params.length_normalize)
         return Scores("logprob", p, np.full(n, -1), None, lp[:, 0], lp[:, 1],
                       time.perf_counter() - t0, prefix_len,
