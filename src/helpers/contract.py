@@ -111,6 +111,9 @@ THRESHOLD_SOURCE_TAGS = {PREFIX_TEST: "tablora.threshold_source",
 THRESHOLD_FIXED, THRESHOLD_VALID, THRESHOLD_OOF = "fixed", "valid", "oof"
 THRESHOLD_SOURCES = {THRESHOLD_FIXED: "fixed", THRESHOLD_VALID: "tuned on valid",
                      THRESHOLD_OOF: "tuned out-of-fold"}
+# A multi-class task has no threshold: each model predicts its most likely class.
+THRESHOLD_ARGMAX = "argmax"
+THRESHOLD_SOURCES[THRESHOLD_ARGMAX] = "none: the most likely class"
 # Per-step training curves (mlx-lm's report keys, with units spelled out: see tracking).
 TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"

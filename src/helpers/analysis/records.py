@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import contract, tracking
+from helpers import contract, metrics, tracking
 from helpers.analysis import stats
 from helpers.config import params_from_flat
 from helpers.contract import KIND_BASELINE, KIND_LLM
@@ -31,7 +31,7 @@ PREDICTIONS = {"test": contract.predictions_path(contract.PREFIX_TEST),
                "zeroshot": contract.predictions_path(contract.PREFIX_ZEROSHOT)}
 HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
 # Scores shown as plain numbers (0.966), not percentages: they are not rates of rows.
-PLAIN_METRICS = ("brier", "roc_auc", "pr_auc")
+PLAIN_METRICS = ("brier", "roc_auc", "pr_auc", "log_loss")
 
 
 class ReportError(ValueError):
@@ -75,6 +75,11 @@ class RunRecord:
         return self.kind == KIND_BASELINE and self.name in contract.FLOORS
 
     @property
+    def is_multiclass(self) -> bool:
+        """A run on a multi-class target (its metrics are metrics.classification_multi's)."""
+        return any(k.endswith(f"_{metrics.MULTICLASS_MARKER}") for k in self.metrics)
+
+    @property
     def still_improving(self) -> bool:
         """Training ended by its budget while validation loss was still falling."""
         return self.tags.get(contract.TAG_STILL_IMPROVING) == "true"
@@ -91,7 +96,8 @@ class RunRecord:
         """'0.153 (tuned on valid)', '0.500 (fixed)'; '–' without one."""
         value, how = self.threshold(which)
         if not np.isfinite(value):
-            return "–"
+            # A multi-class model has none: it predicts its most likely class.
+            return how if how == contract.THRESHOLD_SOURCES[contract.THRESHOLD_ARGMAX] else "–"
         return f"{value:.3f}" + (f" ({how})" if how else "")
 
     @property
