@@ -336,9 +336,11 @@ MAX_CLASSES = 20  # more classes than this is not a classification tablora sets 
 
 
 def target_task(params: Params, n_values: int, target_name: str, origin: str) -> str:
-    """dataset.task, else from the number of target values: 2 binary, 3-20 multiclass."""
+    """dataset.task, else from the target: binary where dataset.positive_label is set (the
+    binary task's key) or the column holds 2 values, multiclass for 3-20 values."""
     task = params.dataset.task
-    if task == BINARY or (not task and n_values <= 2):
+    named_positive = params.dataset.positive_label not in ("", None)
+    if task == BINARY or (not task and (n_values <= 2 or named_positive)):
         return BINARY  # _check_target refuses anything but 2 values
     if n_values > MAX_CLASSES:
         raise DataError(f"{origin}: target column {target_name!r} has {n_values} distinct "
