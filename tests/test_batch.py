@@ -565,3 +565,25 @@ def test_a_three_class_table_end_to_end_through_the_notebooks(tmp_path, tiny_mod
     assert "Macro F1" in text and "threshold tuning does not apply" in text
     assert "apple → apple / banana / cherry" in text  # the confusion table's class names
     assert "tiny3 vs majority" in text  # floors and McNemar verdicts, as for binary
+
+    # New rows (the test rows, labels included) through `tablora predict`: the LLM's logged
+    # pyfunc and the LASSO's pipeline give the classes their evaluation logged.
+    import numpy as np
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "fruit.csv")
+    for name in ("tiny3", "lasso"):
+        run_id = runs[name].info.run_id
+        logged = pd.read_csv(client.download_artifacts(run_id, "predictions/test.csv",
+                                                       str(tmp_path)))
+        (tmp_path / "new.csv").write_text(table.loc[logged["row_id"]].to_csv(index=False))
+        out = tmp_path / f"{name}.csv"
+        done = subprocess.run([sys.executable, "-m", "helpers", "predict",
+                               str(tmp_path / "new.csv"), "--run", run_id, "-o", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "(the most likely class)" in done.stdout and "f1_macro" in done.stdout
+        predicted = pd.read_csv(out)
+        assert predicted["prediction"].tolist() == logged["prediction_name"].tolist(), name
+        np.testing.assert_allclose(predicted[[f"p_{f}" for f in fruits]].to_numpy(),
+                                   logged[["p_0", "p_1", "p_2"]].to_numpy(), atol=1e-5)
