@@ -682,3 +682,21 @@ def test_builtin_wine_is_three_cultivars_with_its_own_words(tmp_path):
     recipe = data.PromptRecipe.from_dict(p.recipe.to_dict())
     assert recipe.task == "multiclass" and recipe.answers == p.class_answers
     assert recipe.user_texts(p.X("test").head(2)) == p.prompts("test")[:2]
+
+
+def test_multiclass_train_rows_are_stratified_and_nested(tmp_path):
+    order = data.class_draw_order([10, 5, 2])
+    assert sorted(order[:3]) == [0, 1, 2]  # one of each class first
+    assert np.bincount(order[:8], minlength=3).tolist() == [5, 2, 1]
+    assert np.bincount(order, minlength=3).tolist() == [10, 5, 2]
+    base = multi_params(tmp_path, three_class_table(n=90))
+    full = data.prepare(base)
+    drawn = {k: data.prepare(base.replace(**{"dataset.train_rows": k})) for k in (3, 7, 20)}
+    for k, p in drawn.items():
+        assert len(p.split["train"]) == k and p.split["test"] == full.split["test"]
+        assert set(p.split["train"]) <= set(full.split["train"])
+        assert set(p.class_counts("train").values()) <= {k // 3, k // 3 + 1}
+    assert set(drawn[3].split["train"]) <= set(drawn[7].split["train"]) <= set(
+        drawn[20].split["train"])
+    msg = error_of(base.replace(**{"dataset.train_rows": 2}))
+    assert "dataset.train_rows=2" in msg and "one row per class" in msg

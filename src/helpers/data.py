@@ -528,6 +528,43 @@ def draw_train_rows(train_ids: list, y_train: np.ndarray, k: int, seed: int) -> 
     return [train_ids[i] for i in sorted(keep)]
 
 
+def class_draw_order(counts: list[int]) -> list[int]:
+    """The order in which a multi-class draw adds rows, as a class per step: one of each class
+    first, then always the class furthest below its share (n_c / (taken_c + 0.5), the Sainte-
+    Laguë rule). The first k steps are a stratified k-row draw, and a larger k only adds rows:
+    what nesting needs."""
+    taken = [0] * len(counts)
+    order = []
+    for c in sorted(range(len(counts)), key=lambda c: -counts[c]):
+        if counts[c]:
+            order.append(c)
+            taken[c] = 1
+    while len(order) < sum(counts):
+        c = max((c for c in range(len(counts)) if taken[c] < counts[c]),
+                key=lambda c: (counts[c] / (taken[c] + 0.5), -c))
+        order.append(c)
+        taken[c] += 1
+    return order
+
+
+def draw_train_rows_multi(train_ids: list, y_train: np.ndarray, k: int, seed: int) -> list:
+    """draw_train_rows for a multi-class target (class indices): k rows, every class at least
+    once while k allows, in the classes' shares; nested for one seed."""
+    y_train = np.asarray(y_train, dtype=int)
+    counts = np.bincount(y_train).tolist()
+    present = sum(1 for n in counts if n)
+    if not present <= k <= len(train_ids):
+        raise ValueError(f"cannot draw {k} rows stratified from {len(train_ids)} rows of "
+                         f"{present} classes: draw at least one row per class")
+    want = np.bincount(class_draw_order(counts)[:k], minlength=len(counts))
+    rng = np.random.default_rng([seed, 17])  # as draw_train_rows
+    keep: set[int] = set()
+    for c in range(len(counts)):
+        positions = np.flatnonzero(y_train == c)
+        keep.update(rng.permutation(positions)[:want[c]].tolist())
+    return [train_ids[i] for i in sorted(keep)]
+
+
 def subset_hash(base_hash: str, params: Params) -> str:
     """The split hash of `params`' subset of the split `base_hash` (the same hash when
     dataset.train_rows is 0: the whole training split)."""
@@ -554,6 +591,18 @@ def _train_subset(table: pd.DataFrame, split: dict[str, list], base_hash: str, p
         raise DataError(f"{origin}: dataset.train_rows={spec.train_rows} but the training split "
                         f"holds {len(train)} rows: use at most {len(train)}, or 0 for all of "
                         f"them. Fix dataset.train_rows in {params.source_file or 'the params'}.")
+    if positive is None:  # a multi-class target
+        y_classes = class_indices(table.loc[train, target], class_values(table, target))
+        try:
+            rows = draw_train_rows_multi(train, y_classes, spec.train_rows,
+                                         spec.train_rows_seed)
+        except ValueError as e:
+            raise DataError(f"{origin}: dataset.train_rows={spec.train_rows}: {e}. Fix "
+                            f"dataset.train_rows in {params.source_file or 'the params'}."
+                            ) from None
+        subset = {**split, "train": rows}
+        _save_split(path, subset, shash, params, origin, target, positive, parent=base_hash)
+        return subset, shash, path
     y_train = (table.loc[train, target] == positive).to_numpy(dtype=int)
     rows = draw_train_rows(train, y_train, spec.train_rows, spec.train_rows_seed)
     if spec.balance == "oversample":
@@ -1051,9 +1100,6 @@ def _check_multiclass(params: Params, origin: str) -> None:
     if spec.balance == "oversample":
         raise DataError(f"{origin}: dataset.balance: oversample is for binary tasks; this "
                         "target is multi-class: set dataset.balance: none.")
-    if spec.train_rows:
-        raise DataError(f"{origin}: dataset.train_rows (a learning curve's point) is for binary "
-                        "tasks; this target is multi-class: set dataset.train_rows: 0.")
 
 
 def prepare(params: Params) -> Prepared:
