@@ -270,7 +270,14 @@ class Params:
 
     def hash(self) -> str:
         """Content hash of the resolved params (for --resume)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        d = self.to_dict()
+        # Keys that came with multi-class targets count only when set: a binary run made
+        # before them keeps its hash (and --resume still finds it).
+        if not d["dataset"]["task"]:
+            del d["dataset"]["task"]
+        if not d["prompt"]["answers"]:
+            del d["prompt"]["answers"]
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **overrides: Any) -> Params:
