@@ -452,6 +452,31 @@ def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
     )
 
 
+def _class_vote(frames: Sequence[pd.DataFrame], base: pd.DataFrame,
+                preds: np.ndarray) -> pd.DataFrame:
+    """majority_vote of a multi-class model's seeds: per row the class most seeds predicted (a
+    tie goes to the first seed's), with the class names and P(class) averaged."""
+    preds = preds.astype(int)
+    k = int(max(preds.max(), base["label"].max())) + 1
+    counts = np.stack([(preds == c).sum(axis=0) for c in range(k)])  # (k, rows)
+    first = preds[0]
+    best = counts.max(axis=0)
+    vote = np.where(counts[first, np.arange(preds.shape[1])] == best, first,
+                    counts.argmax(axis=0))
+    names: dict[int, str] = {}
+    for f in frames:
+        for col in ("label", "prediction"):
+            names.update(zip(f[col].astype(int), f[f"{col}_name"].astype(str), strict=True))
+    out = base[["label", "label_name"]].copy()
+    out["p_yes"] = np.nan
+    out["prediction"] = vote
+    out["prediction_name"] = [names.get(int(v), "") for v in vote]
+    for col in [c for c in base.columns if c.startswith("p_") and c[2:].isdigit()]:
+        out[col] = np.mean([f.set_index("row_id").loc[base.index, col].to_numpy()
+                            for f in frames], axis=0)
+    return out.reset_index()
+
+
 def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFrame | None:
     """Per row, the prediction most seeds made (a tie goes to the first seed); p_yes averaged."""
     if not frames or any(f is None for f in frames):
@@ -463,6 +488,8 @@ def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFr
                               "the evaluation so that every seed uses the same split")
     preds = np.stack([f.set_index("row_id").loc[base.index, "prediction"].to_numpy()
                       for f in frames])
+    if "label_name" in base:  # multi-class (metrics.predictions_frame_multi)
+        return _class_vote(frames, base, preds)
     yes = preds.sum(axis=0)
     n = len(frames)
     vote = np.where(2 * yes > n, 1, np.where(2 * yes < n, 0, preds[0]))
