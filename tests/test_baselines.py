@@ -270,6 +270,10 @@ def test_multiclass_baselines_on_wine():
     lasso = results["lasso"].model.named_steps["model"]
     assert lasso.solver == "saga" and lasso.l1_ratio == 1.0 and lasso.coef_.shape[0] == 3
     assert results["lasso"].summary["test_accuracy"] > 0.8
+    weights = baselines.importances(results["lasso"])  # mean |coefficient| over the classes
+    assert list(weights.columns) == ["feature", "importance"]
+    np.testing.assert_allclose(sorted(weights["importance"]),
+                               sorted(np.abs(lasso.coef_).mean(axis=0)))
     # The floors: the most frequent training class for every row (Grignolino).
     majority = results["majority"]
     assert set(majority.y_pred) == {wine.classes.index("Grignolino")}

@@ -383,6 +383,9 @@ def importances(result: BaselineResult) -> pd.DataFrame | None:
     est = result.model.named_steps["model"]
     if hasattr(est, "feature_importances_"):
         values, what = est.feature_importances_, "importance"
+    elif hasattr(est, "coef_") and est.coef_.shape[0] > 1:
+        # Multinomial: a coefficient per class; a feature's weight is their mean magnitude.
+        values, what = np.abs(est.coef_).mean(axis=0), "importance"
     elif hasattr(est, "coef_"):
         values, what = est.coef_[0], "coefficient"
     else:
