@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="models:/NAME/VERSION",
                        help="a registered model (the MLflow UI's Models page)")
     p.add_argument("-o", "--out", type=Path, help="the CSV to write: row_id, p_yes, prediction "
-                   "(default: printed); written only when every row was scored")
+                   "(a multi-class model: row_id, prediction = the class, p_<class>) (default: "
+                   "printed); written only when every row was scored")
     p.set_defaults(func=cmd_predict)
 
     p = command("export", "fuse a run's LoRA adapter into its base model: a standalone mlx-lm "

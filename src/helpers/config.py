@@ -49,7 +49,7 @@ class DatasetSpec:
     # The target column; empty = the built-in data set's own (a CSV/Parquet source must name it).
     target: str = ""
     # "binary" (a Yes/No question) or "multiclass" (3 to 20 classes, one answer word each);
-    # empty = from the target: 2 values binary, 3-20 multiclass.
+    # empty = from the target: binary with positive_label set or 2 values, 3-20 multiclass.
     task: Literal["", "binary", "multiclass"] = ""
     # The target value that means "Yes"; empty = the built-in's own, or 1/True/"yes" in the data
     # (binary tasks only).
