@@ -294,7 +294,7 @@ def test_class_probabilities_are_the_first_tokens_softmax(tiny, wine, wine_param
     assert list(s.predict(wine.y("test")[:N])) == list(np.argmax(s.proba, axis=1))
 
 
-def test_answers_sharing_a_first_token_are_refused(tiny, wine_params):
+def test_answers_sharing_a_first_token_are_refused(tiny, wine_params, tmp_path):
     model, tokenizer = tiny
     # "Barolo" and "Barbera" both start with "B" under the tiny model's tokenizer.
     params = wine_params.replace(**{"prompt.answers": {"Nebbiolo": "Barolo"}})
@@ -305,11 +305,13 @@ def test_answers_sharing_a_first_token_are_refused(tiny, wine_params):
     msg = str(e.value)
     assert "'Barbera'" in msg and "'Nebbiolo' ('Barolo')" in msg and "'B'" in msg
     assert "prompt.answers" in msg
-    # Training refuses them too, before any step.
+    # Training refuses them too, before any step (and `tablora prepare`).
     from helpers.llm import finetune
 
     with pytest.raises(ParamsError, match="both start with the token 'B'"):
-        finetune.check_answers(tokenizer, clashing)
+        finetune.train(model, tokenizer, clashing,
+                       params.replace(output_dir=str(tmp_path / "adapters")))
+    assert not (tmp_path / "adapters").exists()
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -58,6 +58,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         print(f"prompt tokens: min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  "
               f"max {s['max']}  (max_seq_length {s['max_seq_length']}, "
               f"{s['over_max_seq_length']} over)  [{params.model_id}, chat template + answer]")
+        if prepared.multiclass:  # refused here already, not after a model has loaded
+            from helpers.llm import scoring
+
+            firsts = scoring.check_answers(tokenizer, prepared)
+            print("answers:     " + ", ".join(
+                f"{w!r} (first token {tokenizer.decode([t])!r})"
+                for w, t in zip(prepared.class_answers, firsts, strict=True)))
     print("\n" + "\n".join(data.example_lines(prepared)))
     return 0
 

@@ -474,19 +474,13 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     One training at a time writes into an adapter folder: a second one is refused.
     """
     if getattr(prepared, "multiclass", False):
-        check_answers(tokenizer, prepared)
+        from helpers.llm import scoring
+
+        scoring.check_answers(tokenizer, prepared)  # before any step
     with _output_lock(params.adapter_dir):
         return _train(model, tokenizer, prepared, params, loss=loss, batches=batches,
                       on_eval=on_eval)
 
-
-def check_answers(tokenizer: Any, prepared: Any) -> None:
-    """A multi-class task's answer words must start with distinct tokens (its scoring reads
-    only the first): refused before any training step, naming the clash."""
-    from helpers.llm import scoring
-
-    texts, _ = scoring.encode_prompts(tokenizer, prepared.messages("train", False)[:1])
-    scoring.first_tokens(tokenizer, texts[0], prepared.classes, prepared.class_answers)
 
 
 @contextlib.contextmanager

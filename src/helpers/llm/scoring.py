@@ -422,6 +422,14 @@ def first_tokens(tokenizer: Any, prompt_text: str, classes: Sequence[Any],
     return firsts
 
 
+def check_answers(tokenizer: Any, prepared: Any) -> list[int]:
+    """A multi-class task's answer words start with distinct tokens under `tokenizer` (scoring
+    reads only the first): their first tokens, or the ParamsError of first_tokens. Called
+    before training and by `tablora prepare`."""
+    texts, _ = encode_prompts(tokenizer, prepared.messages("train", False)[:1])
+    return first_tokens(tokenizer, texts[0], prepared.classes, prepared.class_answers)
+
+
 def proba_from(logprobs: np.ndarray) -> np.ndarray:
     """P(class) = softmax over the classes' answer scores, per row."""
     from scipy.special import softmax
