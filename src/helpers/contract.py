@@ -178,6 +178,11 @@ def predictions_path(prefix: str) -> str:
 
 
 PREDICTION_COLUMNS = ("row_id", "label", "p_yes", "prediction")
+# A multi-class run's predictions: label and prediction are class indices, p_yes is empty, and
+# each row also has its class names and P(class) per class index: ...,label_name,
+# prediction_name,p_0,...,p_<K-1>[,raw].
+LABEL_NAME, PREDICTION_NAME = "label_name", "prediction_name"
+CLASS_PROBABILITY = "p_{}"  # .format(class index) in the predictions; (class) in pyfunc output
 
 # ---------------------------------------------------------------- environment
 # Set by `tablora batch` for the notebooks it runs (kernels inherit the environment): every run a

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from helpers.contract import ARTIFACT_FIGURES, CI_HIGH, CI_LOW, predictions_path
+from helpers.contract import (
+    ARTIFACT_FIGURES,
+    CI_HIGH,
+    CI_LOW,
+    CLASS_PROBABILITY,
+    LABEL_NAME,
+    PREDICTION_NAME,
+    predictions_path,
+)
 
 # Metrics that get a bootstrap confidence interval (roc_auc only when it exists).
 CI_METRICS = ("accuracy", "f1", "balanced_accuracy", "roc_auc")
@@ -447,10 +455,10 @@ def predictions_frame_multi(y_true: Any, y_pred: Any, proba: Any, row_ids: Seque
         raise ValueError(f"{len(row_ids)} row ids for {len(y)} labels")
     names = np.asarray([str(c) for c in class_names], dtype=object)
     df = pd.DataFrame({"row_id": list(row_ids), "label": y, "p_yes": np.nan, "prediction": pred,
-                       "label_name": names[y], "prediction_name": names[pred]})
+                       LABEL_NAME: names[y], PREDICTION_NAME: names[pred]})
     p = _as_proba(proba, len(y), k)
     for c in range(k):
-        df[f"p_{c}"] = p[:, c] if p is not None else np.nan
+        df[CLASS_PROBABILITY.format(c)] = p[:, c] if p is not None else np.nan
     if raw is not None:
         df["raw"] = list(raw)
     return df

@@ -458,6 +458,7 @@ def _class_vote(frames: Sequence[pd.DataFrame], base: pd.DataFrame,
     tie goes to the first seed's), with the class names and P(class) averaged."""
     preds = preds.astype(int)
     k = int(max(preds.max(), base["label"].max())) + 1
+    label_name, prediction_name = contract.LABEL_NAME, contract.PREDICTION_NAME
     counts = np.stack([(preds == c).sum(axis=0) for c in range(k)])  # (k, rows)
     first = preds[0]
     best = counts.max(axis=0)
@@ -466,12 +467,16 @@ def _class_vote(frames: Sequence[pd.DataFrame], base: pd.DataFrame,
     names: dict[int, str] = {}
     for f in frames:
         for col in ("label", "prediction"):
-            names.update(zip(f[col].astype(int), f[f"{col}_name"].astype(str), strict=True))
-    out = base[["label", "label_name"]].copy()
+            names.update(zip(f[col].astype(int), f[{"label": label_name,
+                                                    "prediction": prediction_name}[col]]
+                             .astype(str), strict=True))
+    out = base[["label", label_name]].copy()
     out["p_yes"] = np.nan
     out["prediction"] = vote
-    out["prediction_name"] = [names.get(int(v), "") for v in vote]
-    for col in [c for c in base.columns if c.startswith("p_") and c[2:].isdigit()]:
+    out[prediction_name] = [names.get(int(v), "") for v in vote]
+    for col in [contract.CLASS_PROBABILITY.format(c) for c in range(k)]:
+        if col not in base:
+            continue
         out[col] = np.mean([f.set_index("row_id").loc[base.index, col].to_numpy()
                             for f in frames], axis=0)
     return out.reset_index()
@@ -488,7 +493,7 @@ def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFr
                               "the evaluation so that every seed uses the same split")
     preds = np.stack([f.set_index("row_id").loc[base.index, "prediction"].to_numpy()
                       for f in frames])
-    if "label_name" in base:  # multi-class (metrics.predictions_frame_multi)
+    if contract.LABEL_NAME in base:  # multi-class (metrics.predictions_frame_multi)
         return _class_vote(frames, base, preds)
     yes = preds.sum(axis=0)
     n = len(frames)

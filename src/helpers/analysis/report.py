@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import metrics
+from helpers import contract, metrics
 from helpers.analysis import stats
 from helpers.analysis.records import (
     Loaded,
@@ -587,12 +587,14 @@ def class_confusion(r: RunRecord, which: str = "test") -> tuple[list[str], np.nd
 def class_names(r: RunRecord) -> list[str]:
     """The class names of a multi-class run, by class index, from its predictions' columns."""
     df = r.predictions
-    if df is None or "label_name" not in df or not r.is_multiclass:
+    if df is None or contract.LABEL_NAME not in df or not r.is_multiclass:
         return []
-    k = sum(col.startswith("p_") and col[2:].isdigit() for col in df.columns)
+    # Every class is among the test labels (the split is stratified on the class).
+    k = int(max(df["label"].max(), df["prediction"].max())) + 1
     names = [""] * k
-    for col in ("label", "prediction"):
-        for idx, name in zip(df[col], df[f"{col}_name"], strict=True):
+    for col, name_col in (("label", contract.LABEL_NAME),
+                          ("prediction", contract.PREDICTION_NAME)):
+        for idx, name in zip(df[col], df[name_col], strict=True):
             if 0 <= int(idx) < k:
                 names[int(idx)] = str(name)
     return [n or f"class {i}" for i, n in enumerate(names)]

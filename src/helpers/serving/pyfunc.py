@@ -163,7 +163,7 @@ def class_frame(prediction: np.ndarray, proba: np.ndarray | None, classes: list,
     out = pd.DataFrame({"prediction": [names[k] if k >= 0 else "" for k in prediction]},
                        index=index)
     for k, name in enumerate(names):
-        out[f"p_{name}"] = proba[:, k] if proba is not None else np.nan
+        out[contract.CLASS_PROBABILITY.format(name)] = proba[:, k] if proba is not None else np.nan
     return out
 
 
@@ -192,7 +192,8 @@ def _signature(example: pd.DataFrame, classes: list | None = None) -> Any:
     signature.outputs = Schema([ColSpec("double", "p_yes"), ColSpec("long", "prediction")])
     if classes:  # multi-class: class_frame's columns
         signature.outputs = Schema([ColSpec("string", "prediction")]
-                                   + [ColSpec("double", f"p_{c}") for c in classes])
+                                   + [ColSpec("double", contract.CLASS_PROBABILITY.format(c))
+                                      for c in classes])
     return signature
 
 
