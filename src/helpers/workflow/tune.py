@@ -45,7 +45,7 @@ SQLITE_TIMEOUT = 120
 # A trial whose process stopped beating for 2x this is marked FAIL by the next process.
 HEARTBEAT_SECONDS = 60
 # Metrics of the best trial's test scoring copied onto the parent run (as best_test_<name>).
-HEADLINE = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc", "brier", "mcc")
+HEADLINE = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc", "brier", "mcc", "f1_macro")
 MARKER = "# Written by `tablora tune`"
 
 
