@@ -242,3 +242,42 @@ def test_a_curve_point_fits_on_its_k_rows_and_says_when_cv_cannot_run(tmp_path, 
     assert baselines.fallback_note("majority", y, params) == ""  # a floor tunes nothing
     roomy = data.prepare(params.replace(**{"dataset.train_rows": 40}))
     assert baselines.fit_baseline(roomy, "lasso").fallback == ""
+
+
+# --- multi-class ------------------------------------------------------------------------------
+
+
+def test_multiclass_baselines_on_wine():
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    wine = data.prepare(load_params(None, {"dataset.source": "builtin:wine",
+                                           "baselines.cv_folds": 3, "n_bootstrap": 200}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated multi_class / solver
+        results = {r.name: r for r in baselines.fit_all(wine)}
+    y = wine.y("test")
+    for r in results.values():
+        assert r.p_yes.shape == (len(y), 3) and r.classes == wine.classes
+        np.testing.assert_allclose(r.p_yes.sum(axis=1), 1.0)
+        assert list(r.y_pred) == list(np.argmax(r.p_yes, axis=1))
+        assert r.summary["test_accuracy"] == pytest.approx(accuracy_score(y, r.y_pred))
+        assert r.summary["test_f1_macro"] == pytest.approx(f1_score(y, r.y_pred,
+                                                                    average="macro"))
+        assert r.summary["test_log_loss"] == pytest.approx(log_loss(y, r.p_yes, labels=range(3)))
+        assert np.isnan(r.threshold) and r.threshold_source == contract.THRESHOLD_ARGMAX
+        assert "test_specificity" not in r.summary
+    # The LASSO is one multinomial L1 model (saga), not one-vs-rest liblinear fits.
+    lasso = results["lasso"].model.named_steps["model"]
+    assert lasso.solver == "saga" and lasso.l1_ratio == 1.0 and lasso.coef_.shape[0] == 3
+    assert results["lasso"].summary["test_accuracy"] > 0.8
+    weights = baselines.importances(results["lasso"])  # mean |coefficient| over the classes
+    assert list(weights.columns) == ["feature", "importance"]
+    np.testing.assert_allclose(sorted(weights["importance"]),
+                               sorted(np.abs(lasso.coef_).mean(axis=0)))
+    # The floors: the most frequent training class for every row (Grignolino).
+    majority = results["majority"]
+    assert set(majority.y_pred) == {wine.classes.index("Grignolino")}
+    assert majority.summary["test_accuracy"] == pytest.approx(np.mean(y == 1))
+    table = baselines.results_table(list(results.values()))
+    assert {"f1_macro", "log_loss", "balanced_accuracy"} <= set(table.columns)
+    assert "specificity" not in table.columns

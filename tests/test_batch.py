@@ -514,3 +514,76 @@ def test_memcheck_step_once_per_model_and_table(tmp_path, tiny_model_dir, mlflow
     assert "reused" in capsys.readouterr().out
     assert len(mlflow.search_runs(experiment_names=["mc"], output_format="list")) == 1
     assert cli.build_parser().parse_args(["batch", "p", "--memcheck"]).memcheck
+
+
+def test_a_three_class_table_end_to_end_through_the_notebooks(tmp_path, tiny_model_dir):
+    """Issue 23: the tiny model trains, evaluates and is compared on a three-class table by the
+    real notebooks (train, evaluate, baselines, compare), one `tablora batch`."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    fruits = ["apple", "banana", "cherry"]
+    rows = [f"{i},{(i * 7) % 10},{fruits[i % 3]}" for i in range(36)]
+    (tmp_path / "fruit.csv").write_text("a,b,fruit\n" + "\n".join(rows) + "\n")
+    (tmp_path / "tiny3.yaml").write_text(yaml.safe_dump({
+        "name": "tiny3", "model_id": str(tiny_model_dir), "experiment": "three",
+        "num_iters": 3, "batch_size": 2, "num_layers": 2, "steps_per_eval": 3,
+        "val_batches": 1, "n_bootstrap": 100,
+        "dataset": {"source": "fruit.csv", "target": "fruit", "test_size": 0.25,
+                    "valid_size": 0.25},
+        "baselines": {"models": ["majority", "lasso"], "cv_folds": 2}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "TABLORA_RUNS": str(tmp_path / "runs"), "TABLORA_CACHE": str(tmp_path / "cache")}
+    for key in ("TABLORA_OWNER", contract.ENV_BATCH_ID, contract.ENV_PARENT_RUN_ID):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "helpers", "batch", str(tmp_path / "tiny3.yaml")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Macro F1" in done.stdout and "Specificity" not in done.stdout
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("three").experiment_id])}
+    assert {"tiny3", "majority", "lasso"} <= set(runs)
+    assert all(runs[n].info.status == "FINISHED" for n in ("tiny3", "majority", "lasso"))
+    llm = runs["tiny3"].data.metrics
+    for prefix in ("test", "zeroshot_test"):
+        for m in ("accuracy", "f1_macro", "f1_weighted", "balanced_accuracy", "log_loss",
+                  "roc_auc", "recall_apple", "precision_cherry", "f1_macro_ci_low"):
+            assert f"{prefix}_{m}" in llm, (prefix, m)
+        assert f"{prefix}_specificity" not in llm and f"{prefix}_threshold" not in llm
+    assert runs["majority"].data.metrics["test_accuracy"] == pytest.approx(1 / 3)
+    figures = {f.path for f in client.list_artifacts(runs["tiny3"].info.run_id, "figures")}
+    assert "figures/confusion_test.png" in figures
+
+    (report_md,) = (tmp_path / "runs").glob("*/compare/REPORT.md")
+    text = report_md.read_text()
+    assert "Macro F1" in text and "threshold tuning does not apply" in text
+    assert "apple → apple / banana / cherry" in text  # the confusion table's class names
+    assert "tiny3 vs majority" in text  # floors and McNemar verdicts, as for binary
+
+    # New rows (the test rows, labels included) through `tablora predict`: the LLM's logged
+    # pyfunc and the LASSO's pipeline give the classes their evaluation logged.
+    import numpy as np
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "fruit.csv")
+    for name in ("tiny3", "lasso"):
+        run_id = runs[name].info.run_id
+        logged = pd.read_csv(client.download_artifacts(run_id, "predictions/test.csv",
+                                                       str(tmp_path)))
+        (tmp_path / "new.csv").write_text(table.loc[logged["row_id"]].to_csv(index=False))
+        out = tmp_path / f"{name}.csv"
+        done = subprocess.run([sys.executable, "-m", "helpers", "predict",
+                               str(tmp_path / "new.csv"), "--run", run_id, "-o", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "(the most likely class)" in done.stdout and "f1_macro" in done.stdout
+        predicted = pd.read_csv(out)
+        assert predicted["prediction"].tolist() == logged["prediction_name"].tolist(), name
+        np.testing.assert_allclose(predicted[[f"p_{f}" for f in fruits]].to_numpy(),
+                                   logged[["p_0", "p_1", "p_2"]].to_numpy(), atol=1e-5)

@@ -192,3 +192,18 @@ def test_memcheck_prints_each_test_and_the_verdict(tmp_path, tiny_model_dir, mlf
     assert "verdict: " in out and "shows no memorization" in out
     assert cli.main(["memcheck", str(params), "--prefix-rows", "20"]) == 2
     assert "--prefix-rows 11 or fewer" in capsys.readouterr().err
+
+
+def test_prepare_names_a_multiclass_answer_clash(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    from helpers import cli, config
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    (tmp_path / "wine.yaml").write_text(f"model_id: {tiny_model_dir}\ndataset:\n"
+                                        "  source: builtin:wine\n  features: [alcohol]\n")
+    base = ["prepare", str(tmp_path / "wine.yaml")]
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "3 classes" in out and "'Nebbiolo' (first token 'N')" in out
+    assert cli.main([*base, "--set", "prompt.answers={Nebbiolo: Barolo}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "'Barbera'" in err and "'Nebbiolo' ('Barolo')" in err

@@ -244,3 +244,14 @@ def test_key_docs_read_comments_not_strings(monkeypatch):
     exec(compile(source, "fake_config.py", "exec"), module.__dict__)  # noqa: S102
     docs = {d.key: d.doc for d in config._key_docs(source, module.Params)}
     assert docs == {"a": "The meaning of a.", "b": "", "c": "trailing"}
+
+
+def test_task_keys_of_the_other_task_are_refused():
+    with pytest.raises(ParamsError, match="positive_label.*multiclass"):
+        load_params(None, {"dataset.task": "multiclass", "dataset.positive_label": "yes"})
+    with pytest.raises(ParamsError, match="prompt.answers.*binary"):
+        load_params(None, {"dataset.task": "binary", "prompt.answers": {"a": "A"}})
+    with pytest.raises(ParamsError, match="dataset.task"):
+        load_params(None, {"dataset.task": "multi"})
+    p = load_params(None, {"dataset.source": "builtin:wine", "prompt.answers": {"Barbera": "B"}})
+    assert p.dataset.task == "" and p.prompt.answers == {"Barbera": "B"}

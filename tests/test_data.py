@@ -521,7 +521,10 @@ def test_each_builtin_speaks_its_own_words_only(tmp_path, name):
     p = data.prepare(only_dataset(tmp_path, source=f"builtin:{name}", target=b.target,
                                   positive_label=b.positive_label))
     text = _all_prompts(p)
-    assert p.words.question == b.question and b.question in p.prompts("train")[0]
+    # A multi-class built-in's question is followed by the answers to choose from.
+    question = (f"{b.question} Answer with one of: {', '.join(p.class_answers)}."
+                if p.multiclass else b.question)
+    assert p.words.question == question and question in p.prompts("train")[0]
     for other, words in OWN_WORDS.items():
         if other != name:
             assert not any(w in text for w in words), other
@@ -603,3 +606,97 @@ def test_new_rows_are_written_by_the_training_column_kinds(tmp_path):
 
 def test_positive_labels_compare_as_text():
     assert data.positive_labels([1.0, 0, "1", "x"], "1").tolist() == [1, 0, 1, 0]
+
+
+# --- multi-class ------------------------------------------------------------------------------
+
+
+def three_class_table(n: int = 45, k: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({"size": rng.normal(5, 2, n).round(2),
+                         "colour": rng.choice(["red", "blue"], n),
+                         "fruit": [["apple", "banana", "cherry", "date"][i % k]
+                                   for i in range(n)]})
+
+
+def multi_params(tmp_path: Path, df: pd.DataFrame | None = None, **overrides):
+    (df if df is not None else three_class_table()).to_csv(tmp_path / "fruit.csv", index=False)
+    path = tmp_path / "fruit.yaml"
+    path.write_text(yaml.safe_dump({"name": "f", "dataset": {
+        "source": "fruit.csv", "target": "fruit", "test_size": 0.2, "valid_size": 0.2}}))
+    return config.load_params(path, overrides)
+
+
+def test_three_values_without_a_positive_label_are_multiclass(tmp_path):
+    p = data.prepare(multi_params(tmp_path))
+    assert p.multiclass and p.positive_label is None
+    assert p.classes == ["apple", "banana", "cherry"] and p.class_answers == p.classes
+    for split in ("train", "valid", "test"):  # stratified on the class
+        counts = p.class_counts(split)
+        assert set(counts) == {"apple", "banana", "cherry"} and len(set(counts.values())) == 1
+    y = p.y("test")
+    truth = p.table.loc[p.split["test"], "fruit"].tolist()
+    assert [p.classes[k] for k in y] == truth
+    # The question names every answer; each training completion is its class's answer word.
+    assert p.words.question.endswith("Answer with one of: apple, banana, cherry.")
+    rows = data.read_jsonl(p.data_dir / "train.jsonl")
+    completions = [r["messages"][-1]["content"] for r in rows]
+    assert completions == p.table.loc[p.split["train"], "fruit"].tolist()
+    assert "3 classes" in data.summary_lines(p)[0]
+
+
+def test_prompt_answers_are_the_completions_and_checked(tmp_path):
+    words = {"apple": "Pomme", "banana": "Banane", "cherry": "Cerise"}
+    p = data.prepare(multi_params(tmp_path, **{"prompt.answers": words}))
+    assert p.class_answers == ["Pomme", "Banane", "Cerise"]
+    assert "one of: Pomme, Banane, Cerise." in p.words.question
+    assert set(p.answers("train")) == set(words.values())
+    msg = error_of(multi_params(tmp_path, **{"prompt.answers": {"aple": "A"}}))
+    assert "'aple'" in msg and "prompt.answers" in msg and "'apple'" in msg
+    msg = error_of(multi_params(tmp_path, **{"prompt.answers": {"apple": "X", "cherry": "x"}}))
+    assert "'apple'" in msg and "'cherry'" in msg and "same answer" in msg
+
+
+def test_too_many_classes_and_tasks_that_do_not_fit(tmp_path):
+    df = pd.DataFrame({"a": range(50), "code": [f"c{i % 25}" for i in range(50)]})
+    df.to_csv(tmp_path / "codes.csv", index=False)
+    msg = error_of(config.load_params(None, {"dataset.source": str(tmp_path / "codes.csv"),
+                                             "dataset.target": "code"}))
+    assert "'code'" in msg and "25 distinct values" in msg and "20" in msg
+    # task: binary keeps the yes/no error on three values.
+    msg = error_of(multi_params(tmp_path, **{"dataset.task": "binary"}))
+    assert "3 classes" in msg and "exactly 2" in msg
+    msg = error_of(multi_params(tmp_path, **{"dataset.balance": "oversample"}))
+    assert "oversample" in msg and "multi-class" in msg
+
+
+def test_builtin_wine_is_three_cultivars_with_its_own_words(tmp_path):
+    p = data.prepare(config.load_params(None, {"dataset.source": "builtin:wine"}))
+    assert p.multiclass and p.target == "cultivar" and len(p.table) == 178
+    assert p.classes == ["Barbera", "Grignolino", "Nebbiolo"]
+    assert {c: int((p.table["cultivar"] == c).sum()) for c in p.classes} == {
+        "Barbera": 48, "Grignolino": 71, "Nebbiolo": 59}
+    assert p.words.question == ("Which grape cultivar is this wine made from? Answer with one "
+                                "of: Barbera, Grignolino, Nebbiolo.")
+    assert "The alcohol content (% by volume) is" in p.prompts("test")[0]
+    recipe = data.PromptRecipe.from_dict(p.recipe.to_dict())
+    assert recipe.task == "multiclass" and recipe.answers == p.class_answers
+    assert recipe.user_texts(p.X("test").head(2)) == p.prompts("test")[:2]
+
+
+def test_multiclass_train_rows_are_stratified_and_nested(tmp_path):
+    order = data.class_draw_order([10, 5, 2])
+    assert sorted(order[:3]) == [0, 1, 2]  # one of each class first
+    assert np.bincount(order[:8], minlength=3).tolist() == [5, 2, 1]
+    assert np.bincount(order, minlength=3).tolist() == [10, 5, 2]
+    base = multi_params(tmp_path, three_class_table(n=90))
+    full = data.prepare(base)
+    drawn = {k: data.prepare(base.replace(**{"dataset.train_rows": k})) for k in (3, 7, 20)}
+    for k, p in drawn.items():
+        assert len(p.split["train"]) == k and p.split["test"] == full.split["test"]
+        assert set(p.split["train"]) <= set(full.split["train"])
+        assert set(p.class_counts("train").values()) <= {k // 3, k // 3 + 1}
+    assert set(drawn[3].split["train"]) <= set(drawn[7].split["train"]) <= set(
+        drawn[20].split["train"])
+    msg = error_of(base.replace(**{"dataset.train_rows": 2}))
+    assert "dataset.train_rows=2" in msg and "one row per class" in msg

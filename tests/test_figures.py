@@ -84,3 +84,18 @@ def test_each_model_its_colour_llms_in_the_legend_clear_of_the_data():
         box = legend.get_window_extent(renderer)
         for ax in fig.axes:
             assert not box.overlaps(ax.get_window_extent(renderer)), make.__name__
+
+
+def test_multiclass_confusion_matrices_carry_the_class_names():
+    from test_report import CLASSES, record3
+
+    c = report.build([record3("tiny", "llm", 10, 1), record3("majority", "baseline", 66, 3)])
+    fig = figures.fig_confusion(c)
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 2
+    ax = fig.axes[0]
+    assert ax.get_title() == "tiny"
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
+    bars = figures.fig_metric_bars(c)
+    assert [ax.get_xlabel() for ax in bars.axes[:3]] == ["Accuracy", "Macro F1",
+                                                         "Balanced accuracy"]

@@ -174,3 +174,89 @@ def test_log_to_mlflow_writes_metrics_predictions_and_figure(mlflow_store, tmp_p
     assert zs["p_yes"].isna().all()
     figures = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert figures == {"figures/confusion_test.png", "figures/confusion_zeroshot_test.png"}
+
+
+# --- multi-class ------------------------------------------------------------------------------
+
+
+def multiclass_case(seed: int, n: int = 240, k: int = 4):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    proba = rng.dirichlet(np.ones(k), n)
+    proba[np.arange(n), y] += rng.random(n)  # better than chance, not perfect
+    proba = np.round(proba / proba.sum(axis=1, keepdims=True), 3)  # ties, as AUC meets them
+    proba /= proba.sum(axis=1, keepdims=True)
+    return y, np.argmax(proba, axis=1), proba
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multiclass_metrics_match_scikit_learn(seed):
+    y, pred, proba = multiclass_case(seed)
+    names = ["ant", "bee", "cat", "dog"]
+    c = metrics.classification_multi(y, pred, proba, names)
+    expected = {
+        "accuracy": skm.accuracy_score(y, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+        "f1_macro": skm.f1_score(y, pred, average="macro"),
+        "f1_weighted": skm.f1_score(y, pred, average="weighted"),
+        "log_loss": skm.log_loss(y, proba, labels=range(4)),
+        "roc_auc": skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"),
+    }
+    recall = skm.recall_score(y, pred, average=None)
+    precision = skm.precision_score(y, pred, average=None, zero_division=0)
+    for k, name in enumerate(names):
+        expected[f"recall_{name}"], expected[f"precision_{name}"] = recall[k], precision[k]
+    assert set(c) == set(expected)
+    for key, v in expected.items():
+        assert c[key] == pytest.approx(v, abs=1e-9), key
+    assert "specificity" not in c and "balance_gap" not in c  # binary-only
+
+
+def test_multiclass_metrics_without_probabilities_or_a_class():
+    y, pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 0, 1, 1, 1])
+    c = metrics.classification_multi(y, pred, None, ["a", "b", "c"])
+    assert "log_loss" not in c and "roc_auc" not in c
+    assert c["precision_c"] == 0.0 and c["recall_c"] == 0.0  # never predicted: 0, not NaN
+    assert c["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    with pytest.raises(ValueError, match="class indices 0..2"):
+        metrics.classification_multi([0, 3], [0, 1], None, ["a", "b", "c"])
+
+
+def test_multiclass_bootstrap_is_stratified_seeded_and_brackets_the_estimate():
+    y, pred, proba = multiclass_case(5, n=120, k=3)
+    ci = metrics.bootstrap_ci_multi(y, pred, proba, 3, n=500, seed=1)
+    assert set(ci) == set(metrics.MULTICLASS_CI_METRICS)
+    point = metrics.classification_multi(y, pred, proba, ["a", "b", "c"])
+    for m, (low, high) in ci.items():
+        assert low <= point[m] <= high and low < high, m
+    assert ci == metrics.bootstrap_ci_multi(y, pred, proba, 3, n=500, seed=1)
+    # Each resample keeps every class's count (stratified): balanced accuracy of a constant
+    # prediction is exactly 1/3 in every resample.
+    const = metrics.bootstrap_ci_multi(y, np.zeros_like(y), None, 3, n=200)
+    assert const["balanced_accuracy"] == pytest.approx((1 / 3, 1 / 3))
+
+
+def test_multiclass_log_to_mlflow(mlflow_store, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_store)
+    exp = mlflow.create_experiment("mc", artifact_location=(tmp_path / "art").as_uri())
+    y, pred, proba = multiclass_case(3, n=30, k=3)
+    names = ["Nebbiolo", "Grignolino", "Barbera"]
+    with mlflow.start_run(experiment_id=exp) as run:
+        logged = metrics.log_to_mlflow_multi("test", y, pred, proba, list(range(30)), names,
+                                             n_bootstrap=200)
+    data = mlflow.get_run(run.info.run_id).data.metrics
+    assert data["test_f1_macro"] == pytest.approx(logged["test_f1_macro"])
+    assert "test_recall_Grignolino" in data and "test_roc_auc_ci_low" in data
+    assert "test_specificity" not in data
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path))
+    frame = pd.read_csv(f"{local}/predictions/test.csv")
+    assert list(frame.columns)[:4] == ["row_id", "label", "p_yes", "prediction"]
+    assert frame["label_name"].tolist() == [names[k] for k in y]
+    np.testing.assert_allclose(frame[["p_0", "p_1", "p_2"]].to_numpy(), proba)
+    fig = metrics.confusion_figure_multi(y, pred, names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    cm = skm.confusion_matrix(y, pred)
+    assert sorted(int(t.get_text()) for t in ax.texts) == sorted(cm.ravel().tolist())

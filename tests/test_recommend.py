@@ -230,3 +230,21 @@ def test_a_run_budgeted_in_epochs_gets_more_epochs_not_steps():
     seconds, note = rec.estimate_seconds(r, {"num_iters": 0, "num_epochs": 2.0, "batch_size": 4},
                                          {"num_iters": 0, "num_epochs": 3.0, "batch_size": 4})
     assert seconds == pytest.approx(150) and "300 iters" in note
+
+
+def test_a_multiclass_model_on_one_class_is_told_to_learn_more():
+    # Regression: class indices were read as 0/1 predictions ("says Yes to everything").
+    from test_report import record3
+
+    from helpers import metrics
+
+    good = record3("tiny", "llm", 10)
+    assert rec.rule_bias(good) is None
+    stuck = record3("tiny", "llm", 0)
+    y = stuck.predictions["label"].to_numpy()
+    stuck.predictions = metrics.predictions_frame_multi(y, np.full(len(y), 1), None,
+                                                        list(range(len(y))), ["ant", "bee", "cat"])
+    f = rec.rule_bias(stuck)
+    assert f.title == "says one class to everything" and "predicts bee for 100.0%" in f.evidence
+    assert {c.key for c in f.changes} == {"learning_rate", "num_iters"}  # no oversampling
+    assert rec.rule_balance_gap(stuck) is None and rec.rule_too_conservative(stuck) is None

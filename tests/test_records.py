@@ -100,3 +100,23 @@ def test_learning_curve_points_stay_out_of_a_plain_comparison(mlflow_store):
     usable, skipped = records._usable(client.search_runs([exp]))
     assert [r.info.run_id for r in usable] == ids[:1]
     assert skipped == ["1 run(s) of learning curve c1: see `tablora compare --curve c1`"]
+
+
+def test_a_multiclass_vote_takes_the_most_frequent_class():
+    # Regression: the binary vote summed the predictions (class 2 + class 0 read as two "yes").
+    from helpers import metrics
+
+    names = ["ant", "bee", "cat"]
+    y = np.array([0, 1, 2, 2])
+
+    def seed(pred, p):
+        return metrics.predictions_frame_multi(y, np.array(pred), np.array(p), [1, 2, 3, 4],
+                                               names)
+
+    one_hot = np.eye(3)
+    frames = [seed(p, one_hot[p]) for p in ([2, 1, 0, 2], [0, 1, 2, 1], [2, 0, 0, 0])]
+    votes = records.majority_vote(frames, "m")
+    assert votes["prediction"].tolist() == [2, 1, 0, 2]  # the last row ties: the first seed's
+    assert votes["prediction_name"].tolist() == ["cat", "bee", "ant", "cat"]
+    assert votes["label_name"].tolist() == ["ant", "bee", "cat", "cat"]
+    np.testing.assert_allclose(votes[["p_0", "p_1", "p_2"]].to_numpy()[0], [1 / 3, 0, 2 / 3])

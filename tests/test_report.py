@@ -154,3 +154,43 @@ def test_memorization_line_in_the_verdict():
     assert "## Verdict" in report.markdown(c) and lines[0] in report.markdown(c)
     # No check ran: no line (and nothing else changes).
     assert not any(line.startswith("Memorization") for line in report.build([a]).headline)
+
+
+# --- multi-class ------------------------------------------------------------------------------
+
+CLASSES = ["ant", "bee", "cat"]
+LABELS3 = np.arange(N) % 3
+
+
+def record3(name: str, kind: str, wrong: int, seed: int = 0) -> RunRecord:
+    """A three-class model that gets `wrong` rows wrong, with its predictions as logged."""
+    from helpers import metrics
+
+    rng = np.random.default_rng(seed)
+    pred = LABELS3.copy()
+    flip = rng.choice(N, wrong, replace=False)
+    pred[flip] = (pred[flip] + 1) % 3
+    proba = np.full((N, 3), 0.1)
+    proba[np.arange(N), pred] = 0.8
+    frame = metrics.predictions_frame_multi(LABELS3, pred, proba, list(range(N)), CLASSES)
+    values = metrics.summary_multi(LABELS3, pred, proba, CLASSES, n_bootstrap=200)
+    return RunRecord(name=name, kind=kind, predictions=frame, metrics=values,
+                     tags={contract.THRESHOLD_SOURCE_TAGS["test"]: contract.THRESHOLD_ARGMAX})
+
+
+def test_a_multiclass_comparison_shows_its_own_metrics_and_class_names():
+    c = report.build([record3("tiny", "llm", 10, 1), record3("rf", "baseline", 30, 2),
+                      record3("majority", "baseline", 66, 3)])
+    assert c.multiclass and c.floor.name == "majority"
+    assert c.floor_test(c.llms[0]).a_better  # McNemar on right/wrong per row, as for binary
+    text = report.markdown(c)
+    assert "Macro F1" in text and "Log loss" in text and "Weighted F1" in text
+    assert "Specificity" not in text and "Balance gap" not in text
+    assert "threshold tuning does not apply" in text
+    assert "none: the most likely class" in report.all_models_table(c)
+    names, cm = report.class_confusion(c.llms[0])
+    assert names == CLASSES and cm.sum() == N and np.trace(cm) == N - 10
+    assert "ant → ant / bee / cat" in report.confusion_table(c)
+    frame = report.results_frame(c)
+    assert "Macro F1" in frame.columns and "Specificity" not in frame.columns
+    assert report.readme_table(c).splitlines()[0].startswith("| Model")

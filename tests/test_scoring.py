@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import data
-from helpers.config import load_params
+from helpers.config import ParamsError, load_params
 from helpers.llm import scoring
 
 N = 12  # test prompts per check: enough for two batches of unequal lengths
@@ -312,3 +312,72 @@ def test_invalid_answers_count_as_errors():
     assert s.invalid_rate == 0.5
     # The invalid rows get the opposite of their label: wrong either way.
     assert list(s.predict([1, 1, 0, 0])) == [1, 0, 0, 1]
+
+
+# --- multi-class ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wine_params(tiny_model_dir):
+    return load_params(None, {"model_id": str(tiny_model_dir), "eval_batch_size": 5,
+                              "dataset.source": "builtin:wine",
+                              "dataset.features": ["alcohol", "hue"]})
+
+
+@pytest.fixture(scope="module")
+def wine(wine_params):
+    return data.prepare(wine_params)
+
+
+def test_class_probabilities_are_the_first_tokens_softmax(tiny, wine, wine_params):
+    model, tokenizer = tiny
+    messages = wine.messages("test", False)[:N]
+    s = scoring.score(model, tokenizer, messages, wine_params, progress=False,
+                      classes=wine.classes, answers=wine.class_answers)
+    assert s.mode == "logprob" and s.proba.shape == (N, 3) and s.n_classes == 3
+    np.testing.assert_allclose(s.proba.sum(axis=1), 1.0, rtol=1e-9)
+    assert s.prefix_tokens > 0  # the shared prefix went through the model once
+    # Against one uncached forward per prompt and answer, softmax over the first tokens.
+    texts, ids = scoring.encode_prompts(tokenizer, messages)
+    firsts = [scoring.answer_tokens(tokenizer, texts[0], a)[0] for a in wine.class_answers]
+    assert s.extra["answer_tokens"] == firsts and len(set(firsts)) == 3
+    naive = np.array([[naive_logprob(model, ids[i], [t]) for t in firsts] for i in range(N)])
+    np.testing.assert_allclose(s.proba, scoring.proba_from(naive), atol=1e-4)
+    assert list(s.predict(wine.y("test")[:N])) == list(np.argmax(s.proba, axis=1))
+
+
+def test_answers_sharing_a_first_token_are_refused(tiny, wine_params, tmp_path):
+    model, tokenizer = tiny
+    # "Barolo" and "Barbera" both start with "B" under the tiny model's tokenizer.
+    params = wine_params.replace(**{"prompt.answers": {"Nebbiolo": "Barolo"}})
+    clashing = data.prepare(params)
+    with pytest.raises(ParamsError) as e:
+        scoring.score(model, tokenizer, clashing.messages("test", False)[:2], params,
+                      progress=False, classes=clashing.classes, answers=clashing.class_answers)
+    msg = str(e.value)
+    assert "'Barbera'" in msg and "'Nebbiolo' ('Barolo')" in msg and "'B'" in msg
+    assert "prompt.answers" in msg
+    # Training refuses them too, before any step (and `tablora prepare`).
+    from helpers.llm import finetune
+
+    with pytest.raises(ParamsError, match="both start with the token 'B'"):
+        finetune.train(model, tokenizer, clashing,
+                       params.replace(output_dir=str(tmp_path / "adapters")))
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Nebbiolo", 2), ("It is barbera.", 0), ("<think>Nebbiolo?</think> Grignolino", 1),
+    ("Barberas", None), ("", None), ("Grignolino or Nebbiolo", 1),
+])
+def test_parse_class(text, expected):
+    assert scoring.parse_class(text, ["Barbera", "Grignolino", "Nebbiolo"]) == expected
+
+
+def test_an_invalid_generated_class_counts_as_wrong():
+    nan = np.full(3, np.nan)
+    s = scoring.Scores("generate", nan, np.array([2, -1, -1]), ["c", "?", "?"], nan, nan, 1.0,
+                       n_classes=3)
+    predicted = s.predict([2, 0, 2])
+    assert list(predicted[:1]) == [2] and predicted[1] != 0 and predicted[2] != 2
+    assert s.invalid_rate == pytest.approx(2 / 3)

@@ -320,3 +320,20 @@ def test_a_metric_objective_is_maximized_on_the_validation_rows(home, tiny_model
     again = tune.run(path, trials=0)
     assert len(tune.load_study(name=result.study_name).trials) == 1
     assert again.test_metrics == result.test_metrics and "not scored again" in again.test_note
+
+
+def test_a_multiclass_study_maximizes_one_vs_rest_roc_auc(home, tiny_model_dir):
+    path = _toy(home, tiny_model_dir, {"lora_rank": [2], "objective": "valid_roc_auc",
+                                       "pruner": "none"})
+    spec = yaml.safe_load(path.read_text())
+    pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] * 8,
+                  "fruit": ["apple", "apple", "banana", "banana", "cherry", "cherry"] * 8}
+                 ).to_csv(path.parent / "fruit.csv", index=False)
+    spec["dataset"] = {"source": "fruit.csv", "target": "fruit", "test_size": 0.25,
+                       "valid_size": 0.25}
+    path.write_text(yaml.safe_dump(spec))
+    result = tune.run(path, trials=1)
+    assert result.exit_code == 0
+    run = mlflow.MlflowClient().get_run(result.best["run_id"])
+    assert 0 <= run.data.metrics["valid_roc_auc"] <= 1
+    assert "test_f1_macro" in result.test_metrics  # the best scored on test, multi-class

@@ -41,6 +41,10 @@ MAX_CATEGORIES = 20
 # CV picks the hyperparameters that rank rows best: threshold-free, smoother than accuracy on a
 # few hundred rows.
 CV_SCORING = "roc_auc"
+# The same on a multi-class target: one-vs-rest ROC-AUC, averaged over the classes.
+CV_SCORING_MULTICLASS = "roc_auc_ovr"
+# A multi-class LASSO: the multinomial L1 logistic regression (liblinear fits one-vs-rest only).
+MULTICLASS_HYPER = {"lasso": {"solver": "saga", "max_iter": 5000}}
 
 
 def preprocessor(scale: bool = False) -> ColumnTransformer:
@@ -134,6 +138,8 @@ class BaselineResult:
     # Set when CV could not run on the training rows (a learning curve's few rows): what was
     # used instead (fallback_note), logged as the run's tag contract.TAG_FALLBACK.
     fallback: str = ""
+    # A multi-class task: the class values; p_yes then holds P(class), (rows, classes).
+    classes: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- fitting
@@ -177,26 +183,29 @@ def _positive_proba(model: Pipeline, X: pd.DataFrame) -> np.ndarray:
     return proba[:, classes.index(1)]
 
 
-def fit_model(name: str, X: pd.DataFrame, y: np.ndarray, params: Params
-              ) -> tuple[Pipeline, dict[str, Any], float | None]:
-    """Fit one baseline: (fitted pipeline, hyperparameters used, CV score or None)."""
+def fit_model(name: str, X: pd.DataFrame, y: np.ndarray, params: Params,
+              multiclass: bool = False) -> tuple[Pipeline, dict[str, Any], float | None]:
+    """Fit one baseline: (fitted pipeline, hyperparameters used, CV score or None).
+    multiclass: y holds class indices 0..K-1 (multinomial models, one-vs-rest CV ROC-AUC)."""
     if name not in BASELINES:
         raise ParamsError(f"unknown baseline {name!r} in baselines.models: known are "
                           f"{', '.join(BASELINES)}")
     spec = BASELINES[name]
+    task_hyper = MULTICLASS_HYPER.get(name, {}) if multiclass else {}
     if params.baselines.mode == "fixed":
         chosen = dict(params.baselines.fixed.get(name, {}))
         try:
-            model = spec.factory(params.seed, **chosen)
+            model = spec.factory(params.seed, **{**task_hyper, **chosen})
         except TypeError as e:
             raise ParamsError(f"baselines.fixed.{name}: {e}") from None
         return model.fit(X, y), chosen, None
     cv = _cv(y, params.baselines.cv_folds, params.seed)
-    model = spec.factory(params.seed)
+    model = spec.factory(params.seed, **task_hyper)
     if not spec.grid or cv is None:
         return model.fit(X, y), {}, None
     search = GridSearchCV(model, {f"model__{k}": v for k, v in spec.grid.items()}, cv=cv,
-                          scoring=CV_SCORING, error_score="raise", n_jobs=1)
+                          scoring=CV_SCORING_MULTICLASS if multiclass else CV_SCORING,
+                          error_score="raise", n_jobs=1)
     search.fit(X, y)
     chosen = {k.removeprefix("model__"): v for k, v in search.best_params_.items()}
     return search.best_estimator_, chosen, float(search.best_score_)
@@ -220,6 +229,8 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
     from threadpoolctl import threadpool_limits
 
     params = params or prepared.params
+    if getattr(prepared, "multiclass", False):
+        return _fit_multiclass(prepared, name, params)
     X, y = training_data(prepared)
     X_test, y_test = prepared.X("test"), prepared.y("test")
     # One thread: on tables this small, OpenMP/BLAS threads cost more than they save, and with
@@ -247,6 +258,40 @@ def fit_baseline(prepared: Any, name: str, params: Params | None = None) -> Base
         warnings.warn(f"{name}: {fallback}", stacklevel=2)
     return BaselineResult(name, model, chosen, cv_score, list(prepared.split["test"]), y_test,
                           p_yes, y_pred, summary, seconds, threshold, source, fallback=fallback)
+
+
+def _class_proba(model: Pipeline, X: pd.DataFrame, k: int) -> np.ndarray:
+    """P(class) for classes 0..k-1 (a class the training rows lacked gets 0)."""
+    proba = model.predict_proba(X)
+    out = np.zeros((len(X), k))
+    out[:, np.asarray(model.classes_, dtype=int)] = proba
+    return out
+
+
+def _fit_multiclass(prepared: Any, name: str, params: Params) -> BaselineResult:
+    """fit_baseline on a multi-class target: the most likely class, no threshold."""
+    from threadpoolctl import threadpool_limits
+
+    X, y = training_data(prepared)
+    X_test, y_test = prepared.X("test"), prepared.y("test")
+    k = len(prepared.classes)
+    with threadpool_limits(1):
+        t0 = time.perf_counter()
+        model, chosen, cv_score = fit_model(name, X, y, params, multiclass=True)
+        seconds = time.perf_counter() - t0
+        proba = _class_proba(model, X_test, k)
+    y_pred = np.argmax(proba, axis=1)
+    summary = metrics.summary_multi(y_test, y_pred, proba, prepared.classes, prefix="test_",
+                                    n_bootstrap=params.n_bootstrap, seed=params.seed)
+    fallback = fallback_note(name, y, params)
+    if fallback:
+        import warnings
+
+        warnings.warn(f"{name}: {fallback}", stacklevel=2)
+    return BaselineResult(name, model, chosen, cv_score, list(prepared.split["test"]), y_test,
+                          proba, y_pred, summary, seconds, float("nan"),
+                          contract.THRESHOLD_ARGMAX, fallback=fallback,
+                          classes=list(prepared.classes))
 
 
 def fit_all(prepared: Any, params: Params | None = None) -> list[BaselineResult]:
@@ -338,6 +383,9 @@ def importances(result: BaselineResult) -> pd.DataFrame | None:
     est = result.model.named_steps["model"]
     if hasattr(est, "feature_importances_"):
         values, what = est.feature_importances_, "importance"
+    elif hasattr(est, "coef_") and est.coef_.shape[0] > 1:
+        # Multinomial: a coefficient per class; a feature's weight is their mean magnitude.
+        values, what = np.abs(est.coef_).mean(axis=0), "importance"
     elif hasattr(est, "coef_"):
         values, what = est.coef_[0], "coefficient"
     else:
@@ -381,6 +429,8 @@ def importance_figures(results: list[BaselineResult]) -> dict[str, Any]:
 
 TABLE_METRICS = ("accuracy", "f1", "balanced_accuracy", "roc_auc", "precision", "recall",
                  "specificity", "mcc", "brier")
+MULTICLASS_TABLE_METRICS = ("accuracy", "f1_macro", "balanced_accuracy", "roc_auc",
+                            "f1_weighted", "log_loss")
 
 
 def results_table(results: list[BaselineResult]) -> pd.DataFrame:
@@ -389,7 +439,7 @@ def results_table(results: list[BaselineResult]) -> pd.DataFrame:
     rows = []
     for r in results:
         row: dict[str, Any] = {"baseline": r.name}
-        for m in TABLE_METRICS:
+        for m in MULTICLASS_TABLE_METRICS if r.classes else TABLE_METRICS:
             row[m] = r.summary.get(f"test_{m}", np.nan)
             if f"test_{m}_ci_low" in r.summary:
                 row[f"{m}_ci"] = (f"[{r.summary[f'test_{m}_ci_low']:.3f}, "
@@ -406,7 +456,7 @@ def key_figures(results: list[BaselineResult]) -> dict[str, float]:
     """A flat dict for the notebook's last cell: test accuracy, F1 and ROC-AUC per baseline."""
     out: dict[str, float] = {}
     for r in results:
-        for m in ("accuracy", "f1", "roc_auc"):
+        for m in ("accuracy", "f1", "f1_macro", "roc_auc"):
             if f"test_{m}" in r.summary:
                 out[f"{r.name}_test_{m}"] = round(r.summary[f"test_{m}"], 4)
     return out
@@ -430,9 +480,12 @@ def _quiet(logger: str) -> Iterator[None]:
 def model_metadata(prepared: Any, result: BaselineResult) -> dict[str, Any]:
     """What `tablora predict` reads from a baseline's logged model (contract.MODEL_METADATA)."""
     r = prepared.recipe
-    return {"kind": contract.KIND_BASELINE, "features": list(r.features), "kinds": r.kinds,
-            "target": r.target, "positive_label": r.positive_label,
-            "threshold": float(result.threshold), "baseline": result.name}
+    out = {"kind": contract.KIND_BASELINE, "features": list(r.features), "kinds": r.kinds,
+           "target": r.target, "positive_label": r.positive_label,
+           "threshold": float(result.threshold), "baseline": result.name}
+    if result.classes:  # multi-class: what a class index means
+        out.update(task=r.task, classes=[str(c) for c in result.classes])
+    return out
 
 
 def _log_model(result: BaselineResult, prepared: Any, register: bool = True) -> None:
@@ -469,10 +522,16 @@ def _log_result(params: Params, result: BaselineResult, prepared: Any) -> None:
     import mlflow
 
     _log_params(params, result)
-    metrics.log_to_mlflow(contract.PREFIX_TEST, result.y_true, result.y_pred, result.p_yes,
-                          result.row_ids, n_bootstrap=params.n_bootstrap, seed=params.seed)
-    extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: result.threshold,
-             contract.TRAIN_SECONDS: result.fit_seconds}
+    if result.classes:
+        metrics.log_to_mlflow_multi(contract.PREFIX_TEST, result.y_true, result.y_pred,
+                                    result.p_yes, result.row_ids, result.classes,
+                                    n_bootstrap=params.n_bootstrap, seed=params.seed)
+        extra = {contract.TRAIN_SECONDS: result.fit_seconds}  # no threshold: the argmax
+    else:
+        metrics.log_to_mlflow(contract.PREFIX_TEST, result.y_true, result.y_pred, result.p_yes,
+                              result.row_ids, n_bootstrap=params.n_bootstrap, seed=params.seed)
+        extra = {contract.THRESHOLD_METRICS[contract.PREFIX_TEST]: result.threshold,
+                 contract.TRAIN_SECONDS: result.fit_seconds}
     mlflow.set_tag(contract.THRESHOLD_SOURCE_TAGS[contract.PREFIX_TEST], result.threshold_source)
     if result.fallback:
         mlflow.set_tag(contract.TAG_FALLBACK, result.fallback[:500])

@@ -58,6 +58,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         print(f"prompt tokens: min {s['min']}  median {s['median']:.0f}  p95 {s['p95']:.0f}  "
               f"max {s['max']}  (max_seq_length {s['max_seq_length']}, "
               f"{s['over_max_seq_length']} over)  [{params.model_id}, chat template + answer]")
+        if prepared.multiclass:  # refused here already, not after a model has loaded
+            from helpers.llm import scoring
+
+            firsts = scoring.check_answers(tokenizer, prepared)
+            print("answers:     " + ", ".join(
+                f"{w!r} (first token {tokenizer.decode([t])!r})"
+                for w, t in zip(prepared.class_answers, firsts, strict=True)))
     print("\n" + "\n".join(data.example_lines(prepared)))
     return 0
 
@@ -500,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="models:/NAME/VERSION",
                        help="a registered model (the MLflow UI's Models page)")
     p.add_argument("-o", "--out", type=Path, help="the CSV to write: row_id, p_yes, prediction "
-                   "(default: printed); written only when every row was scored")
+                   "(a multi-class model: row_id, prediction = the class, p_<class>) (default: "
+                   "printed); written only when every row was scored")
     p.set_defaults(func=cmd_predict)
 
     p = command("export", "fuse a run's LoRA adapter into its base model: a standalone mlx-lm "

@@ -48,7 +48,11 @@ class DatasetSpec:
     source: str = "builtin:breast_cancer"
     # The target column; empty = the built-in data set's own (a CSV/Parquet source must name it).
     target: str = ""
-    # The target value that means "Yes"; empty = the built-in's own, or 1/True/"yes" in the data.
+    # "binary" (a Yes/No question) or "multiclass" (3 to 20 classes, one answer word each);
+    # empty = from the target: binary with positive_label set or 2 values, 3-20 multiclass.
+    task: Literal["", "binary", "multiclass"] = ""
+    # The target value that means "Yes"; empty = the built-in's own, or 1/True/"yes" in the data
+    # (binary tasks only).
     positive_label: Any = ""
     # A subset of feature columns, in prompt order; empty = all columns but the target.
     features: list[str] = field(default_factory=list)
@@ -94,6 +98,9 @@ class PromptSpec:
     answer_yes: str = "Yes"
     # The answer for the negative class.
     answer_no: str = "No"
+    # Multi-class tasks: the answer word of each class, {class value: "word"}; empty = a built-in
+    # data set's own, else the class values themselves. Each must start with its own token.
+    answers: dict[Any, str] = field(default_factory=dict)
     # A system message before each prompt (empty = none).
     system_prompt: str = ""
 
@@ -263,7 +270,14 @@ class Params:
 
     def hash(self) -> str:
         """Content hash of the resolved params (for --resume)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        d = self.to_dict()
+        # Keys that came with multi-class targets count only when set: a binary run made
+        # before them keeps its hash (and --resume still finds it).
+        if not d["dataset"]["task"]:
+            del d["dataset"]["task"]
+        if not d["prompt"]["answers"]:
+            del d["prompt"]["answers"]
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **overrides: Any) -> Params:
@@ -673,7 +687,21 @@ def _build(cls: type, data: dict[str, Any], origin: str, source_file: str, prefi
             raise ParamsError(f"{origin}: dataset.test_size + dataset.valid_size = "
                               f"{obj.dataset.test_size + obj.dataset.valid_size} leaves no "
                               "training rows: make their sum < 1")
+        _check_task(obj, origin)
     return obj
+
+
+def _check_task(params: Params, origin: str) -> None:
+    """The keys of one task set for the other: said at once, not ignored."""
+    d, p = params.dataset, params.prompt
+    if d.task == "multiclass" and d.positive_label not in ("", None):
+        raise ParamsError(f"{origin}: dataset.positive_label = {d.positive_label!r} but "
+                          "dataset.task is multiclass (no class is 'Yes'): remove "
+                          "dataset.positive_label, or set dataset.task: binary")
+    if d.task == "binary" and p.answers:
+        raise ParamsError(f"{origin}: prompt.answers is set but dataset.task is binary (its "
+                          "answers are prompt.answer_yes / prompt.answer_no): remove "
+                          "prompt.answers, or set dataset.task: multiclass")
 
 
 # ---------------------------------------------------------------------------------------------

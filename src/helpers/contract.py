@@ -111,6 +111,9 @@ THRESHOLD_SOURCE_TAGS = {PREFIX_TEST: "tablora.threshold_source",
 THRESHOLD_FIXED, THRESHOLD_VALID, THRESHOLD_OOF = "fixed", "valid", "oof"
 THRESHOLD_SOURCES = {THRESHOLD_FIXED: "fixed", THRESHOLD_VALID: "tuned on valid",
                      THRESHOLD_OOF: "tuned out-of-fold"}
+# A multi-class task has no threshold: each model predicts its most likely class.
+THRESHOLD_ARGMAX = "argmax"
+THRESHOLD_SOURCES[THRESHOLD_ARGMAX] = "none: the most likely class"
 # Per-step training curves (mlx-lm's report keys, with units spelled out: see tracking).
 TRAIN_LOSS, VAL_LOSS = "train_loss", "val_loss"
 TOKENS_PER_SEC = "tokens_per_sec"
@@ -175,6 +178,11 @@ def predictions_path(prefix: str) -> str:
 
 
 PREDICTION_COLUMNS = ("row_id", "label", "p_yes", "prediction")
+# A multi-class run's predictions: label and prediction are class indices, p_yes is empty, and
+# each row also has its class names and P(class) per class index: ...,label_name,
+# prediction_name,p_0,...,p_<K-1>[,raw].
+LABEL_NAME, PREDICTION_NAME = "label_name", "prediction_name"
+CLASS_PROBABILITY = "p_{}"  # .format(class index) in the predictions; (class) in pyfunc output
 
 # ---------------------------------------------------------------- environment
 # Set by `tablora batch` for the notebooks it runs (kernels inherit the environment): every run a

@@ -52,6 +52,8 @@ class Builtin:
     feature_descriptions: dict[str, str] = dataclasses.field(default_factory=dict)
     value_labels: dict[str, dict[Any, str]] = dataclasses.field(default_factory=dict)
     about: str = ""  # where the table comes from
+    # Multi-class data sets: the answer word of each class (prompt.answers wins).
+    answers: dict[Any, str] = dataclasses.field(default_factory=dict)
 
 
 def _breast_cancer() -> pd.DataFrame:
@@ -85,6 +87,22 @@ def _anes96() -> pd.DataFrame:
     frame["vote"] = np.where(frame["vote"] == 1, "Dole", "Clinton")
     return frame
 
+
+def _wine() -> pd.DataFrame:
+    """scikit-learn's bundled wine data (Forina et al., PARVUS): 178 wines grown in one region
+    of Italy, Barolo (59, made from the Nebbiolo grape), Grignolino (71) and Barbera (48), with
+    13 chemical measurements each; the target as the grape cultivar's name (whose first tokens
+    differ, where "Barolo" and "Barbera" share "Bar" under SmolLM2's tokenizer)."""
+    from sklearn.datasets import load_wine
+
+    bunch = load_wine(as_frame=True)
+    frame = bunch.frame.copy()
+    frame["cultivar"] = np.asarray(WINE_CULTIVARS)[bunch.target.to_numpy()]
+    return frame.drop(columns=["target"])
+
+
+# load_wine's class_0, class_1, class_2, in the order of the original data.
+WINE_CULTIVARS = ("Nebbiolo", "Grignolino", "Barbera")
 
 _LEANING = {1: "extremely liberal", 2: "liberal", 3: "slightly liberal", 4: "moderate",
             5: "slightly conservative", 6: "conservative", 7: "extremely conservative"}
@@ -129,6 +147,21 @@ BUILTINS: dict[str, Builtin] = {
                      4: "some college", 5: "college degree", 6: "master's degree", 7: "PhD"},
             "selfLR": _LEANING, "ClinLR": _LEANING, "DoleLR": _LEANING},
         about="statsmodels' subset of the 1996 American National Election Study (944 voters)"),
+    "wine": Builtin(
+        _wine, target="cultivar", positive_label=None,
+        task_description="Here is a chemical analysis of a wine grown in one region of Italy, "
+        "made from one of three grape cultivars.",
+        question="Which grape cultivar is this wine made from?",
+        feature_descriptions={
+            "alcohol": "alcohol content (% by volume)", "malic_acid": "malic acid",
+            "ash": "ash", "alcalinity_of_ash": "alcalinity of ash", "magnesium": "magnesium",
+            "total_phenols": "total phenols", "flavanoids": "flavanoids",
+            "nonflavanoid_phenols": "nonflavanoid phenols",
+            "proanthocyanins": "proanthocyanins", "color_intensity": "colour intensity",
+            "hue": "hue", "od280/od315_of_diluted_wines": "OD280/OD315 of diluted wines",
+            "proline": "proline"},
+        about="scikit-learn's wine data (Forina et al.): 178 wines of three cultivars, "
+        "13 chemical measurements"),
 }
 
 
@@ -266,6 +299,8 @@ def _check_target(table: pd.DataFrame, params: Params, target_name: str, origin:
         raise DataError(f"{origin}: target column {target_name!r} is empty in {len(missing)} "
                         f"rows (row ids {missing[:10]}). Drop those rows or fill in their class.")
     values = list(pd.unique(target))
+    if target_task(params, len(values), target_name, origin) == MULTICLASS:
+        return None  # no positive label: the classes are class_values()
     if len(values) != 2:
         shown = ", ".join(repr(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
         raise DataError(f"{origin}: target column {target_name!r} has {len(values)} classes "
@@ -294,6 +329,64 @@ def _check_target(table: pd.DataFrame, params: Params, target_name: str, origin:
     raise DataError(f"{origin}: dataset.positive_label {wanted!r} is not a value of "
                     f"column {target_name!r}; its values are {', '.join(map(repr, values))}. Set "
                     f"dataset.positive_label to the one that means 'Yes'.{hint}")
+
+
+BINARY, MULTICLASS = "binary", "multiclass"
+MAX_CLASSES = 20  # more classes than this is not a classification tablora sets up
+
+
+def target_task(params: Params, n_values: int, target_name: str, origin: str) -> str:
+    """dataset.task, else from the target: binary where dataset.positive_label is set (the
+    binary task's key) or the column holds 2 values, multiclass for 3-20 values."""
+    task = params.dataset.task
+    named_positive = params.dataset.positive_label not in ("", None)
+    if task == BINARY or (not task and (n_values <= 2 or named_positive)):
+        return BINARY  # _check_target refuses anything but 2 values
+    if n_values > MAX_CLASSES:
+        raise DataError(f"{origin}: target column {target_name!r} has {n_values} distinct "
+                        f"values, more than the {MAX_CLASSES} classes a multi-class task takes: "
+                        "pick a column with fewer classes, or group its values.")
+    if n_values < 2:
+        raise DataError(f"{origin}: target column {target_name!r} has {n_values} value: "
+                        "a classification needs at least 2 classes.")
+    return MULTICLASS
+
+
+def class_values(table: pd.DataFrame, target_name: str) -> list:
+    """The classes of a multi-class target, sorted (numbers as numbers, else as text)."""
+    values = [_jsonable(v) for v in pd.unique(table[target_name])]
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def class_answers(params: Params, classes: list, target_name: str, origin: str) -> list[str]:
+    """The answer word of each class: prompt.answers, else a built-in's own, else the class
+    value's label (dataset.value_labels of the target), else the value itself as text."""
+    given = params.prompt.answers
+    known = {_key_text(c) for c in classes}
+    unknown = [k for k in given if _key_text(k) not in known]
+    if unknown:
+        raise DataError(f"{origin}: prompt.answers names {', '.join(map(repr, unknown))}, not a "
+                        f"class of column {target_name!r} (its classes: "
+                        f"{', '.join(map(repr, classes))}): fix the keys of prompt.answers.")
+    found = builtin(params)
+    own = found.answers if found is not None and found.target == target_name else {}
+    labels = value_labels(params).get(target_name, {})
+    merged = {**{_key_text(k): str(v) for k, v in own.items()},
+              **{_key_text(k): str(v) for k, v in given.items()}}
+    words = [merged.get(_key_text(c)) or labels.get(_key_text(c), _key_text(c)) for c in classes]
+    for i, w in enumerate(words):
+        if not w.strip():
+            raise DataError(f"{origin}: the answer of class {classes[i]!r} is empty: set "
+                            "prompt.answers to a word for it.")
+        for j in range(i):
+            if words[j].strip().lower() == w.strip().lower():
+                raise DataError(f"{origin}: classes {classes[j]!r} and {classes[i]!r} have the "
+                                f"same answer {w!r}: give each class its own word in "
+                                "prompt.answers.")
+    return words
 
 
 # YAML 1.1 (PyYAML) reads these unquoted words as booleans.
@@ -348,11 +441,15 @@ def split_hash(table: pd.DataFrame, params: Params, target: str, positive: Any) 
                 "positive_label": str(positive), "test_size": spec.test_size,
                 "valid_size": spec.valid_size, "split_seed": spec.split_seed,
                 "balance": spec.balance}
+    if positive is None:  # a multi-class target (the binary settings stay as they were)
+        settings["task"] = MULTICLASS
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
 def _counts(y: np.ndarray) -> str:
+    if len(y) and y.max() > 1:  # class indices of a multi-class target
+        return " / ".join(f"{n} of class {k}" for k, n in enumerate(np.bincount(y)))
     return f"{int(y.sum())} positive / {int(len(y) - y.sum())} negative"
 
 
@@ -431,6 +528,43 @@ def draw_train_rows(train_ids: list, y_train: np.ndarray, k: int, seed: int) -> 
     return [train_ids[i] for i in sorted(keep)]
 
 
+def class_draw_order(counts: list[int]) -> list[int]:
+    """The order in which a multi-class draw adds rows, as a class per step: one of each class
+    first, then always the class furthest below its share (n_c / (taken_c + 0.5), the Sainte-
+    Laguë rule). The first k steps are a stratified k-row draw, and a larger k only adds rows:
+    what nesting needs."""
+    taken = [0] * len(counts)
+    order = []
+    for c in sorted(range(len(counts)), key=lambda c: -counts[c]):
+        if counts[c]:
+            order.append(c)
+            taken[c] = 1
+    while len(order) < sum(counts):
+        c = max((c for c in range(len(counts)) if taken[c] < counts[c]),
+                key=lambda c: (counts[c] / (taken[c] + 0.5), -c))
+        order.append(c)
+        taken[c] += 1
+    return order
+
+
+def draw_train_rows_multi(train_ids: list, y_train: np.ndarray, k: int, seed: int) -> list:
+    """draw_train_rows for a multi-class target (class indices): k rows, every class at least
+    once while k allows, in the classes' shares; nested for one seed."""
+    y_train = np.asarray(y_train, dtype=int)
+    counts = np.bincount(y_train).tolist()
+    present = sum(1 for n in counts if n)
+    if not present <= k <= len(train_ids):
+        raise ValueError(f"cannot draw {k} rows stratified from {len(train_ids)} rows of "
+                         f"{present} classes: draw at least one row per class")
+    want = np.bincount(class_draw_order(counts)[:k], minlength=len(counts))
+    rng = np.random.default_rng([seed, 17])  # as draw_train_rows
+    keep: set[int] = set()
+    for c in range(len(counts)):
+        positions = np.flatnonzero(y_train == c)
+        keep.update(rng.permutation(positions)[:want[c]].tolist())
+    return [train_ids[i] for i in sorted(keep)]
+
+
 def subset_hash(base_hash: str, params: Params) -> str:
     """The split hash of `params`' subset of the split `base_hash` (the same hash when
     dataset.train_rows is 0: the whole training split)."""
@@ -457,6 +591,18 @@ def _train_subset(table: pd.DataFrame, split: dict[str, list], base_hash: str, p
         raise DataError(f"{origin}: dataset.train_rows={spec.train_rows} but the training split "
                         f"holds {len(train)} rows: use at most {len(train)}, or 0 for all of "
                         f"them. Fix dataset.train_rows in {params.source_file or 'the params'}.")
+    if positive is None:  # a multi-class target
+        y_classes = class_indices(table.loc[train, target], class_values(table, target))
+        try:
+            rows = draw_train_rows_multi(train, y_classes, spec.train_rows,
+                                         spec.train_rows_seed)
+        except ValueError as e:
+            raise DataError(f"{origin}: dataset.train_rows={spec.train_rows}: {e}. Fix "
+                            f"dataset.train_rows in {params.source_file or 'the params'}."
+                            ) from None
+        subset = {**split, "train": rows}
+        _save_split(path, subset, shash, params, origin, target, positive, parent=base_hash)
+        return subset, shash, path
     y_train = (table.loc[train, target] == positive).to_numpy(dtype=int)
     rows = draw_train_rows(train, y_train, spec.train_rows, spec.train_rows_seed)
     if spec.balance == "oversample":
@@ -664,9 +810,11 @@ class Wording:
     task_description: str
     question: str
     derived: tuple[str, ...]  # which of the two were derived (not from the params file)
+    answers: tuple[str, ...] = ()  # multiclass: the answer word of each class (binary: empty)
 
 
-def wording(params: Params, target: str, positive: Any) -> Wording:
+def wording(params: Params, target: str, positive: Any,
+            answers: list[str] | None = None) -> Wording:
     """The task description and question of `params`' table.
 
     prompt.task_description / prompt.question win when set. Otherwise a built-in data set speaks
@@ -676,6 +824,8 @@ def wording(params: Params, target: str, positive: Any) -> Wording:
     """
     p, found = params.prompt, builtin(params)
     own = found if found is not None and found.target == target else None
+    if answers:
+        return _multiclass_wording(params, target, answers, own)
     answers = f"Answer {p.answer_yes} or {p.answer_no}."
     if own is not None:
         task, question = own.task_description, own.question
@@ -691,6 +841,24 @@ def wording(params: Params, target: str, positive: Any) -> Wording:
             question = f"Is the {target_h} {word}? {answers}"
     derived = tuple(k for k in ("task_description", "question") if not getattr(p, k))
     return Wording(p.task_description or task, p.question or question, derived)
+
+
+def _multiclass_wording(params: Params, target: str, answers: list[str],
+                        own: Builtin | None) -> Wording:
+    """A multi-class table's words: which class, and the answers to choose from."""
+    p = params.prompt
+    choose = f"Answer with one of: {', '.join(answers)}."
+    if own is not None:
+        task, question = own.task_description, f"{own.question} {choose}"
+    else:
+        found = builtin(params)
+        name = params.dataset.source.split(":", 1)[1] if found else Path(
+            params.dataset.source).stem
+        task = f"Here is one record of the table {humanize(name)!r}."
+        target_h = feature_names(params, [target])[target]
+        question = f"What is the {target_h} of this record? {choose}"
+    derived = tuple(k for k in ("task_description", "question") if not getattr(p, k))
+    return Wording(p.task_description or task, p.question or question, derived, tuple(answers))
 
 
 def _is_missing(v: Any) -> bool:
@@ -768,9 +936,12 @@ def user_message(serialized: str, words: Wording) -> str:
 def prompt_hash(params: Params, features: list[str], words: Wording) -> str:
     """Hash of everything that changes the prompt text (template file contents, derived wording,
     names and value labels included)."""
-    blob = {"prompt": dataclasses.asdict(params.prompt), "features": features,
+    prompt = dataclasses.asdict(params.prompt)
+    if not prompt["answers"]:
+        del prompt["answers"]  # binary prompts keep the folder they had before multi-class
+    blob = {"prompt": prompt, "features": features,
             "names": feature_names(params, features), "labels": value_labels(params),
-            "wording": [words.task_description, words.question],
+            "wording": [words.task_description, words.question, *words.answers],
             "template": _template_source(params)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -796,20 +967,24 @@ class PromptRecipe:
     answer_no: str
     target: str
     positive_label: str  # as text: what counts as 1 in a label column of new rows
+    task: str = BINARY
+    classes: list = dataclasses.field(default_factory=list)  # multiclass: the class values
+    answers: list = dataclasses.field(default_factory=list)  # multiclass: each class's word
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PromptRecipe:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        # A model logged before multi-class lacks task/classes/answers: binary.
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def user_texts(self, table: pd.DataFrame) -> list[str]:
         """The user message of each row of `table` (which holds at least self.features)."""
         texts = _format_frame(table, self.features, self.kinds, self.labels, self.digits,
                               self.missing)
         serialize = _make_serializer(self.template, self.names, self.features)
-        words = Wording(self.task_description, self.question, ())
+        words = Wording(self.task_description, self.question, (), tuple(self.answers))
         return [user_message(serialize(row), words) for row in texts.to_dict("records")]
 
     def messages(self, texts: list[str]) -> list[list[dict[str, str]]]:
@@ -826,7 +1001,7 @@ def positive_labels(values: Any, positive: str) -> np.ndarray:
 
 
 def prompt_recipe(params: Params, table: pd.DataFrame, features: list[str], target: str,
-                  positive: Any, words: Wording) -> PromptRecipe:
+                  positive: Any, words: Wording, classes: list | None = None) -> PromptRecipe:
     p = params.prompt
     return PromptRecipe(
         features=list(features), kinds=column_kinds(table, features),
@@ -834,7 +1009,9 @@ def prompt_recipe(params: Params, table: pd.DataFrame, features: list[str], targ
         template=_template_source(params), task_description=words.task_description,
         question=words.question, system_prompt=p.system_prompt, missing=p.missing,
         digits=p.digits, answer_yes=p.answer_yes, answer_no=p.answer_no, target=str(target),
-        positive_label=str(_jsonable(positive)))
+        positive_label=str(_jsonable(positive)),
+        task=MULTICLASS if words.answers else BINARY, classes=list(classes or []),
+        answers=list(words.answers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,9 +1037,19 @@ class Prepared:
     token_budget: dict | None = None  # filled in by token_stats()
     words: Wording | None = None  # task description and question, as used
     recipe: PromptRecipe | None = None  # how a row becomes its prompt (what a logged model keeps)
+    task: str = BINARY  # or MULTICLASS: then positive_label is None and y() gives class indices
+    classes: list = dataclasses.field(default_factory=list)  # multiclass: the class values
+    class_answers: list = dataclasses.field(default_factory=list)  # multiclass: their words
+
+    @property
+    def multiclass(self) -> bool:
+        return self.task == MULTICLASS
 
     def y(self, split: str) -> np.ndarray:
-        """0/1 labels of a split (1 = positive_label), in split order."""
+        """0/1 labels of a split (1 = positive_label), in split order; multiclass: the index of
+        each row's class in self.classes."""
+        if self.multiclass:
+            return class_indices(self.table.loc[self.split[split], self.target], self.classes)
         return (self.table.loc[self.split[split], self.target] == self.positive_label).to_numpy(
             dtype=int)
 
@@ -875,6 +1062,8 @@ class Prepared:
         return [self.user_texts[i] for i in self.split[split]]
 
     def answers(self, split: str) -> list[str]:
+        if self.multiclass:
+            return [self.class_answers[k] for k in self.y(split)]
         p = self.params.prompt
         return [p.answer_yes if yi else p.answer_no for yi in self.y(split)]
 
@@ -892,7 +1081,25 @@ class Prepared:
 
     def class_counts(self, split: str) -> dict[str, int]:
         y = self.y(split)
+        if self.multiclass:
+            counts = np.bincount(y, minlength=len(self.classes))
+            return {str(c): int(n) for c, n in zip(self.classes, counts, strict=True)}
         return {"positive": int(y.sum()), "negative": int(len(y) - y.sum())}
+
+
+def class_indices(values: Any, classes: list) -> np.ndarray:
+    """The index in `classes` of each value (compared as text where the types differ: a CSV
+    of new rows may read 1 where training had 1.0); -1 for a value that is not a class."""
+    index = {_key_text(c): k for k, c in enumerate(classes)}
+    return np.array([index.get(_key_text(_jsonable(v)), -1) for v in values], dtype=int)
+
+
+def _check_multiclass(params: Params, origin: str) -> None:
+    """What the binary path has and the multi-class one does not (yet)."""
+    spec = params.dataset
+    if spec.balance == "oversample":
+        raise DataError(f"{origin}: dataset.balance: oversample is for binary tasks; this "
+                        "target is multi-class: set dataset.balance: none.")
 
 
 def prepare(params: Params) -> Prepared:
@@ -903,7 +1110,15 @@ def prepare(params: Params) -> Prepared:
     target = resolve_target(table, params, origin)
     positive = _check_target(table, params, target, origin)
     features = _check_features(table, params, target, origin)
-    y_all = (table[target] == positive).to_numpy(dtype=int)
+    classes: list = []
+    answers: list[str] = []
+    if positive is None:  # a multi-class target
+        _check_multiclass(params, origin)
+        classes = class_values(table, target)
+        answers = class_answers(params, classes, target, origin)
+        y_all = class_indices(table[target], classes)
+    else:
+        y_all = (table[target] == positive).to_numpy(dtype=int)
 
     shash = split_hash(table, params, target, positive)
     split_dir = config.CACHE_DIR / "splits" / shash
@@ -927,15 +1142,17 @@ def prepare(params: Params) -> Prepared:
         warnings.warn(f"{duplicates['count']} test rows also appear identically in train "
                       f"(test ids {duplicates['test_ids'][:10]}): test scores are optimistic.",
                       stacklevel=2)
-    words = wording(params, target, positive)
+    words = wording(params, target, positive, answers)
     # One path for training rows and new ones (helpers.serving): the recipe.
-    recipe = prompt_recipe(params, slim, features, target, positive, words)
+    recipe = prompt_recipe(params, slim, features, target, positive, words, classes)
     user_texts = dict(zip(slim.index, recipe.user_texts(slim), strict=True))
     data_dir = split_dir / f"prompts-{prompt_hash(params, features, words)}"
     prepared = Prepared(params=params, table=slim, target=target, features=features,
                         split=split, split_hash=shash, data_dir=data_dir, split_file=split_file,
                         source=origin, positive_label=positive, duplicates=duplicates,
-                        user_texts=user_texts, words=words, recipe=recipe)
+                        user_texts=user_texts, words=words, recipe=recipe,
+                        task=MULTICLASS if classes else BINARY, classes=classes,
+                        class_answers=answers)
     _write_jsonl(prepared)
     return prepared
 
@@ -1029,15 +1246,20 @@ def token_stats(prepared: Prepared, tokenizer: Any, max_seq_length: int) -> dict
 
 def summary_lines(prepared: Prepared) -> list[str]:
     """Split sizes, class counts, hash and duplicates as printable lines."""
+    what = (f"{len(prepared.classes)} classes" if prepared.multiclass
+            else f"positive = {prepared.positive_label!r}")
     lines = [f"source:      {prepared.source} ({len(prepared.table)} rows, "
-             f"{len(prepared.features)} features, target {prepared.target!r}, positive = "
-             f"{prepared.positive_label!r})",
+             f"{len(prepared.features)} features, target {prepared.target!r}, {what})",
              f"split hash:  {prepared.split_hash}  ({prepared.split_file})"]
     for split in SPLITS:
         c = prepared.class_counts(split)
         note = ""
         if split == "train" and prepared.params.dataset.balance == "oversample":
             note = f"  (oversampled; {len(set(prepared.split[split]))} distinct rows)"
+        if prepared.multiclass:
+            lines.append(f"{split + ':':<12} {len(prepared.split[split]):>5} rows  "
+                         + "  ".join(f"{n:>4} {k}" for k, n in c.items()))
+            continue
         lines.append(f"{split + ':':<12} {len(prepared.split[split]):>5} rows  "
                      f"{c['positive']:>5} positive  {c['negative']:>5} negative{note}")
     d = prepared.duplicates
@@ -1055,7 +1277,8 @@ def example_lines(prepared: Prepared) -> list[str]:
     """The first training prompt of each class, as the model sees it (chat messages)."""
     y, messages = prepared.y("train"), prepared.messages("train")
     lines: list[str] = []
-    for n, label in enumerate((1, 0), 1):
+    for n, label in enumerate(range(len(prepared.classes)) if prepared.multiclass else (1, 0),
+                              1):
         if not (y == label).any():
             continue
         k = int(np.argmax(y == label))

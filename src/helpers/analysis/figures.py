@@ -12,7 +12,7 @@ import pandas as pd
 
 from helpers import metrics
 from helpers.analysis.records import RunRecord, score_key
-from helpers.analysis.report import LABELS, Comparison, confusion_counts
+from helpers.analysis.report import LABELS, Comparison, class_confusion, confusion_counts
 from helpers.contract import KIND_LLM
 
 
@@ -87,7 +87,7 @@ def _legend(fig: Any, models: list[RunRecord], colors: dict[str, str], **style: 
 
 def fig_metric_bars(c: Comparison) -> Any:
     models = sorted(c.llms + c.baselines, key=score_key, reverse=True)
-    names = ("accuracy", "f1", "balanced_accuracy")
+    names = ("accuracy", "f1_macro" if c.multiclass else "f1", "balanced_accuracy")
     if not models:
         return None
     colors = model_colors(c)
@@ -132,6 +132,8 @@ def _grid(n: int, max_cols: int, width: float, height: float) -> tuple[Any, np.n
 
 
 def fig_confusion(c: Comparison) -> Any:
+    if c.multiclass:
+        return _fig_confusion_multi(c)
     items = [(r, confusion_counts(r)) for r in c.llms + c.baselines]
     items = [(r, cm) for r, cm in items if cm is not None]
     if not items:
@@ -139,6 +141,23 @@ def fig_confusion(c: Comparison) -> Any:
     fig, axes = _grid(len(items), max_cols=4, width=3.1, height=2.8)
     for ax, (r, cm) in zip(axes, items, strict=False):
         metrics.draw_confusion(ax, cm, r.label)
+    for ax in axes[len(items):]:
+        ax.set_visible(False)
+    fig.suptitle("Confusion matrices (test)")
+    return fig
+
+
+def _fig_confusion_multi(c: Comparison) -> Any:
+    """The K x K confusion matrix of each model, with the class names."""
+    items = [(r, class_confusion(r)) for r in c.llms + c.baselines]
+    items = [(r, cc) for r, cc in items if cc is not None]
+    if not items:
+        return None
+    k = len(items[0][1][0])
+    side = 1.6 + 0.55 * k
+    fig, axes = _grid(len(items), max_cols=3, width=side + 0.8, height=side)
+    for ax, (r, (names, cm)) in zip(axes, items, strict=False):
+        metrics.draw_confusion_multi(ax, cm, names, r.label)
     for ax in axes[len(items):]:
         ax.set_visible(False)
     fig.suptitle("Confusion matrices (test)")

@@ -120,7 +120,29 @@ def positive_rate(r: RunRecord) -> float:
     return float(rows["prediction"].mean()) if rows is not None else float("nan")
 
 
+def _rule_one_class(r: RunRecord, th: Thresholds) -> Finding | None:
+    """rule_bias of a multi-class model: one class predicted for (nearly) every row. No
+    threshold to move and no oversampling (binary only): it needs to learn more."""
+    rows = r.rows("test")
+    if rows is None or not len(rows):
+        return None
+    shares = rows["prediction"].value_counts(normalize=True)
+    if shares.iloc[0] <= th.bias_high:
+        return None
+    names = report.class_names(r)
+    k = int(shares.index[0])
+    name = names[k] if k < len(names) else f"class {k}"
+    return Finding("bias", "says one class to everything", r.name,
+                   f"predicts {name} for {stats.pct(shares.iloc[0])} of the test rows (above "
+                   f"{stats.pct(th.bias_high, 0)})",
+                   (times("learning_rate", 2), times("num_iters", 1.5)),
+                   "a multi-class model predicts its most likely class (no threshold to move): "
+                   "it needs to learn more")
+
+
 def rule_bias(r: RunRecord, th: Thresholds = Thresholds()) -> Finding | None:
+    if r.is_multiclass:
+        return _rule_one_class(r, th)
     rate = positive_rate(r)
     if not np.isfinite(rate) or th.bias_low <= rate <= th.bias_high:
         return None

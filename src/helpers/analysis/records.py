@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import contract, tracking
+from helpers import contract, metrics, tracking
 from helpers.analysis import stats
 from helpers.config import params_from_flat
 from helpers.contract import KIND_BASELINE, KIND_LLM
@@ -31,7 +31,7 @@ PREDICTIONS = {"test": contract.predictions_path(contract.PREFIX_TEST),
                "zeroshot": contract.predictions_path(contract.PREFIX_ZEROSHOT)}
 HISTORIES = (contract.TRAIN_LOSS, contract.VAL_LOSS)
 # Scores shown as plain numbers (0.966), not percentages: they are not rates of rows.
-PLAIN_METRICS = ("brier", "roc_auc", "pr_auc")
+PLAIN_METRICS = ("brier", "roc_auc", "pr_auc", "log_loss")
 
 
 class ReportError(ValueError):
@@ -75,6 +75,11 @@ class RunRecord:
         return self.kind == KIND_BASELINE and self.name in contract.FLOORS
 
     @property
+    def is_multiclass(self) -> bool:
+        """A run on a multi-class target (its metrics are metrics.classification_multi's)."""
+        return any(k.endswith(f"_{metrics.MULTICLASS_MARKER}") for k in self.metrics)
+
+    @property
     def still_improving(self) -> bool:
         """Training ended by its budget while validation loss was still falling."""
         return self.tags.get(contract.TAG_STILL_IMPROVING) == "true"
@@ -91,7 +96,8 @@ class RunRecord:
         """'0.153 (tuned on valid)', '0.500 (fixed)'; '–' without one."""
         value, how = self.threshold(which)
         if not np.isfinite(value):
-            return "–"
+            # A multi-class model has none: it predicts its most likely class.
+            return how if how == contract.THRESHOLD_SOURCES[contract.THRESHOLD_ARGMAX] else "–"
         return f"{value:.3f}" + (f" ({how})" if how else "")
 
     @property
@@ -446,6 +452,36 @@ def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
     )
 
 
+def _class_vote(frames: Sequence[pd.DataFrame], base: pd.DataFrame,
+                preds: np.ndarray) -> pd.DataFrame:
+    """majority_vote of a multi-class model's seeds: per row the class most seeds predicted (a
+    tie goes to the first seed's), with the class names and P(class) averaged."""
+    preds = preds.astype(int)
+    k = int(max(preds.max(), base["label"].max())) + 1
+    label_name, prediction_name = contract.LABEL_NAME, contract.PREDICTION_NAME
+    counts = np.stack([(preds == c).sum(axis=0) for c in range(k)])  # (k, rows)
+    first = preds[0]
+    best = counts.max(axis=0)
+    vote = np.where(counts[first, np.arange(preds.shape[1])] == best, first,
+                    counts.argmax(axis=0))
+    names: dict[int, str] = {}
+    for f in frames:
+        for col in ("label", "prediction"):
+            names.update(zip(f[col].astype(int), f[{"label": label_name,
+                                                    "prediction": prediction_name}[col]]
+                             .astype(str), strict=True))
+    out = base[["label", label_name]].copy()
+    out["p_yes"] = np.nan
+    out["prediction"] = vote
+    out[prediction_name] = [names.get(int(v), "") for v in vote]
+    for col in [contract.CLASS_PROBABILITY.format(c) for c in range(k)]:
+        if col not in base:
+            continue
+        out[col] = np.mean([f.set_index("row_id").loc[base.index, col].to_numpy()
+                            for f in frames], axis=0)
+    return out.reset_index()
+
+
 def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFrame | None:
     """Per row, the prediction most seeds made (a tie goes to the first seed); p_yes averaged."""
     if not frames or any(f is None for f in frames):
@@ -457,6 +493,8 @@ def majority_vote(frames: Sequence[pd.DataFrame | None], name: str) -> pd.DataFr
                               "the evaluation so that every seed uses the same split")
     preds = np.stack([f.set_index("row_id").loc[base.index, "prediction"].to_numpy()
                       for f in frames])
+    if contract.LABEL_NAME in base:  # multi-class (metrics.predictions_frame_multi)
+        return _class_vote(frames, base, preds)
     yes = preds.sum(axis=0)
     n = len(frames)
     vote = np.where(2 * yes > n, 1, np.where(2 * yes < n, 0, preds[0]))

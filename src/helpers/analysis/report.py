@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from helpers import metrics
+from helpers import contract, metrics
 from helpers.analysis import stats
 from helpers.analysis.records import (
     Loaded,
@@ -52,6 +52,11 @@ LABELS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
           "specificity": "Specificity", "f1": "F1", "balance_gap": "Balance gap",
           "balanced_accuracy": "Balanced accuracy", "roc_auc": "ROC-AUC", "brier": "Brier"}
 LOWER_IS_BETTER = {"balance_gap", "brier"}
+# A multi-class comparison's columns (no specificity, balance gap or threshold: no class is Yes).
+MULTICLASS_TABLE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted",
+                            "roc_auc", "log_loss")
+LABELS.update(f1_macro="Macro F1", f1_weighted="Weighted F1", log_loss="Log loss")
+LOWER_IS_BETTER.add("log_loss")
 VS_BASELINE, VS_BEST_LLM = "vs best baseline", "vs best LLM"
 ZEROSHOT, EARLIER = "zero-shot → fine-tuned", "vs earlier round"
 VS_FLOOR = "vs floor"
@@ -158,6 +163,7 @@ class Comparison:
     headline: list[str]
     skipped: list[str] = field(default_factory=list)
     floor: RunRecord | None = None  # the better floor baseline (contract.FLOORS)
+    multiclass: bool = False  # a multi-class target: its own metrics, no threshold
     floor_tests: list[Paired] = field(default_factory=list)  # every model vs floor: one family
     top_llm: RunRecord | None = None  # the best LLM above the floor (else the best LLM)
     top_baseline: RunRecord | None = None  # the best non-floor baseline above the floor
@@ -228,7 +234,8 @@ def build(records: Sequence[RunRecord], experiment: str = "", batch: str | None 
     baselines = sorted((r for r in records if r.kind == KIND_BASELINE), key=score_key,
                        reverse=True)
     comp = Comparison(experiment, batch, llms, baselines, [], [], {}, [], list(skipped),
-                      memchecks=list(memchecks))
+                      memchecks=list(memchecks),
+                      multiclass=any(r.is_multiclass for r in [*llms, *baselines]))
     floors = [b for b in baselines if b.is_floor]
     comp.floor = floors[0] if floors else None
     if comp.floor is not None:
@@ -452,11 +459,17 @@ def _marked(r: RunRecord, metric: str, best: float, with_ci: bool = True) -> str
     return text
 
 
+def table_metrics(c: Comparison) -> tuple[str, ...]:
+    """The metric columns of the comparison's tables: binary's, or a multi-class task's."""
+    return MULTICLASS_TABLE_METRICS if c.multiclass else TABLE_METRICS
+
+
 def llm_table(c: Comparison) -> str:
-    best = {m: _best(c.llms, m) for m in TABLE_METRICS}
-    rows = [[r.label] + [_marked(r, m, best[m]) for m in TABLE_METRICS]
+    names = table_metrics(c)
+    best = {m: _best(c.llms, m) for m in names}
+    rows = [[r.label] + [_marked(r, m, best[m]) for m in names]
             + [r.threshold_text(), c.rank(r)] for r in c.llms]
-    return md_table(["Model"] + [LABELS[m] for m in TABLE_METRICS] + ["Threshold", "Rank"],
+    return md_table(["Model"] + [LABELS[m] for m in names] + ["Threshold", "Rank"],
                     rows)
 
 
@@ -478,10 +491,11 @@ def floor_cell(c: Comparison, r: RunRecord, which: str = "test") -> str:
 
 def all_models_table(c: Comparison) -> str:
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
-    best = {m: _best(everyone, m) for m in TABLE_METRICS}
-    rows = [[r.label, _type(r)] + [_marked(r, m, best[m]) for m in TABLE_METRICS]
+    names = table_metrics(c)
+    best = {m: _best(everyone, m) for m in names}
+    rows = [[r.label, _type(r)] + [_marked(r, m, best[m]) for m in names]
             + [r.threshold_text(), floor_cell(c, r)] for r in everyone]
-    return md_table(["Model", "Type"] + [LABELS[m] for m in TABLE_METRICS]
+    return md_table(["Model", "Type"] + [LABELS[m] for m in names]
                     + ["Threshold", "vs floor"], rows)
 
 
@@ -531,17 +545,23 @@ def zeroshot_table(c: Comparison) -> str:
         zs = f"{PREFIX_ZEROSHOT}_"
         zs_bal = f"{r.cell('recall', zs)} / {r.cell('specificity', zs)}"
         ft_bal = f"{r.cell('recall')} / {r.cell('specificity')}"
+        if c.multiclass:  # no class is Yes: the mean recall over the classes instead
+            zs_bal, ft_bal = r.cell("balanced_accuracy", zs), r.cell("balanced_accuracy")
         rows.append([r.label, r.cell("accuracy", zs), r.cell("accuracy"),
                      _change(z, r.value("accuracy"), r.value("accuracy", zs)),
                      zs_bal, ft_bal, f"{floor_cell(c, r, 'zeroshot')} / {floor_cell(c, r)}",
                      z.text if z.test else z.note])
+    balance = ("balanced accuracy" if c.multiclass else "recall / specificity")
     return md_table(["Model", "Zero-shot", "Fine-tuned", "Change (points) [CI]",
-                     "Zero-shot recall / specificity", "Fine-tuned recall / specificity",
+                     f"Zero-shot {balance}", f"Fine-tuned {balance}",
                      "vs floor (zero-shot / fine-tuned)", "Verdict"], rows)
 
 
 def confusion_counts(r: RunRecord, which: str = "test") -> dict[str, float] | None:
-    """TP/TN/FP/FN from the predictions (the seed vote for merged seeds), else the metrics."""
+    """TP/TN/FP/FN from the predictions (the seed vote for merged seeds), else the metrics;
+    None for a multi-class run (class_confusion)."""
+    if r.is_multiclass:
+        return None
     rows = r.rows(which)
     if rows is not None:
         counts = metrics.confusion_counts(rows["label"].to_numpy(), rows["prediction"].to_numpy())
@@ -552,7 +572,50 @@ def confusion_counts(r: RunRecord, which: str = "test") -> dict[str, float] | No
     return None
 
 
+def class_confusion(r: RunRecord, which: str = "test") -> tuple[list[str], np.ndarray] | None:
+    """A multi-class run's class names and K x K counts (rows actual, columns predicted), from
+    its predictions (the seed vote for merged seeds: the names from the first seed's)."""
+    rows = r.rows(which)
+    names = class_names(r)
+    if rows is None or not names:
+        return None
+    cm = metrics.confusion_matrix(rows["label"].to_numpy(int), rows["prediction"].to_numpy(int),
+                                  len(names))
+    return names, cm
+
+
+def class_names(r: RunRecord) -> list[str]:
+    """The class names of a multi-class run, by class index, from its predictions' columns."""
+    df = r.predictions
+    if df is None or contract.LABEL_NAME not in df or not r.is_multiclass:
+        return []
+    # Every class is among the test labels (the split is stratified on the class).
+    k = int(max(df["label"].max(), df["prediction"].max())) + 1
+    names = [""] * k
+    for col, name_col in (("label", contract.LABEL_NAME),
+                          ("prediction", contract.PREDICTION_NAME)):
+        for idx, name in zip(df[col], df[name_col], strict=True):
+            if 0 <= int(idx) < k:
+                names[int(idx)] = str(name)
+    return [n or f"class {i}" for i, n in enumerate(names)]
+
+
+def multiclass_confusion_table(c: Comparison) -> str:
+    """Per model, each class's row of its confusion matrix: 'Nebbiolo → 11 / 1 / 0'."""
+    found = [(r, class_confusion(r)) for r in c.llms + c.baselines]
+    found = [(r, cc) for r, cc in found if cc is not None]
+    if not found:
+        return md_table(["Model"], [])
+    names = found[0][1][0]
+    rows = [[r.label + (" (seed vote)" if len(r.seeds) > 1 else "")]
+            + [" / ".join(str(int(v)) for v in cm[i]) for i in range(len(names))]
+            for r, (_, cm) in found]
+    return md_table(["Model"] + [f"{n} → {' / '.join(names)}" for n in names], rows)
+
+
 def confusion_table(c: Comparison) -> str:
+    if c.multiclass:
+        return multiclass_confusion_table(c)
     rows = []
     for r in c.llms + c.baselines:
         cm = confusion_counts(r)
@@ -580,6 +643,10 @@ def readme_table(c: Comparison) -> str:
     """The short table for a README: accuracy with CI, F1, recall, balance gap, ROC-AUC, Brier,
     rank (an LLM's; "no better than the floor" for any model that is not above it)."""
     def cells(r: RunRecord) -> list[str]:
+        if c.multiclass:
+            return [r.cell("accuracy"), r.cell("f1_macro", with_ci=False),
+                    r.cell("balanced_accuracy", with_ci=False),
+                    r.cell("roc_auc", with_ci=False), r.cell("log_loss")]
         return [r.cell("accuracy"), r.cell("f1", with_ci=False), r.cell("recall"),
                 r.cell("balance_gap"), r.cell("roc_auc", with_ci=False), r.cell("brier")]
 
@@ -588,6 +655,9 @@ def readme_table(c: Comparison) -> str:
         rank = (f"{NO_RANK} (floor)" if r.is_floor else
                 f"{NO_RANK} ({AT_FLOOR})" if c.at_floor(r) else NO_RANK)
         rows.append([f"{r.label} ({'floor' if r.is_floor else 'baseline'})", *cells(r), rank])
+    if c.multiclass:
+        return md_table(["Model", "Accuracy [95% CI]", "Macro F1", "Balanced accuracy",
+                         "ROC-AUC (one-vs-rest)", "Log loss", "Rank"], rows)
     return md_table(["Model", "Accuracy [95% CI]", "F1", "Recall", "Balance gap", "ROC-AUC",
                      "Brier", "Rank"], rows)
 
@@ -596,6 +666,20 @@ def results_frame(c: Comparison) -> pd.DataFrame:
     """Every model, best first, as a DataFrame of formatted cells (the table a notebook shows,
     and that `tablora batch` prints from the executed notebook)."""
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
+    if c.multiclass:
+        return pd.DataFrame({
+            "Model": [r.label for r in everyone],
+            "Type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in everyone],
+            "Accuracy [95% CI]": [r.cell("accuracy") for r in everyone],
+            "Macro F1": [r.cell("f1_macro", with_ci=False) for r in everyone],
+            "Weighted F1": [r.cell("f1_weighted") for r in everyone],
+            "Balanced accuracy": [r.cell("balanced_accuracy", with_ci=False)
+                                  for r in everyone],
+            "ROC-AUC": [r.cell("roc_auc", with_ci=False) for r in everyone],
+            "Log loss": [r.cell("log_loss") for r in everyone],
+            "vs floor": [floor_cell(c, r) for r in everyone],
+            "LLM rank": [c.rank(r) if r.kind == KIND_LLM else "" for r in everyone],
+        })
     return pd.DataFrame({
         "Model": [r.label for r in everyone],
         "Type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in everyone],
@@ -627,11 +711,18 @@ def markdown(c: Comparison, extra: str = "") -> str:
                   "above the floor (exact McNemar, Holm-adjusted, α = 0.05); the models "
                   "significantly below it share the next rank, because each is tested only "
                   f"against the best; a model {AT_FLOOR} takes no rank (–)."]
-    parts += ["## Baselines beside the LLMs", all_models_table(c),
-              "Threshold: where each model's P(yes) is cut, and how it was chosen: `fixed` "
-              "(params `threshold`), tuned on the validation split (LLMs) or on out-of-fold "
-              "predictions of train + valid (baselines), by one `threshold_mode` for all; never "
-              "on test."]
+    threshold_note = (
+        "Threshold: where each model's P(yes) is cut, and how it was chosen: `fixed` "
+        "(params `threshold`), tuned on the validation split (LLMs) or on out-of-fold "
+        "predictions of train + valid (baselines), by one `threshold_mode` for all; never "
+        "on test.")
+    if c.multiclass:
+        threshold_note = (
+            "Multi-class target: every model predicts its most likely class (the argmax of "
+            "P(class)); threshold tuning does not apply, and neither do specificity or the "
+            "balance gap. Macro F1 and balanced accuracy weigh each class alike; ROC-AUC is "
+            "one-vs-rest, averaged over the classes.")
+    parts += ["## Baselines beside the LLMs", all_models_table(c), threshold_note]
     if c.floor_tests:
         parts += ["## Against the floor", tests_table(c.floor_tests),
                   f"Each model against {floor_words(c.floor)}: exact McNemar, Holm correction "

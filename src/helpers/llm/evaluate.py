@@ -25,6 +25,7 @@ from helpers.contract import (
     PREFIX_ZEROSHOT,
     TAG_ADAPTER_DIR,
     TAG_SPLIT_HASH,
+    THRESHOLD_ARGMAX,
     THRESHOLD_FIXED,
     THRESHOLD_METRICS,
     THRESHOLD_SOURCE_TAGS,
@@ -66,6 +67,7 @@ class Result:
     threshold: float  # NaN in generate mode
     threshold_source: str = THRESHOLD_FIXED  # contract.THRESHOLD_SOURCES; "" in generate mode
     metrics: dict[str, float] = field(default_factory=dict)
+    classes: list = field(default_factory=list)  # multi-class: the class values (no threshold)
 
 
 # --------------------------------------------------------------------------- which adapter
@@ -149,7 +151,15 @@ def apply_adapter(model: Any, adapter_dir: Path) -> Any:
 def score_model(model: Any, tokenizer: Any, prepared: Any, params: Params,
                 prefix: str, frozen: scoring.FrozenStates | None = None) -> Result:
     """Score the test split; the threshold is params.threshold or tuned on the valid split.
+    A multi-class task predicts the most likely class: no threshold.
     frozen: states shared between the zero-shot and the fine-tuned pass (frozen_states)."""
+    if getattr(prepared, "multiclass", False):
+        scores = scoring.score(model, tokenizer, prepared.messages("test", False), params,
+                               desc=prefix, classes=prepared.classes,
+                               answers=prepared.class_answers, frozen=frozen)
+        y = prepared.y("test")
+        return Result(prefix, scores, y, scores.predict(y), list(prepared.split["test"]),
+                      math.nan, THRESHOLD_ARGMAX, classes=list(prepared.classes))
     threshold, source = math.nan, ""
     if params.scoring == "logprob":
         threshold, source = params.threshold, THRESHOLD_FIXED
@@ -192,6 +202,8 @@ def log_result(result: Result, params: Params) -> dict[str, float]:
     import mlflow
 
     s = result.scores
+    if result.classes:
+        return _log_multiclass(result, params)
     p_yes = s.p_yes if s.mode == "logprob" else None  # generate mode has no probabilities
     values = metrics.log_to_mlflow(result.prefix, result.y, result.prediction, p_yes,
                                    result.row_ids, raw=s.raw, n_bootstrap=params.n_bootstrap,
@@ -202,6 +214,23 @@ def log_result(result: Result, params: Params) -> dict[str, float]:
     else:
         extra[THRESHOLD_METRICS[result.prefix]] = result.threshold
         mlflow.set_tag(THRESHOLD_SOURCE_TAGS[result.prefix], result.threshold_source)
+    mlflow.log_metrics(extra)
+    result.metrics = {**values, **extra}
+    return result.metrics
+
+
+def _log_multiclass(result: Result, params: Params) -> dict[str, float]:
+    """log_result of a multi-class task: its metrics, predictions and K x K confusion matrix."""
+    import mlflow
+
+    s = result.scores
+    values = metrics.log_to_mlflow_multi(result.prefix, result.y, result.prediction, s.proba,
+                                         result.row_ids, result.classes, raw=s.raw,
+                                         n_bootstrap=params.n_bootstrap, seed=params.seed)
+    extra = {f"{result.prefix}_examples_per_sec": s.examples_per_sec}
+    if s.mode == "generate":
+        extra[f"{result.prefix}_invalid_rate"] = s.invalid_rate
+    mlflow.set_tag(THRESHOLD_SOURCE_TAGS[result.prefix], THRESHOLD_ARGMAX)
     mlflow.log_metrics(extra)
     result.metrics = {**values, **extra}
     return result.metrics
@@ -269,6 +298,9 @@ def evaluate(params: Params, prepared: Any, model: Any, tokenizer: Any,
 TABLE_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "specificity",
                  "balance_gap", "mcc", "roc_auc", "pr_auc", "brier", "positive_rate",
                  "invalid_rate", "examples_per_sec")
+# A multi-class task's rows (per-class recall and precision follow them).
+MULTICLASS_TABLE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted",
+                            "roc_auc", "log_loss", "invalid_rate", "examples_per_sec")
 LABELS = {"zeroshot": "zero-shot", "finetuned": "fine-tuned"}
 
 
@@ -279,7 +311,12 @@ def comparison_table(results: dict[str, Result]) -> Any:
     columns = {}
     for key, r in results.items():
         col = {}
-        for m in TABLE_METRICS:
+        names = TABLE_METRICS
+        if r.classes:  # multi-class: its own metrics, then recall and precision per class
+            names = (*MULTICLASS_TABLE_METRICS,
+                     *(f"{w}_{metrics.class_key(c)}" for c in r.classes
+                       for w in ("recall", "precision")))
+        for m in names:
             v = r.metrics.get(f"{r.prefix}_{m}")
             if v is None:
                 continue
@@ -295,12 +332,16 @@ def confusion_figures(results: dict[str, Result]) -> list[Any]:
     figures = []
     for key, r in results.items():
         accuracy = float(np.mean(r.y == r.prediction))
+        if r.classes:
+            figures.append(metrics.confusion_figure_multi(
+                r.y, r.prediction, r.classes, f"{LABELS[key]}: accuracy {accuracy:.1%}"))
+            continue
         figures.append(metrics.confusion_figure(r.y, r.prediction,
                                                 f"{LABELS[key]}: accuracy {accuracy:.1%}"))
     return figures
 
 
-KEY_METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "examples_per_sec")
+KEY_METRICS = ("accuracy", "balanced_accuracy", "f1", "f1_macro", "roc_auc", "examples_per_sec")
 
 
 def key_figures(results: dict[str, Result], run_id: str, target: Target) -> dict[str, Any]:

@@ -473,9 +473,14 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
     does, with `pruned` set (a search's pruner: helpers.workflow.tune).
     One training at a time writes into an adapter folder: a second one is refused.
     """
+    if getattr(prepared, "multiclass", False):
+        from helpers.llm import scoring
+
+        scoring.check_answers(tokenizer, prepared)  # before any step
     with _output_lock(params.adapter_dir):
         return _train(model, tokenizer, prepared, params, loss=loss, batches=batches,
                       on_eval=on_eval)
+
 
 
 @contextlib.contextmanager

@@ -18,6 +18,11 @@ bench/eval_speed.py measures each lever.
 
 `generate`: greedy decoding of max_new_tokens tokens, then the first yes/no word (after removing
 `<think>...</think>` reasoning). An answer without one is invalid: counted, and scored as wrong.
+
+Multi-class tasks (`answers` given to `score`: one word per class): each answer's first token
+must differ from every other's (`first_tokens` refuses a clash, naming both classes); logprob
+mode then scores those first tokens in one step after the prompt (through the same shared-prefix
+cache) and P(class) = softmax over them; generate mode parses the first answer word found.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class Scores:
     seconds: float
     prefix_tokens: int = 0  # length of the shared prefix computed once (0 = no prefix cache)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Multi-class: P(class) per row, (n, classes) in logprob mode (None: binary, or generate);
+    # n_classes > 0, and `parsed` holds the class index (-1 invalid) in generate mode.
+    proba: np.ndarray | None = None
+    n_classes: int = 0
 
     def __len__(self) -> int:
         return len(self.p_yes)
@@ -76,6 +85,10 @@ class Scores:
         y = np.asarray(list(labels), dtype=int)
         if len(y) != len(self):
             raise ValueError(f"{len(y)} labels for {len(self)} scored prompts")
+        if self.n_classes:  # multi-class: the most likely class (no threshold), or the parsed one
+            if self.mode == "logprob":
+                return np.argmax(self.proba, axis=1).astype(int)
+            return np.where(self.parsed < 0, (y + 1) % self.n_classes, self.parsed).astype(int)
         if self.mode == "logprob":
             return (self.p_yes >= threshold).astype(int)
         return np.where(self.parsed < 0, 1 - y, self.parsed).astype(int)
@@ -471,6 +484,49 @@ def p_yes_from(logprobs: np.ndarray, lengths: Sequence[int], length_normalize: b
     return expit(scores[:, 0] - scores[:, 1])
 
 
+def first_tokens(tokenizer: Any, prompt_text: str, classes: Sequence[Any],
+                 answers: Sequence[str]) -> list[int]:
+    """The first token of each class's answer after the generation prompt; a ParamsError
+    naming both classes and the token when two answers start with the same one."""
+    firsts = [answer_tokens(tokenizer, prompt_text, a)[0] for a in answers]
+    for i, tok in enumerate(firsts):
+        for j in range(i):
+            if firsts[j] == tok:
+                raise ParamsError(
+                    f"prompt.answers: classes {classes[j]!r} ({answers[j]!r}) and {classes[i]!r} "
+                    f"({answers[i]!r}) both start with the token "
+                    f"{tokenizer.decode([tok])!r} (id {tok}) under this model's tokenizer: "
+                    "give them answer words that start differently (prompt.answers).")
+    return firsts
+
+
+def check_answers(tokenizer: Any, prepared: Any) -> list[int]:
+    """A multi-class task's answer words start with distinct tokens under `tokenizer` (scoring
+    reads only the first): their first tokens, or the ParamsError of first_tokens. Called
+    before training and by `tablora prepare`."""
+    texts, _ = encode_prompts(tokenizer, prepared.messages("train", False)[:1])
+    return first_tokens(tokenizer, texts[0], prepared.classes, prepared.class_answers)
+
+
+def proba_from(logprobs: np.ndarray) -> np.ndarray:
+    """P(class) = softmax over the classes' answer scores, per row."""
+    from scipy.special import softmax
+
+    return softmax(logprobs, axis=1)
+
+
+def parse_class(text: str, answers: Sequence[str]) -> int | None:
+    """The index of the first answer word in `text` (case-insensitive, whole words, longest
+    first where one contains another), None when there is none."""
+    words = {a.strip().lower(): k for k, a in enumerate(answers) if a.strip()}
+    if not words:
+        return None
+    pattern = r"(?<!\w)(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)
+                                      ) + r")(?!\w)"
+    m = re.search(pattern, strip_reasoning(text), re.IGNORECASE)
+    return None if m is None else words[m.group(1).lower()]
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -533,11 +589,13 @@ def answer_words(params: Params) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Params,
           mode: str | None = None, use_prefix_cache: bool = True, progress: bool = True,
           desc: str = "", fast: bool = True, lanes: int | None = None,
-          frozen: FrozenStates | None = None) -> Scores:
+          frozen: FrozenStates | None = None, classes: Sequence[Any] = (),
+          answers: Sequence[str] = ()) -> Scores:
     """Score chat prompts (without the answer) by `mode` (default params.scoring).
 
     use_prefix_cache, fast, lanes, frozen: logprob mode's speed levers (see answer_logprobs);
-    the results are the same to float32 rounding with any of them.
+    the results are the same to float32 rounding with any of them. classes, answers: a
+    multi-class task's classes and their answer words (empty: binary, Yes/No).
     """
     mode = mode or params.scoring
     if not messages:
@@ -545,6 +603,10 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
     texts, ids = encode_prompts(tokenizer, messages)
     n = len(ids)
     t0 = time.perf_counter()
+    if answers:
+        return _score_classes(model, tokenizer, texts, ids, params, mode, list(classes),
+                              list(answers), t0, use_prefix_cache, progress, desc, fast, lanes,
+                              frozen)
     if mode == "logprob":
         answers = [answer_tokens(tokenizer, texts[0], a)
                    for a in (params.prompt.answer_yes, params.prompt.answer_no)]
@@ -567,4 +629,30 @@ def score(model: Any, tokenizer: Any, messages: Sequence[Messages], params: Para
         codes = np.array([-1 if v is None else v for v in parsed], dtype=int)
         nan = np.full(n, np.nan)
         return Scores("generate", nan, codes, raw, nan, nan.copy(), time.perf_counter() - t0)
+    raise ValueError(f"scoring={mode!r}: expected 'logprob' or 'generate'")
+
+
+def _score_classes(model: Any, tokenizer: Any, texts: list[str], ids: list[list[int]],
+                   params: Params, mode: str, classes: list, answers: list[str], t0: float,
+                   use_prefix_cache: bool, progress: bool, desc: str, fast: bool,
+                   lanes: int | None, frozen: FrozenStates | None = None) -> Scores:
+    """score() for a multi-class task: P(class) from the answers' distinct first tokens (one
+    step after the prompt), or the class whose word a generated answer holds first."""
+    n, k = len(ids), len(answers)
+    firsts = first_tokens(tokenizer, texts[0], classes, answers)
+    nan = np.full(n, np.nan)
+    if mode == "logprob":
+        lp, prefix_len = answer_logprobs(model, ids, [[t] for t in firsts],
+                                         params.eval_batch_size, use_prefix_cache, progress,
+                                         desc or "scoring", fast, lanes, frozen)
+        return Scores("logprob", nan, np.full(n, -1), None, nan, nan.copy(),
+                      time.perf_counter() - t0, prefix_len, {"answer_tokens": firsts},
+                      proba=proba_from(lp), n_classes=k)
+    if mode == "generate":
+        raw = generate_answers(model, tokenizer, ids, params.max_new_tokens, progress,
+                               desc or "generating")
+        parsed = [parse_class(t, answers) for t in raw]
+        codes = np.array([-1 if v is None else v for v in parsed], dtype=int)
+        return Scores("generate", nan, codes, raw, nan, nan.copy(), time.perf_counter() - t0,
+                      n_classes=k)
     raise ValueError(f"scoring={mode!r}: expected 'logprob' or 'generate'")

@@ -211,6 +211,8 @@ def predict(path: Path, run_id: str = "", model: str = "", out: Path | None = No
     # Loading is not scoring: out of the examples/s.
     {contract.KIND_LLM: load_llm, contract.KIND_BASELINE: load_baseline}.get(
         meta["kind"], lambda _: None)(uri)
+    if meta.get("task") == data.MULTICLASS:
+        return _predict_classes(path, table, meta, uri, out, progress)
     t0 = time.perf_counter()
     p_yes, prediction, threshold = score(table, meta, uri, str(path), progress)
     seconds = time.perf_counter() - t0
@@ -228,8 +230,63 @@ def predict(path: Path, run_id: str = "", model: str = "", out: Path | None = No
     return result
 
 
+def score_classes(table: pd.DataFrame, meta: dict[str, Any], uri: str, origin: str = "input",
+                  progress: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """A multi-class model's (P(class) or None in generate mode, predicted class index or -1)
+    for the rows of `table`: the most likely class, no threshold."""
+    k = len(meta["classes"])
+    if meta["kind"] == contract.KIND_LLM:
+        classifier = load_llm(uri)
+        scores = classifier.score(table, progress=progress, origin=origin)
+        return scores.proba, classifier.predictions(scores)
+    from threadpoolctl import threadpool_limits
+
+    model = load_baseline(uri)
+    X = _baseline_frame(model, table, meta["features"], origin)
+    with threadpool_limits(1):
+        fitted = model.predict_proba(X)
+    proba = np.zeros((len(X), k))
+    proba[:, np.asarray(model.classes_, dtype=int)] = fitted
+    return proba, np.argmax(proba, axis=1)
+
+
+def _predict_classes(path: Path, table: pd.DataFrame, meta: dict[str, Any], uri: str,
+                     out: Path | None, progress: bool) -> Prediction:
+    """predict() for a multi-class model: row_id, prediction (the class), p_<class>."""
+    from helpers.serving.pyfunc import class_frame
+
+    classes = list(meta["classes"])
+    t0 = time.perf_counter()
+    proba, prediction = score_classes(table, meta, uri, str(path), progress)
+    seconds = time.perf_counter() - t0
+    frame = class_frame(prediction, proba, classes)
+    frame.insert(0, "row_id", row_ids(table))
+    result = Prediction(frame, meta["kind"], uri, float("nan"), seconds)
+    target = meta["target"]
+    if target in table.columns and not table[target].isna().any():
+        y = data.class_indices(table[target], classes)
+        known = y >= 0  # rows of a class the model never saw cannot be scored against it
+        pred = np.where(prediction >= 0, prediction, (y + 1) % len(classes))[known]
+        result.metrics = metrics.classification_multi(
+            y[known], pred, proba[known] if proba is not None else None, classes)
+    if out is not None:
+        data._atomic_write(Path(out), frame.to_csv(index=False))
+    return result
+
+
 def summary_line(result: Prediction) -> str:
     """`N rows scored by KIND model URI (threshold T), X examples/s[; metrics]`."""
+    if "p_yes" not in result.frame:  # multi-class: the most likely class, no threshold
+        counts = result.frame["prediction"].value_counts()
+        line = (f"{len(result.frame)} rows scored by the {result.kind} model "
+                f"{result.model_uri} (the most likely class) at "
+                f"{result.examples_per_sec:.1f} examples/s; predicted "
+                + ", ".join(f"{c or '(no answer)'} {n}" for c, n in counts.items()))
+        if result.metrics:
+            line += "; " + "  ".join(f"{m} {result.metrics[m]:.3f}"
+                                     for m in ("accuracy", "balanced_accuracy", "f1_macro",
+                                               "roc_auc") if m in result.metrics)
+        return line
     line = (f"{len(result.frame)} rows scored by the {result.kind} model {result.model_uri} "
             f"(threshold {result.threshold:.4g}) at {result.examples_per_sec:.1f} examples/s; "
             f"{int((result.frame['prediction'] == 1).sum())} predicted yes")

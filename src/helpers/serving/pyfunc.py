@@ -77,9 +77,16 @@ class ModelSpec:
         """The logged model's metadata (contract.MODEL_METADATA): what `tablora predict` reads
         before it loads anything."""
         r = self.recipe
-        return {"kind": contract.KIND_LLM, "features": r.features, "kinds": r.kinds,
-                "target": r.target, "positive_label": r.positive_label,
-                "threshold": self.to_dict()["threshold"], "base_model": self.model_id}
+        out = {"kind": contract.KIND_LLM, "features": r.features, "kinds": r.kinds,
+               "target": r.target, "positive_label": r.positive_label,
+               "threshold": self.to_dict()["threshold"], "base_model": self.model_id}
+        if r.task == data.MULTICLASS:  # what a class index means
+            out.update(task=r.task, classes=[str(c) for c in r.classes])
+        return out
+
+    @property
+    def multiclass(self) -> bool:
+        return self.recipe.task == data.MULTICLASS
 
 
 def spec_for(params: config.Params, prepared: Any, threshold: float,
@@ -123,19 +130,41 @@ class LLMClassifier:
         """helpers.llm.scoring's pass over the rows (cached shared prefix, batches, lanes):
         the evaluation's own call, so the same rows give the same numbers."""
         check_columns(table, self.spec.recipe.features, origin)
+        r = self.spec.recipe
         return scoring.score(self.model, self.tokenizer, self.messages(table), self._params,
-                             progress=progress, desc="predict")
+                             progress=progress, desc="predict", classes=r.classes,
+                             answers=r.answers if self.spec.multiclass else ())
 
     def predictions(self, scores: scoring.Scores) -> np.ndarray:
-        """0/1 at the run's threshold (logprob); the parsed answer, -1 if none (generate)."""
+        """0/1 at the run's threshold (logprob); the parsed answer, -1 if none (generate).
+        Multi-class: the index of the most likely (or the parsed) class."""
+        if self.spec.multiclass:
+            if scores.mode == "logprob":
+                return np.argmax(scores.proba, axis=1).astype(int)
+            return scores.parsed.astype(int)
         if scores.mode == "logprob":
             return metrics.predict(scores.p_yes, self.spec.threshold).astype(int)
         return scores.parsed.astype(int)
 
     def predict_frame(self, table: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
         scores = self.score(table, progress)
+        if self.spec.multiclass:
+            return class_frame(self.predictions(scores), scores.proba, self.spec.recipe.classes,
+                               table.index)
         return pd.DataFrame({"p_yes": scores.p_yes, "prediction": self.predictions(scores)},
                             index=table.index)
+
+
+def class_frame(prediction: np.ndarray, proba: np.ndarray | None, classes: list,
+                index: Any = None) -> pd.DataFrame:
+    """A multi-class model's output: `prediction` (the class, as text; "" where a generated
+    answer named none) and P(class) per class as `p_<class>` (NaN in generate mode)."""
+    names = [str(c) for c in classes]
+    out = pd.DataFrame({"prediction": [names[k] if k >= 0 else "" for k in prediction]},
+                       index=index)
+    for k, name in enumerate(names):
+        out[contract.CLASS_PROBABILITY.format(name)] = proba[:, k] if proba is not None else np.nan
+    return out
 
 
 class TabloraLLM(mlflow.pyfunc.PythonModel):
@@ -155,12 +184,16 @@ class TabloraLLM(mlflow.pyfunc.PythonModel):
         return self.classifier.predict_frame(table).reset_index(drop=True)
 
 
-def _signature(example: pd.DataFrame) -> Any:
+def _signature(example: pd.DataFrame, classes: list | None = None) -> Any:
     from mlflow.models import infer_signature
     from mlflow.types import ColSpec, Schema
 
     signature = infer_signature(example)
     signature.outputs = Schema([ColSpec("double", "p_yes"), ColSpec("long", "prediction")])
+    if classes:  # multi-class: class_frame's columns
+        signature.outputs = Schema([ColSpec("string", "prediction")]
+                                   + [ColSpec("double", contract.CLASS_PROBABILITY.format(c))
+                                      for c in classes])
     return signature
 
 
@@ -195,7 +228,8 @@ def log_model(params: config.Params, prepared: Any, adapter_dir: Path, threshold
         info = mlflow.pyfunc.log_model(
             name=contract.ARTIFACT_MODEL, python_model=TabloraLLM(),
             artifacts={ARTIFACT_SPEC: str(spec_path), ARTIFACT_ADAPTER: str(adapter)},
-            signature=_signature(example), input_example=example,
+            signature=_signature(example, [str(c) for c in spec.recipe.classes]),
+            input_example=example,
             pip_requirements=requirements(), metadata={contract.MODEL_METADATA: spec.metadata()})
     if register:
         tracking.register_model(info.model_uri, params.name)

@@ -45,7 +45,7 @@ SQLITE_TIMEOUT = 120
 # A trial whose process stopped beating for 2x this is marked FAIL by the next process.
 HEARTBEAT_SECONDS = 60
 # Metrics of the best trial's test scoring copied onto the parent run (as best_test_<name>).
-HEADLINE = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc", "brier", "mcc")
+HEADLINE = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc", "brier", "mcc", "f1_macro")
 MARKER = "# Written by `tablora tune`"
 
 
@@ -320,11 +320,21 @@ def objective_value(spec: TuneSpec, result: Any, model: Any, tokenizer: Any, pre
     model.load_weights(str(Path(result.adapter_dir) / ADAPTER_FILE), strict=False)
     model.eval()
     mx.eval(model.parameters())
-    scores = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
-                           desc="valid")
     y = prepared.y("valid")
     name = spec.objective.removeprefix("valid_")
-    values = metrics.classification(y, scores.predict(y, params.threshold), scores.p_yes)
+    if getattr(prepared, "multiclass", False):  # one-vs-rest ROC-AUC (no PR-AUC or Brier)
+        scores = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
+                               desc="valid", classes=prepared.classes,
+                               answers=prepared.class_answers)
+        values = metrics.classification_multi(y, scores.predict(y), scores.proba,
+                                              prepared.classes)
+    else:
+        scores = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
+                               desc="valid")
+        values = metrics.classification(y, scores.predict(y, params.threshold), scores.p_yes)
+    if name not in values and getattr(prepared, "multiclass", False):
+        raise TuneError(f"tune.objective {spec.objective}: a binary task's metric; this target "
+                        "is multi-class: use objective: val_loss or valid_roc_auc")
     if name not in values:
         raise TuneError(f"tune.objective {spec.objective}: undefined on these validation rows "
                         "(one class only?): use objective: val_loss")
