@@ -575,6 +575,11 @@ def _kernel_traceback(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The notebooks' output streams through our stdout while they run: line by line into a pipe
+    # or a file too (`| tee log`, CI), not in 8 KB blocks minutes apart.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     debug = args.debug or os.environ.get("TABLORA_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
