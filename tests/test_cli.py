@@ -100,9 +100,12 @@ def test_ctrl_c_prints_interrupted_and_kills_the_run(tmp_path, tiny_model_dir):
                            "--set", "num_iters=4", "--set", "steps_per_eval=2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert warm.returncode == 0, warm.stderr[-2000:]
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`,
+    # nohup) hands its children SIGINT ignored, and the Ctrl-C below would then do nothing.
     proc = subprocess.Popen([sys.executable, "-m", "helpers", "train", str(tmp_path / "p.yaml")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
     reader.start()
@@ -110,8 +113,8 @@ def test_ctrl_c_prints_interrupted_and_kills_the_run(tmp_path, tiny_model_dir):
         if "val_loss" in line:  # the first validation: training is under way
             os.killpg(proc.pid, signal.SIGINT)
             break
+    assert proc.wait(timeout=300) == 130  # before reading on: a run that ignores it fails here
     proc.stdout.read()
-    assert proc.wait(timeout=300) == 130
     reader.join(timeout=30)
     text = "".join(err)
     assert "interrupted" in text and "Traceback" not in text and "ZMQError" not in text, text
