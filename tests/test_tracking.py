@@ -257,3 +257,15 @@ def test_a_refused_registration_warns_in_one_line_and_goes_on(mlflow_store, caps
     assert tracking.register_model("models:/m-0000nothing", "tiny") == ""
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: could not register")
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path):
+    """One holder at a time (flock: two opens conflict even in one process); wait=False says so
+    at once; the lock is free again after the with-block."""
+    path = tmp_path / "sub" / ".x.lock"
+    with tracking.file_lock(path):
+        assert path.exists()
+        with pytest.raises(tracking.LockHeld), tracking.file_lock(path, wait=False):
+            pass
+    with tracking.file_lock(path, wait=False):
+        pass

@@ -123,25 +123,46 @@ def setup(experiment: str = "tablora") -> str:
     return exp_id
 
 
+class LockHeld(RuntimeError):
+    """file_lock(wait=False): another process holds the lock."""
+
+
 @contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """One process at a time sets up a SQLite store: commands started together on a fresh store
-    would otherwise race in MLflow's schema migrations (and in creating the experiment)."""
-    if not uri.startswith("sqlite:///") or os.name != "posix":
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on the file `path` (made, with its folder, if missing) for the with-block,
+    between processes (flock; on non-POSIX systems nothing is locked). wait=False: LockHeld at
+    once when another process holds it, instead of waiting."""
+    if os.name != "posix":
         yield
         return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
-    if not db.parent.is_dir():
-        raise StoreError(f"MLflow store {uri}: the folder {db.parent} does not exist. Create it "
-                         "or fix MLFLOW_TRACKING_URI.")
-    with open(f"{db}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockHeld(str(path)) from None
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time sets up a SQLite store: commands started together on a fresh store
+    would otherwise race in MLflow's schema migrations (and in creating the experiment)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if not db.parent.is_dir():
+        raise StoreError(f"MLflow store {uri}: the folder {db.parent} does not exist. Create it "
+                         "or fix MLFLOW_TRACKING_URI.")
+    with file_lock(Path(f"{db}.lock")):
+        yield
 
 
 # The runs table a person wants first: every model flat (a sort other than creation time lists

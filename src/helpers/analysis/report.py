@@ -666,30 +666,23 @@ def results_frame(c: Comparison) -> pd.DataFrame:
     """Every model, best first, as a DataFrame of formatted cells (the table a notebook shows,
     and that `tablora batch` prints from the executed notebook)."""
     everyone = sorted(c.llms + c.baselines, key=score_key, reverse=True)
+
+    def cells(metric: str, with_ci: bool = True) -> list[str]:
+        return [r.cell(metric, with_ci=with_ci) for r in everyone]
+
     if c.multiclass:
-        return pd.DataFrame({
-            "Model": [r.label for r in everyone],
-            "Type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in everyone],
-            "Accuracy [95% CI]": [r.cell("accuracy") for r in everyone],
-            "Macro F1": [r.cell("f1_macro", with_ci=False) for r in everyone],
-            "Weighted F1": [r.cell("f1_weighted") for r in everyone],
-            "Balanced accuracy": [r.cell("balanced_accuracy", with_ci=False)
-                                  for r in everyone],
-            "ROC-AUC": [r.cell("roc_auc", with_ci=False) for r in everyone],
-            "Log loss": [r.cell("log_loss") for r in everyone],
-            "vs floor": [floor_cell(c, r) for r in everyone],
-            "LLM rank": [c.rank(r) if r.kind == KIND_LLM else "" for r in everyone],
-        })
+        metrics = {"Macro F1": cells("f1_macro", False), "Weighted F1": cells("f1_weighted"),
+                   "Balanced accuracy": cells("balanced_accuracy", False),
+                   "ROC-AUC": cells("roc_auc", False), "Log loss": cells("log_loss")}
+    else:
+        metrics = {"F1": cells("f1", False), "Recall": cells("recall"),
+                   "Specificity": cells("specificity"), "Balance gap": cells("balance_gap"),
+                   "Brier": cells("brier"), "Threshold": [r.threshold_text() for r in everyone]}
     return pd.DataFrame({
         "Model": [r.label for r in everyone],
         "Type": ["LLM" if r.kind == KIND_LLM else "baseline" for r in everyone],
-        "Accuracy [95% CI]": [r.cell("accuracy") for r in everyone],
-        "F1": [r.cell("f1", with_ci=False) for r in everyone],
-        "Recall": [r.cell("recall") for r in everyone],
-        "Specificity": [r.cell("specificity") for r in everyone],
-        "Balance gap": [r.cell("balance_gap") for r in everyone],
-        "Brier": [r.cell("brier") for r in everyone],
-        "Threshold": [r.threshold_text() for r in everyone],
+        "Accuracy [95% CI]": cells("accuracy"),
+        **metrics,
         "vs floor": [floor_cell(c, r) for r in everyone],
         "LLM rank": [c.rank(r) if r.kind == KIND_LLM else "" for r in everyone],
     })

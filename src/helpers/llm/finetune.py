@@ -486,23 +486,13 @@ def train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,
 @contextlib.contextmanager
 def _output_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on `out` (a file beside it), released when training ends however."""
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ParamsError(f"output_dir {out}: another training run is writing its adapters "
-                              "there right now; wait for it, or give this run its own "
-                              "output_dir (or name).") from None
-        try:
+    try:
+        with tracking.file_lock(out.parent / f".{out.name}.lock", wait=False):
             yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except tracking.LockHeld:
+        raise ParamsError(f"output_dir {out}: another training run is writing its adapters "
+                          "there right now; wait for it, or give this run its own "
+                          "output_dir (or name).") from None
 
 
 def _train(model: nn.Module, tokenizer: Any, prepared: Any, params: Params, *,

@@ -691,7 +691,7 @@ def _run_tasks(ex: executor.Executor, batch: Batch, jobs: list[Job],
             status = outcome.status if outcome.status != "failed" else (
                 f"FAILED: {_short(outcome.cause)}")
             print(f"{_progress(results, total, ex)} {event.label}: {status} in "
-                  f"{_duration(outcome.total_seconds)} on {outcome.worker or '?'}", flush=True)
+                  f"{duration(outcome.total_seconds)} on {outcome.worker or '?'}", flush=True)
     # Nothing of this batch runs now: a run still RUNNING lost its worker for good.
     _reap(batch, why="its worker ({worker}) was lost mid-run and the batch ended")
     return ([results[label] for label in labels],
@@ -1203,17 +1203,17 @@ class Summary:
         reused = sum(o.status == "skipped" for o in self.models)
         lines = [f"batch {self.batch_id}: {self.n_ok}/{len(self.models)} models succeeded"
                  + (f" ({reused} reused from earlier runs)" if reused else "")
-                 + f", total {_duration(self.seconds)}"]
+                 + f", total {duration(self.seconds)}"]
         width = max([len(o.label) for o in self.models + self.baselines] + [8])
         head = f"  {'model':<{width}}  {'status':<7}  {'train':>7}  {'evaluate':>8}  {'total':>7}"
         lines.append(head + "  run" + ("  worker" if self.workers else ""))
         for o in self.models + self.baselines:
             lines.append(f"  {o.label:<{width}}  {o.status:<7}  {_secs(o, 'train'):>7}  "
-                         f"{_secs(o, 'evaluate'):>8}  {_duration(o.total_seconds):>7}  "
+                         f"{_secs(o, 'evaluate'):>8}  {duration(o.total_seconds):>7}  "
                          f"{o.run_id or '-'}" + (f"  {o.worker or '-'}" if self.workers else ""))
         if self.compare is not None:
             lines.append(f"  {self.compare.label}: {self.compare.status} in "
-                         f"{_duration(self.compare.total_seconds)}")
+                         f"{duration(self.compare.total_seconds)}")
         if self.failed:
             lines.append(f"failures ({len(self.failed)}):")
             lines.extend(f"  {o.label}: {_short(o.cause)}" for o in self.failed)
@@ -1275,9 +1275,9 @@ def _short(text: str) -> str:
 
 
 def _secs(o: Outcome, name: str) -> str:
-    return _duration(o.seconds[name]) if name in o.seconds else "-"
+    return duration(o.seconds[name]) if name in o.seconds else "-"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.1f}min"
 

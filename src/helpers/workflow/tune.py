@@ -27,14 +27,13 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from helpers import config, contract, data, tracking
 from helpers.config import Params, ParamsError, TuneSpec
-from helpers.workflow import executor
+from helpers.workflow import batch, executor
 
 # The study's user attribute that names its MLflow parent run (set by the process that made it).
 PARENT_ATTR = "tablora_parent_run_id"
@@ -70,22 +69,6 @@ def shown_url(url: str) -> str:
         return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def open_storage(url: str) -> Any:
     """Optuna's RDB storage at `url`, with heartbeats (a dead process's trial ends FAIL). Two
     processes creating one SQLite file's tables at once would collide: a lock file beside it."""
@@ -97,7 +80,7 @@ def open_storage(url: str) -> Any:
         path = Path(url[len("sqlite:///"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_TIMEOUT}}
-        lock = _file_lock(path.parent / f".{path.name}.lock")
+        lock = tracking.file_lock(path.parent / f".{path.name}.lock")
     try:
         with lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -374,7 +357,7 @@ class Result:
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
         lines = [f"study {self.study_name} ({shown_url(self.storage)}): this command ran "
                  f"{sum(o.state != 'SKIPPED' for o in self.outcomes)} trial(s) in "
-                 f"{_duration(self.seconds)}; the study has {len(self.trials)} ({done})",
+                 f"{batch.duration(self.seconds)}; the study has {len(self.trials)} ({done})",
                  f"MLflow parent run: {self.parent_id}"]
         if self.best is not None:
             b = self.best
@@ -531,7 +514,7 @@ def _progress(o: TrialOutcome, i: int, n: int, spec: TuneSpec) -> str:
     head = f"[{i}/{n}] trial {o.number}" if o.number >= 0 else f"[{i}/{n}] trial"
     if o.state == "SKIPPED":
         return f"{head}: skipped ({o.cause})"
-    where = f" in {_duration(o.seconds)}"
+    where = f" in {batch.duration(o.seconds)}"
     if o.state == "COMPLETE":
         return f"{head}: {spec.objective} {o.value:.4f} ({_values(o.values)}){where}"
     if o.state == "PRUNED":
@@ -542,10 +525,6 @@ def _progress(o: TrialOutcome, i: int, n: int, spec: TuneSpec) -> str:
 def _values(values: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in values.items())
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.1f}min"
 
 
 def trials_frame(study: Any) -> Any:
