@@ -18,6 +18,7 @@ import numpy as np
 from helpers import config, metrics, tracking
 from helpers.config import Params
 from helpers.contract import (
+    ADAPTER_CONFIG,
     ADAPTER_FILES,
     ARTIFACT_ADAPTERS,
     EVALUATION_SETTINGS,
@@ -186,7 +187,7 @@ def frozen_states(model: Any, adapter_dir: Path) -> scoring.FrozenStates | None:
     import json
 
     try:
-        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
         adapted = int(config["num_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
