@@ -55,7 +55,7 @@ common.pin_threads(ARGS.threads)
 
 def peer_worker() -> None:
     """The peer's process: a set-up line, then data and batch messages on stdin; each answered
-    with a JSON line marked '@@' ({"seconds", "loss"} for a batch)."""
+    with a JSON line marked '@@' ({"seconds", "loss", "targets"} for a batch)."""
     import peer  # bench/peer.py (this script's folder is on sys.path)
     import torch
 
@@ -79,7 +79,8 @@ def peer_worker() -> None:
                 loss = peer.train_step(model, optimizer, ids, attn, labels)
             else:
                 loss = peer.eval_loss(model, ids, attn, labels)
-            answer = {"seconds": time.perf_counter() - tic, "loss": loss}
+            answer = {"seconds": time.perf_counter() - tic, "loss": loss,
+                      "targets": int((labels[:, 1:] != -100).sum())}
         else:
             break
         print("@@" + json.dumps(answer), flush=True)
@@ -96,6 +97,8 @@ class PeerProcess:
                                      text=True)
         self.seconds = {"train": 0.0, "valid": 0.0}
         self.losses: dict[str, list[float]] = {"train": [], "valid": []}
+        # Each validation pass: (loss, target count) per batch, as mlx-lm's evaluate() weighs.
+        self.passes: list[list[tuple[float, int]]] = []
         self.ask(setup)  # "ready": the model is loaded
 
     def ask(self, msg: dict):
@@ -110,6 +113,15 @@ class PeerProcess:
         answer = self.ask({"do": kind, "name": name, "rows": rows})
         self.seconds[kind] += answer["seconds"]
         self.losses[kind].append(answer["loss"])
+        if kind == "valid":
+            self.passes[-1].append((answer["loss"], answer["targets"]))
+
+    def last_val_loss(self) -> float | None:
+        """The last validation pass's loss, a mean over its target tokens (as tablora's)."""
+        if not self.passes or not self.passes[-1]:
+            return None
+        n = sum(t for _, t in self.passes[-1])
+        return sum(loss * t for loss, t in self.passes[-1]) / n
 
     def close(self) -> None:
         self.proc.stdin.write(json.dumps({"do": "quit"}) + "\n")
@@ -136,6 +148,8 @@ class Mirrored:
                  comm_group=None):
         kind = "train" if loop else "valid"
         name = self._register(dataset, kind, max_seq_length)
+        if kind == "valid" and self.peer is not None:
+            self.peer.passes.append([])
         for batch in self.fast(dataset, batch_size, max_seq_length, loop=loop, seed=seed,
                                comm_group=comm_group):
             rows = [int(r) for r in self.fast.last_rows]
@@ -223,9 +237,12 @@ def main() -> None:
     mirrored = Mirrored(fast, peer)
     with tracking.run(params):
         tic = time.perf_counter()
+        val_losses: list[float] = []  # tablora's, after each validation (not step 0's)
         result = finetune.train(model, tokenizer, subset, params, loss=fast.loss,
-                                batches=mirrored)
+                                batches=mirrored,
+                                on_eval=lambda _step, _n, val: val_losses.append(val) or False)
         wall = time.perf_counter() - tic
+    result_last_val = val_losses[-1] if val_losses else float("nan")
     if peer:
         peer.close()
 
@@ -246,8 +263,8 @@ def main() -> None:
         print(f"{'peer':<10}{peer_seconds:>9.1f}{peer_tps:>10.1f}  ({peer.seconds['train']:.1f}"
               f" / {peer.seconds['valid']:.1f})")
         print(f"ratio {ours_tps / peer_tps:.2f}; final losses: tablora best val "
-              f"{result.best_val_loss}, peer last val "
-              f"{peer.losses['valid'][-1] if peer.losses['valid'] else None}")
+              f"{result.best_val_loss:.4f} (last {result_last_val:.4f}), peer last val "
+              f"{peer.last_val_loss():.4f}")
     result_json = {
         "ours_run_tps": round(ours_tps, 1),
         "peer_run_tps": round(peer_tps, 1) if peer else None,
@@ -262,8 +279,8 @@ def main() -> None:
         "train_rows": n_train, "train_tokens": mirrored.tokens["train"],
         "valid_tokens": mirrored.tokens["valid"], "stopped_early": result.stopped_early,
         "best_val_loss": result.best_val_loss,
-        "peer_last_val_loss": peer.losses["valid"][-1] if peer and peer.losses["valid"]
-        else None,
+        "last_val_loss": result_last_val,
+        "peer_last_val_loss": peer.last_val_loss() if peer else None,
         "num_layers": params.num_layers, "batch_size": params.batch_size,
         "threads": a.threads, "max_rss_mb": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
