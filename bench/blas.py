@@ -4,7 +4,12 @@ MLX's Linux CPU wheel bundles a reference BLAS; `import helpers` points it at an
 (see helpers.llm.blas). This prints a table, then as its last line one JSON object:
 {"mlx_gflops", "numpy_gflops", "ratio", "blas", ...} with the best GFLOP/s over the sizes.
 
-    python bench/blas.py [--sizes 512 1024] [--repeats 5]
+--precisions also times, at a scoring-shaped product (1024 tokens x 576 -> 1536, SmolLM2-135M's
+MLP), MLX's float32 matmul beside bfloat16, float16 and 8- and 4-bit quantized_matmul (group 32),
+the JSON then carrying "precision_gflops": {name: GFLOP/s}: whether a lower precision would let
+scoring pass float32's GEMM bound on this machine.
+
+    python bench/blas.py [--sizes 512 1024] [--repeats 5] [--precisions]
 """
 
 from __future__ import annotations
@@ -53,10 +58,35 @@ def gemm_gflops(n: int, repeats: int) -> tuple[float, float]:
     return flops / best["mlx"] / 1e9, flops / best["numpy"] / 1e9
 
 
+def precision_gflops(repeats: int, m: int = 1024, k: int = 576, n: int = 1536) -> dict:
+    """GFLOP/s of x [m, k] @ w.T [k, n] in MLX at each precision (the same values, cast or
+    quantized), taking turns as best_seconds does."""
+    import mlx.core as mx
+
+    mx.random.seed(0)
+    x, w = mx.random.normal((m, k)), mx.random.normal((n, k))
+    fns = {}
+    for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16),
+                        ("float16", mx.float16)):
+        xd, wd = x.astype(dtype), w.astype(dtype)
+        mx.eval(xd, wd)
+        fns[name] = lambda xd=xd, wd=wd: mx.eval(mx.matmul(xd, wd.T, stream=mx.cpu))
+    for bits in (8, 4):
+        wq, scales, biases = mx.quantize(w, group_size=32, bits=bits)
+        mx.eval(x, wq, scales, biases)
+        fns[f"q{bits}"] = lambda wq=wq, s=scales, b=biases, bits=bits: mx.eval(
+            mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=32, bits=bits,
+                                stream=mx.cpu))
+    best = best_seconds(fns, repeats, rounds=1)
+    return {name: 2 * m * k * n / sec / 1e9 for name, sec in best.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precisions", action="store_true",
+                        help="also time bfloat16, float16 and 8/4-bit quantized matmul")
     args = parser.parse_args()
 
     print(blas.describe())
@@ -69,12 +99,20 @@ def main() -> None:
     # The best size for each: the peak each library reaches on this machine.
     mlx_best = max(r[1] for r in rows)
     numpy_best = max(r[2] for r in rows)
+    extra = {}
+    if args.precisions:
+        gflops = precision_gflops(args.repeats)
+        print(f"\n1024 x 576 -> 1536 in MLX: {'precision':<10} {'GFLOP/s':>8} {'x float32':>9}")
+        for name, g in gflops.items():
+            print(f"{'':<28}{name:<10} {g:>8.1f} {g / gflops['float32']:>9.3f}")
+        extra["precision_gflops"] = {name: round(g, 2) for name, g in gflops.items()}
     print(json.dumps({
         "mlx_gflops": round(mlx_best, 1),
         "numpy_gflops": round(numpy_best, 1),
         "ratio": round(mlx_best / numpy_best, 3),
         "blas": blas.active,
         "sizes": args.sizes,
+        **extra,
     }))
 
 
