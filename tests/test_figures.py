@@ -87,7 +87,7 @@ def test_each_model_its_colour_llms_in_the_legend_clear_of_the_data():
 
 
 def test_multiclass_confusion_matrices_carry_the_class_names():
-    from test_report import CLASSES, record3
+    from synthetic_records import CLASSES, record3
 
     c = report.build([record3("tiny", "llm", 10, 1), record3("majority", "baseline", 66, 3)])
     fig = figures.fig_confusion(c)

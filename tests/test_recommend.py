@@ -234,7 +234,7 @@ def test_a_run_budgeted_in_epochs_gets_more_epochs_not_steps():
 
 def test_a_multiclass_model_on_one_class_is_told_to_learn_more():
     # Regression: class indices were read as 0/1 predictions ("says Yes to everything").
-    from test_report import record3
+    from synthetic_records import record3
 
     from helpers import metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_records import CLASSES, record3
 
 from helpers import contract
 from helpers.analysis import report
@@ -157,26 +158,6 @@ def test_memorization_line_in_the_verdict():
 
 
 # --- multi-class ------------------------------------------------------------------------------
-
-CLASSES = ["ant", "bee", "cat"]
-LABELS3 = np.arange(N) % 3
-
-
-def record3(name: str, kind: str, wrong: int, seed: int = 0) -> RunRecord:
-    """A three-class model that gets `wrong` rows wrong, with its predictions as logged."""
-    from helpers import metrics
-
-    rng = np.random.default_rng(seed)
-    pred = LABELS3.copy()
-    flip = rng.choice(N, wrong, replace=False)
-    pred[flip] = (pred[flip] + 1) % 3
-    proba = np.full((N, 3), 0.1)
-    proba[np.arange(N), pred] = 0.8
-    frame = metrics.predictions_frame_multi(LABELS3, pred, proba, list(range(N)), CLASSES)
-    values = metrics.summary_multi(LABELS3, pred, proba, CLASSES, n_bootstrap=200)
-    return RunRecord(name=name, kind=kind, predictions=frame, metrics=values,
-                     tags={contract.THRESHOLD_SOURCE_TAGS["test"]: contract.THRESHOLD_ARGMAX})
-
 
 def test_a_multiclass_comparison_shows_its_own_metrics_and_class_names():
     c = report.build([record3("tiny", "llm", 10, 1), record3("rf", "baseline", 30, 2),
