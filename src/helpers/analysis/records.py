@@ -452,28 +452,33 @@ def merge_seeds(group: Sequence[RunRecord]) -> RunRecord:
     )
 
 
+def class_name_map(frames: Sequence[pd.DataFrame]) -> dict[int, str]:
+    """Class index -> name, from multi-class predictions frames (metrics.predictions_frame_multi:
+    label/prediction and their *_name columns; a prediction's name read after its label's)."""
+    names: dict[int, str] = {}
+    for f in frames:
+        for col, name_col in (("label", contract.LABEL_NAME),
+                              ("prediction", contract.PREDICTION_NAME)):
+            names.update(zip(f[col].astype(int), f[name_col].astype(str), strict=True))
+    return names
+
+
 def _class_vote(frames: Sequence[pd.DataFrame], base: pd.DataFrame,
                 preds: np.ndarray) -> pd.DataFrame:
     """majority_vote of a multi-class model's seeds: per row the class most seeds predicted (a
     tie goes to the first seed's), with the class names and P(class) averaged."""
     preds = preds.astype(int)
     k = int(max(preds.max(), base["label"].max())) + 1
-    label_name, prediction_name = contract.LABEL_NAME, contract.PREDICTION_NAME
     counts = np.stack([(preds == c).sum(axis=0) for c in range(k)])  # (k, rows)
     first = preds[0]
     best = counts.max(axis=0)
     vote = np.where(counts[first, np.arange(preds.shape[1])] == best, first,
                     counts.argmax(axis=0))
-    names: dict[int, str] = {}
-    for f in frames:
-        for col in ("label", "prediction"):
-            names.update(zip(f[col].astype(int), f[{"label": label_name,
-                                                    "prediction": prediction_name}[col]]
-                             .astype(str), strict=True))
-    out = base[["label", label_name]].copy()
+    names = class_name_map(frames)
+    out = base[["label", contract.LABEL_NAME]].copy()
     out["p_yes"] = np.nan
     out["prediction"] = vote
-    out[prediction_name] = [names.get(int(v), "") for v in vote]
+    out[contract.PREDICTION_NAME] = [names.get(int(v), "") for v in vote]
     for col in [contract.CLASS_PROBABILITY.format(c) for c in range(k)]:
         if col not in base:
             continue

@@ -41,6 +41,7 @@ from helpers.analysis.records import (
     NoRuns,
     ReportError,
     RunRecord,
+    class_name_map,
     load,
     score_key,
 )
@@ -591,13 +592,8 @@ def class_names(r: RunRecord) -> list[str]:
         return []
     # Every class is among the test labels (the split is stratified on the class).
     k = int(max(df["label"].max(), df["prediction"].max())) + 1
-    names = [""] * k
-    for col, name_col in (("label", contract.LABEL_NAME),
-                          ("prediction", contract.PREDICTION_NAME)):
-        for idx, name in zip(df[col], df[name_col], strict=True):
-            if 0 <= int(idx) < k:
-                names[int(idx)] = str(name)
-    return [n or f"class {i}" for i, n in enumerate(names)]
+    names = class_name_map([df])
+    return [names.get(i) or f"class {i}" for i in range(k)]
 
 
 def multiclass_confusion_table(c: Comparison) -> str:

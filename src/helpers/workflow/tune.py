@@ -305,7 +305,8 @@ def objective_value(spec: TuneSpec, result: Any, model: Any, tokenizer: Any, pre
     mx.eval(model.parameters())
     y = prepared.y("valid")
     name = spec.objective.removeprefix("valid_")
-    if getattr(prepared, "multiclass", False):  # one-vs-rest ROC-AUC (no PR-AUC or Brier)
+    multiclass = getattr(prepared, "multiclass", False)
+    if multiclass:  # one-vs-rest ROC-AUC (no PR-AUC or Brier)
         scores = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
                                desc="valid", classes=prepared.classes,
                                answers=prepared.class_answers)
@@ -315,12 +316,11 @@ def objective_value(spec: TuneSpec, result: Any, model: Any, tokenizer: Any, pre
         scores = scoring.score(model, tokenizer, prepared.messages("valid", False), params,
                                desc="valid")
         values = metrics.classification(y, scores.predict(y, params.threshold), scores.p_yes)
-    if name not in values and getattr(prepared, "multiclass", False):
-        raise TuneError(f"tune.objective {spec.objective}: a binary task's metric; this target "
-                        "is multi-class: use objective: val_loss or valid_roc_auc")
     if name not in values:
-        raise TuneError(f"tune.objective {spec.objective}: undefined on these validation rows "
-                        "(one class only?): use objective: val_loss")
+        raise TuneError(f"tune.objective {spec.objective}: a binary task's metric; this target "
+                        "is multi-class: use objective: val_loss or valid_roc_auc" if multiclass
+                        else f"tune.objective {spec.objective}: undefined on these validation "
+                        "rows (one class only?): use objective: val_loss")
     mlflow.log_metric(spec.objective, values[name])
     return float(values[name])
 
